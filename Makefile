@@ -1,0 +1,28 @@
+# The two entry points of the project. Each creates .venv when it is missing and installs the
+# project into it; a second run finds the install stamp and starts in seconds.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch. On a CUDA machine: make TORCH=torch (or install torch yourself first).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ray_jobs.demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV)

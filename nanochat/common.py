@@ -1,0 +1,109 @@
+"""Small shared pieces of the nanochat library: device and dtype choice, the base directory,
+rank-aware printing and the distributed helpers that every stage uses.
+
+The compute dtype is decided once, at import time, so that every module agrees on it:
+bf16 on CUDA GPUs of compute capability 8.0 and newer, fp32 everywhere else (CPU, MPS,
+older GPUs). `NANOCHAT_DTYPE=bfloat16|float16|float32` overrides the choice.
+"""
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def autodetect_device_type() -> str:
+    """'cuda' when a GPU is visible, then 'mps' on Apple silicon, else 'cpu'."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _choose_compute_dtype() -> torch.dtype:
+    override = os.environ.get("NANOCHAT_DTYPE")
+    if override:
+        if override.lower() not in _DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE={override!r} is not one of {sorted(_DTYPES)}")
+        return _DTYPES[override.lower()]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+COMPUTE_DTYPE: torch.dtype = _choose_compute_dtype()
+
+
+def get_base_dir() -> str:
+    """Where data, tokenizers, checkpoints and reports live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat.
+
+    On a cluster, point NANOCHAT_BASE_DIR at a path every node sees (an NFS mount).
+    """
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_distributed, rank, local_rank, world_size) of this process."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return world > 1, rank, int(os.environ.get("LOCAL_RANK", rank)), world
+    return False, 0, 0, 1
+
+
+def is_rank0() -> bool:
+    return get_dist_info()[1] == 0
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed at once so that Ray job logs stream."""
+    if is_rank0():
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` so that a crash never leaves a partial file under that name."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary name in the same folder, fsync, then rename into place."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def peak_flops(device: torch.device | str) -> float:
+    """Peak dense bf16 FLOP/s of a known GPU (looked up by name), for MFU.
+
+    Returns 0.0 on CPU and for unknown GPUs; callers then report MFU as n/a (the CPU benchmark
+    measures the machine's matmul FLOP/s instead)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device).lower()
+    table = {"h200": 989e12, "h100": 989e12, "a100": 312e12, "l40s": 362e12, "a10g": 125e12,
+             "4090": 165e12, "3090": 71e12, "b200": 2250e12}
+    for key, value in table.items():
+        if key in name:
+            return value
+    return 0.0

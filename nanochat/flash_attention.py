@@ -1,0 +1,278 @@
+"""One attention interface for the GPT model, in the Flash Attention calling convention.
+
+The model calls two functions and never cares which kernel runs underneath:
+
+    flash_attn_func(q, k, v, causal=True, window_size=(-1, -1))            # training, prefill
+    flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, ...)  # decoding
+
+Tensors are laid out (batch, time, heads, head_dim), keys and values may have fewer heads than
+the queries (grouped-query attention), and `window_size=(left, right)` limits how far back
+(left) and ahead (right) a query may look, -1 meaning unlimited, exactly as Flash Attention
+defines it. The semantics follow Flash Attention so that the fast kernels are drop-in:
+
+- Flash Attention 3 on Hopper GPUs (sm90), loaded through the `kernels` hub package;
+- Flash Attention 2 (`flash_attn`) on other CUDA GPUs of compute capability 8.0 and newer;
+- PyTorch's scaled_dot_product_attention everywhere else (CPU, MPS, older GPUs, fp32 tensors),
+  with an explicit boolean mask for sliding windows and for KV-cache rows at different positions.
+
+The backend is chosen once per process, on first use, and logged once on the "nanochat" logger.
+Choosing lazily keeps CPU-only processes (data workers) from probing for GPU kernels. The choice
+itself is kept out of torch.compile; under fullgraph=True call attention_backend() first.
+Set NANOCHAT_ATTENTION=sdpa to force the PyTorch fallback (for comparisons and debugging), or
+fa3/fa2 to insist on a kernel and fail loudly where it cannot load.
+"""
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("nanochat")
+
+BACKEND_CHOICES = ("auto", "fa3", "fa2", "sdpa")
+
+# The dtypes each kernel accepts. The FA3 build on the kernels hub ships bf16 (and fp8) Hopper
+# kernels only; FA2 takes both half-precision formats. Any other dtype runs on SDPA for that call.
+_KERNEL_DTYPES = {"fa3": (torch.bfloat16,), "fa2": (torch.float16, torch.bfloat16)}
+
+# enable_gqa arrived in PyTorch 2.5; older versions get the key/value heads repeated instead.
+_SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+# (name, module with flash_attn_func / flash_attn_with_kvcache, or None for SDPA), once resolved.
+_backend: tuple[str, object] | None = None
+
+
+def _load_fa3():
+    """The FA3 interface module on a Hopper GPU, or None with the reason why not."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    # The published FA3 kernels are compiled for sm90 only; Ada and Blackwell cannot run them.
+    if major != 9:
+        return None, f"GPU is sm{major}{minor}, FA3 needs sm90"
+    try:
+        # The hub download would otherwise draw progress bars into every Ray worker's log.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from kernels import get_kernel
+        return get_kernel("varunneal/flash-attention-3").flash_attn_interface, ""
+    except Exception as error:  # any failure (package missing, no network, ABI mismatch) falls back
+        return None, f"loading FA3 through `kernels` failed: {error!r}"
+
+
+def _load_fa2():
+    """The flash_attn (FA2) module on an sm80+ GPU, or None with the reason why not."""
+    if not torch.cuda.is_available():
+        return None, "no CUDA GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return None, f"GPU is sm{major}{minor}, FA2 needs sm80 or newer"
+    try:
+        import flash_attn
+        return flash_attn, ""
+    except Exception as error:
+        return None, f"importing flash_attn failed: {error!r}"
+
+
+def _select_backend(requested: str) -> tuple[str, object]:
+    """Pick the fastest available backend, honouring an explicit request."""
+    requested = (requested or "auto").strip().lower()
+    if requested not in BACKEND_CHOICES:
+        raise ValueError(f"NANOCHAT_ATTENTION={requested!r} is not one of {BACKEND_CHOICES}; "
+                         f"unset it to choose automatically, or set it to 'sdpa' to force PyTorch SDPA")
+    if requested == "sdpa":
+        logger.info("attention backend: sdpa (forced by NANOCHAT_ATTENTION)")
+        return "sdpa", None
+    reasons = []
+    for name, loader in (("fa3", _load_fa3), ("fa2", _load_fa2)):
+        if requested not in ("auto", name):
+            continue
+        module, reason = loader()
+        if module is not None:
+            dtypes = "/".join(str(dtype).removeprefix("torch.") for dtype in _KERNEL_DTYPES[name])
+            logger.info(f"attention backend: {name} (for {dtypes} CUDA tensors; other inputs use sdpa)")
+            return name, module
+        reasons.append(f"{name}: {reason}")
+    if requested != "auto":
+        raise RuntimeError(f"NANOCHAT_ATTENTION={requested} but {'; '.join(reasons)}. "
+                           f"Unset NANOCHAT_ATTENTION to fall back automatically.")
+    logger.info(f"attention backend: sdpa ({'; '.join(reasons)})")
+    return "sdpa", None
+
+
+# Kept out of torch.compile's trace: loading kernels is I/O, not tensor math. The hot path reads
+# the resolved global first, so after the first call no graph break remains.
+@torch.compiler.disable
+def _resolve_backend() -> tuple[str, object]:
+    global _backend
+    if _backend is None:
+        _backend = _select_backend(os.environ.get("NANOCHAT_ATTENTION", "auto"))
+    return _backend
+
+
+def attention_backend() -> str:
+    """The backend this process uses for half-precision CUDA inputs: 'fa3', 'fa2' or 'sdpa'."""
+    return (_backend or _resolve_backend())[0]
+
+
+def _kernel_for(q: torch.Tensor):
+    """The Flash Attention module that can run this call, or None to use SDPA."""
+    name, module = _backend or _resolve_backend()
+    if module is None or not q.is_cuda or q.dtype not in _KERNEL_DTYPES[name]:
+        return None
+    return module
+
+
+def _check_window(window_size) -> tuple[int, int]:
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints (left, right), each >= 0 or -1 for "
+                         f"unlimited; got {window_size!r}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, what: str) -> None:
+    """Shapes must follow (batch, time, heads, head_dim) with grouped key/value heads."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q and {what} must be 4-D (batch, time, heads, head_dim); got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{what} keys and values must have the same shape; got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    if k.size(0) != q.size(0) or k.size(3) != q.size(3):
+        raise ValueError(f"q {tuple(q.shape)} and {what} {tuple(k.shape)} must agree on batch size "
+                         f"and head_dim")
+    if q.size(2) % k.size(2) != 0:
+        raise ValueError(f"the number of query heads ({q.size(2)}) must be a multiple of the number "
+                         f"of key/value heads ({k.size(2)}) for grouped-query attention")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _visible(query_minus_key: torch.Tensor, causal: bool, window_size: tuple[int, int]) -> torch.Tensor:
+    """Boolean mask: may a query see a key, given (query position - key position)?"""
+    left, right = window_size
+    visible = torch.ones_like(query_minus_key, dtype=torch.bool)
+    if causal:
+        right = 0  # causal attention never looks ahead, whatever the right window says
+    if right >= 0:
+        visible &= query_minus_key >= -right
+    if left >= 0:
+        visible &= query_minus_key <= left
+    return visible
+
+
+def _sdpa(q, k, v, attn_mask=None, is_causal=False) -> torch.Tensor:
+    """SDPA on (batch, heads, time, head_dim) tensors with grouped key/value heads."""
+    grouped = q.size(1) != k.size(1)
+    if grouped and not _SDPA_HAS_GQA:
+        group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        grouped = False
+    if grouped:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                              enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    window_size=(-1, -1)) -> torch.Tensor:
+    """Attention over one sequence batch: q (B, T, H, D), k and v (B, T, Hkv, D) -> (B, T, H, D).
+
+    With causal=True query i sees key j iff j <= i and i - j <= left (left=-1: no limit).
+    Without causal, j must also satisfy j - i <= right when right >= 0.
+    """
+    window_size = _check_window(window_size)
+    _check_qkv(q, k, v, "k/v")
+    if k.size(1) != q.size(1):
+        raise ValueError(f"flash_attn_func needs as many keys as queries (got {k.size(1)} and "
+                         f"{q.size(1)}); use flash_attn_with_kvcache to attend over a cache")
+    kernel = _kernel_for(q)
+    if kernel is not None:
+        return kernel.flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+
+    T = q.size(1)
+    left, right = window_size
+    # A window at least as long as the sequence limits nothing, so the unmasked kernels apply.
+    looks_back_fully = left < 0 or left >= T - 1
+    looks_ahead_fully = not causal and (right < 0 or right >= T - 1)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if causal and looks_back_fully:
+        y = _sdpa(qh, kh, vh, is_causal=True)
+    elif looks_back_fully and looks_ahead_fully:
+        y = _sdpa(qh, kh, vh)
+    else:
+        positions = torch.arange(T, device=q.device)
+        mask = _visible(positions[:, None] - positions[None, :], causal, window_size)
+        y = _sdpa(qh, kh, vh, attn_mask=mask)
+    return y.transpose(1, 2)
+
+
+def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            k: torch.Tensor | None = None, v: torch.Tensor | None = None,
+                            cache_seqlens: torch.Tensor | int | None = None, causal: bool = True,
+                            window_size=(-1, -1)) -> torch.Tensor:
+    """Attention of new queries over a preallocated KV cache, in Flash Attention's semantics.
+
+    q: (B, Tq, H, D); k_cache, v_cache: (B, Tmax, Hkv, D); cache_seqlens: int32 (B,) (or an int for
+    all rows), how many positions of each row's cache are already valid. When k and v (B, Tq, Hkv, D)
+    are given they are written in place at positions cache_seqlens[b] .. cache_seqlens[b] + Tq - 1
+    of row b, and query t of row b sits at position cache_seqlens[b] + t. Without k and v the cache
+    must already hold the queries' own keys, and cache_seqlens counts them (query t sits at
+    cache_seqlens[b] - Tq + t). cache_seqlens itself is never modified: the caller advances it.
+    """
+    window_size = _check_window(window_size)
+    _check_qkv(q, k_cache, v_cache, "k_cache/v_cache")
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v to append to the cache, or neither")
+    if k is not None:
+        _check_qkv(q, k, v, "k/v")
+        if k.size(1) != q.size(1) or k.size(2) != k_cache.size(2):
+            raise ValueError(f"new k/v {tuple(k.shape)} must have q's length {q.size(1)} and the "
+                             f"cache's {k_cache.size(2)} key/value heads")
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens is required: a (batch,) int32 tensor with the number of "
+                         "positions already filled in each row's cache")
+    batch, query_len = q.shape[:2]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"cache_seqlens must have shape ({batch},), one length per row; got "
+                         f"{tuple(cache_seqlens.shape)}")
+
+    kernel = _kernel_for(q)
+    if kernel is not None:
+        return kernel.flash_attn_with_kvcache(
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens.to(q.device, torch.int32),
+            causal=causal, window_size=window_size)
+
+    start = cache_seqlens.to(q.device, torch.long)
+    key_lens = start + query_len if k is not None else start
+    # One host sync for all checks; it also tells how much of the cache is worth reading.
+    shortest_start, longest = torch.stack([start.min(), key_lens.max()]).tolist()
+    if shortest_start < 0:
+        raise ValueError(f"cache_seqlens must be >= 0; got {cache_seqlens.tolist()}")
+    if longest > k_cache.size(1):
+        raise ValueError(f"the KV cache holds {k_cache.size(1)} positions but a row needs {longest} "
+                         f"(cache_seqlens {cache_seqlens.tolist()} plus {query_len if k is not None else 0} "
+                         f"new); allocate a longer cache")
+    if k is None and shortest_start < query_len:
+        raise ValueError(f"without new k/v, cache_seqlens must count the {query_len} query tokens "
+                         f"already in the cache; got {cache_seqlens.tolist()}")
+
+    offsets = torch.arange(query_len, device=q.device)
+    if k is not None:
+        rows = torch.arange(batch, device=q.device)[:, None]
+        slots = start[:, None] + offsets[None, :]  # (B, Tq): each row writes at its own position
+        k_cache[rows, slots] = k
+        v_cache[rows, slots] = v
+
+    # Only the first `longest` positions can be visible to anyone: reading the rest of a long
+    # cache would cost time on every decoded token for keys that are masked out anyway.
+    key_positions = torch.arange(longest, device=q.device)
+    query_positions = key_lens[:, None] - query_len + offsets[None, :]  # (B, Tq)
+    mask = _visible(query_positions[:, :, None] - key_positions[None, None, :], causal, window_size)
+    mask &= key_positions[None, None, :] < key_lens[:, None, None]  # unfilled slots never count
+    y = _sdpa(q.transpose(1, 2), k_cache[:, :longest].transpose(1, 2),
+              v_cache[:, :longest].transpose(1, 2), attn_mask=mask[:, None])
+    return y.transpose(1, 2)

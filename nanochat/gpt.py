@@ -1,0 +1,339 @@
+"""The GPT model of nanochat: a decoder-only transformer with the seed's modern details.
+
+- token embedding followed by a parameter-free RMSNorm; untied lm_head; no biases anywhere;
+  the vocabulary is padded to a multiple of 64 so the embedding and head matmuls tile well;
+- rotary position embeddings (no learned positions), QK norm, grouped-query attention;
+- sliding-window attention from a pattern string ("SSSL": S = a quarter of the context,
+  L = full) tiled over the layers, the last layer always full;
+- value embeddings (ResFormer) on alternating layers, mixed into the values through an
+  input-dependent gate;
+- ReLU^2 MLP of 4x width;
+- per-layer learnable residual scales (resid_lambdas) and skip weights from the normalized
+  input embedding (x0_lambdas);
+- logits soft-capped at 15, loss in fp32 with ignore index -1.
+
+Precision is explicit instead of autocast: parameters (master weights) are fp32, activations
+and matmuls run in nanochat.common.COMPUTE_DTYPE (bf16 on modern GPUs, fp32 on CPU); every
+linear layer casts its weight to the activation dtype on the fly.
+
+Weights are created on the meta device and materialised with `to_empty()` + `init_weights()`,
+so building a large model never allocates memory twice.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE, get_dist_info, print0
+from nanochat.flash_attention import flash_attn_func, flash_attn_with_kvcache
+
+LOGIT_SOFTCAP = 15.0
+VOCAB_PAD_MULTIPLE = 64
+VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of its input
+ROPE_BASE = 10000.0
+ROTARY_HEADROOM = 10  # rotary tables cover 10x the training context, for long generations
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+    def __post_init__(self):
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        elif (self.n_embd // self.n_head) % 2:
+            problems.append(f"head dim {self.n_embd // self.n_head} must be even for rotary embeddings")
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            problems.append(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
+            problems.append(f"window_pattern={self.window_pattern!r} must be a non-empty string of S and L")
+        if min(self.sequence_len, self.vocab_size, self.n_layer) < 1:
+            problems.append("sequence_len, vocab_size and n_layer must be positive")
+        if problems:
+            raise ValueError("invalid GPTConfig: " + "; ".join(problems))
+
+
+def config_from_depth(depth: int, aspect_ratio: int = 64, head_dim: int = 128, sequence_len: int = 2048,
+                      vocab_size: int = 32768, window_pattern: str = "SSSL") -> GPTConfig:
+    """The single complexity dial: width = depth * aspect_ratio rounded up to a multiple of the
+    head dim, heads = width / head_dim (full multi-head attention: n_kv_head = n_head)."""
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    width = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = width // head_dim
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_head, n_embd=width, window_pattern=window_pattern)
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without learnable parameters."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
+    """Value embeddings sit on alternating layers, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dims of x (B, T, H, D) by the angles
+    whose cos/sin are given as (B or 1, T, 1, D/2)."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer whose fp32 master weight is cast to the activation dtype."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        kv_dim = self.n_kv_head * self.head_dim
+        self.c_q = Linear(config.n_embd, config.n_embd)
+        self.c_k = Linear(config.n_embd, kv_dim)
+        self.c_v = Linear(config.n_embd, kv_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.ve_gate = None
+        if has_value_embedding(layer_idx, config.n_layer):
+            self.ve_gate_channels = min(VE_GATE_CHANNELS, config.n_embd)
+            self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head)
+
+    def forward(self, x, value_embedding, cos, sin, window_size, kv_cache):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if value_embedding is not None:
+            # ResFormer: mix the token's value embedding into the values; the gate (in (0, 2), 1 at
+            # init because ve_gate starts at zero) lets each head decide how much to take.
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)
+        if kv_cache is None:
+            y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
+        else:
+            k_cache, v_cache = kv_cache.layer(self.layer_idx)
+            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+                                        causal=True, window_size=window_size)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, value_embedding, cos, sin, window_size, kv_cache):
+        x = x + self.attn(norm(x), value_embedding, cos, sin, window_size, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.padded_vocab_size = math.ceil(config.vocab_size / VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        head_dim = config.n_embd // config.n_head
+        kv_dim = config.n_kv_head * head_dim
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = Linear(config.n_embd, self.padded_vocab_size)
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
+        })
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.window_sizes = self._window_sizes(config)
+        self.rotary_len = config.sequence_len * ROTARY_HEADROOM
+        # Derived tables, not state: recomputed by init_buffers(), never saved in checkpoints.
+        self.register_buffer("rotary_cos", torch.empty(self.rotary_len, head_dim // 2), persistent=False)
+        self.register_buffer("rotary_sin", torch.empty(self.rotary_len, head_dim // 2), persistent=False)
+
+    @staticmethod
+    def _window_sizes(config: GPTConfig) -> list[tuple[int, int]]:
+        """Per-layer (left, right) attention windows in Flash Attention's convention (-1 = unlimited)."""
+        short = (max(1, config.sequence_len // 4), 0)
+        pattern = config.window_pattern.upper()
+        sizes = [short if pattern[i % len(pattern)] == "S" else (-1, 0) for i in range(config.n_layer)]
+        sizes[-1] = (-1, 0)
+        return sizes
+
+    # ---------------------------------------------------------------- initialisation
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """Materialise a meta-device model; the derived rotary tables are recomputed at once
+        (to_empty leaves every tensor uninitialised, weights are set by init_weights() or a
+        checkpoint)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.init_buffers()
+        return self
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        head_dim = self.config.n_embd // self.config.n_head
+        device = self.lm_head.weight.device
+        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        angles = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
+        self.rotary_cos = angles.cos().to(COMPUTE_DTYPE)
+        self.rotary_sin = angles.sin().to(COMPUTE_DTYPE)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter (deterministic under torch.manual_seed).
+
+        Input-side matrices get uniform(-a, a) with a = sqrt(3/n_embd) (std 1/sqrt(n_embd)); output
+        projections start at zero so every block starts as the identity; the lm_head starts tiny so
+        the initial loss is close to ln(vocab)."""
+        n_embd = self.config.n_embd
+        bound = math.sqrt(3.0 / n_embd)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        for embedding in self.value_embeds.values():
+            nn.init.uniform_(embedding.weight, -bound, bound)
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        self.init_buffers()
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def get_device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts by group (the optimizer's grouping), plus the total."""
+        counts = {
+            "wte": self.transformer.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def num_scaling_params(self) -> int:
+        """Parameters that count for scaling laws (tokens : params ratio): the matmul weights of
+        the blocks and the lm_head; lookup tables and scalars cost no FLOPs per token."""
+        counts = self.param_counts()
+        return counts["transformer_matrices"] + counts["lm_head"]
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 per matmul parameter (forward + backward) plus attention
+        scores and values, 12 * heads * head_dim * (attended keys) per layer."""
+        cfg = self.config
+        head_dim = cfg.n_embd // cfg.n_head
+        attention = 0
+        for left, _ in self.window_sizes:
+            attended = cfg.sequence_len if left < 0 else min(left + 1, cfg.sequence_len)
+            attention += 12 * cfg.n_head * head_dim * attended
+        return 6 * self.num_scaling_params() + attention
+
+    def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
+                        scalar_lr: float = 0.5, weight_decay: float = 0.0, adam_betas=(0.8, 0.95)):
+        """MuonAdamW over this model: 2-D block matrices in Muon, everything else in AdamW.
+
+        AdamW learning rates were tuned for a 768-wide model and scale as 1/sqrt(d_model/768).
+        In a distributed run (torch.distributed initialised, world > 1) the distributed variant
+        is returned, which also averages the gradients across ranks (no DDP wrapper needed)."""
+        from nanochat.optim import DistMuonAdamW, MuonAdamW
+
+        dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
+        print0(f"AdamW learning rates scaled by 1/sqrt({self.config.n_embd}/768) = {dmodel_lr_scale:.4f}")
+        adamw = dict(kind="adamw", betas=tuple(adam_betas), eps=1e-10, weight_decay=0.0)
+        groups = [
+            dict(params=[self.lm_head.weight], lr=unembedding_lr * dmodel_lr_scale, **adamw),
+            dict(params=[self.transformer.wte.weight], lr=embedding_lr * dmodel_lr_scale, **adamw),
+            dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, **adamw),
+            dict(params=[self.x0_lambdas], lr=scalar_lr, **adamw),
+            dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95,
+                 ns_steps=5, weight_decay=weight_decay),
+        ]
+        if len(self.value_embeds):
+            groups.insert(2, dict(params=list(self.value_embeds.parameters()),
+                                  lr=embedding_lr * dmodel_lr_scale, **adamw))
+        distributed = get_dist_info()[0]
+        return (DistMuonAdamW if distributed else MuonAdamW)(groups)
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
+                loss_reduction: str = "mean"):
+        """Logits (B, T, vocab_size) in fp32, or the cross-entropy loss when targets are given
+        (target -1 = ignored). With a kv_cache, idx holds the next tokens of every row, each row
+        continuing at its own cache position; the cache is advanced by T afterwards."""
+        B, T = idx.shape
+        if kv_cache is None:
+            if T > self.rotary_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
+            cos = self.rotary_cos[None, :T, None, :]
+            sin = self.rotary_sin[None, :T, None, :]
+        else:
+            kv_cache.check_room(T)
+            positions = kv_cache.positions(T)
+            if int(positions.max()) >= self.rotary_len:
+                raise ValueError(f"position {int(positions.max())} exceeds the rotary table ({self.rotary_len})")
+            cos = self.rotary_cos[positions][:, :, None, :]
+            sin = self.rotary_sin[positions][:, :, None, :]
+
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            value_embedding = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, value_embedding, cos, sin, self.window_sizes[i], kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = norm(x)
+
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)

@@ -1,0 +1,347 @@
+"""MuonAdamW: one optimizer that trains the GPT's matrices with Muon and everything else with AdamW.
+
+Why two rules: Muon (momentum, then orthogonalize the update by a Newton-Schulz iteration)
+trains the hidden 2-D weight matrices faster than Adam, but it is the wrong tool for
+embeddings, the lm_head and scalar gains, which keep AdamW. The trainer builds one optimizer
+over parameter groups tagged with `kind='muon'` or `kind='adamw'`:
+
+    adamw group: params, lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0
+    muon group:  params (2-D, any mix of shapes), lr, momentum=0.95, ns_steps=5, weight_decay=0.0
+
+Every group also gets `initial_lr` (the lr it was built with), because the trainer sets
+`group['lr'] = group['initial_lr'] * schedule(step)` and, for muon groups, `group['momentum']`
+and `group['weight_decay']` before each step; `step()` reads them afresh every time.
+
+Inside a muon group the matrices are bucketed by shape, so that all same-shaped matrices
+(e.g. every layer's c_q) are stacked and orthogonalized in one batched matmul chain.
+
+`DistMuonAdamW` is the data-parallel variant used instead of DDP: it averages the gradients
+itself and splits the optimizer work between ranks (ZeRO-2 style), so each rank holds only its
+share of the optimizer state. See its docstring for the communication pattern.
+"""
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from nanochat.common import COMPUTE_DTYPE, get_dist_info
+
+# Quintic Newton-Schulz coefficients (a, b, c) for s -> a*s + b*s^3 + c*s^5, the Muon choice:
+# the slope at zero (a) is as large as possible so that small singular values grow fast, at the
+# price of not converging exactly to 1: after 5 steps every singular value that started in
+# [0.005, 1] lands in about [0.68, 1.16], which trains as well as an exact orthogonalization.
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+
+ADAMW_DEFAULTS = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
+MUON_DEFAULTS = {"momentum": 0.95, "ns_steps": 5, "weight_decay": 0.0}
+GROUP_DEFAULTS = {"adamw": ADAMW_DEFAULTS, "muon": MUON_DEFAULTS}
+
+# Older torch names the single-tensor collectives reduce_scatter_tensor / all_gather_into_tensor;
+# torch 2.13 renames them *_single and warns on the old names. Gloo implements both, async
+# included (checked on torch 2.13), so the same code runs on gloo (CPU tests) and NCCL. Gradients
+# are reduced with SUM and then divided, because not every gloo build implements ReduceOp.AVG.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def orthogonalize_newton_schulz(matrices: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalize a matrix or a stack of matrices (..., rows, cols).
+
+    Returns U S' V^T for the SVD U S V^T of each matrix, with S' = f^steps(S / ||X||_F) where f is
+    the quintic above, so the singular values end near 1 (roughly in [0.68, 1.16]). Runs in bf16
+    on CUDA when the compute dtype is bf16 (the iteration is stable there and bf16 matmuls are
+    fast), else in fp32; the result has the input's dtype.
+    """
+    if matrices.dim() < 2:
+        raise ValueError(f"orthogonalize_newton_schulz needs a matrix or a stack of matrices, "
+                         f"got a tensor of shape {tuple(matrices.shape)}")
+    x = matrices.float()
+    # Iterate on the wide orientation so the Gram matrix x @ x^T is the smaller of the two.
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    # Dividing by the Frobenius norm puts every singular value in [0, 1], where f is designed to work.
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    if x.is_cuda and COMPUTE_DTYPE == torch.bfloat16:
+        x = x.bfloat16()
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    if tall:
+        x = x.mT
+    return x.to(matrices.dtype)
+
+
+def _bucket_by_shape(params: list[Tensor]) -> list[list[Tensor]]:
+    """Split params into lists of same shape, dtype and device, in first-seen order.
+
+    The order is deterministic given the params' order, which the distributed variant relies
+    on: every rank must build the same buckets to agree on who owns which matrix.
+    """
+    buckets: dict[tuple, list[Tensor]] = {}
+    for p in params:
+        buckets.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+    return list(buckets.values())
+
+
+def _muon_update_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                  group: dict) -> None:
+    """One Muon step, in place, for same-shaped matrices `params` with (averaged) `grads`."""
+    momentum, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+    # Nesterov momentum in lerp form: buf <- m*buf + (1-m)*g, then step along (1-m)*g + m*buf.
+    torch._foreach_lerp_(momentum_buffers, grads, 1.0 - momentum)
+    nesterov = torch._foreach_lerp(grads, momentum_buffers, momentum)
+    update = orthogonalize_newton_schulz(torch.stack(nesterov), group["ns_steps"])
+    # An orthogonalized (rows, cols) update has RMS entry 1/sqrt(max(rows, cols)); the factor
+    # keeps the per-entry step size of tall matrices comparable to that of wide ones.
+    rows, cols = params[0].shape
+    shape_scale = max(1.0, rows / cols) ** 0.5
+    if wd != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr * shape_scale)
+
+
+def _adamw_update_(param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+    """One bias-corrected AdamW step, in place, with decoupled weight decay.
+
+    The math runs in fp32 even for bf16 params (1 - beta2 is not representable in bf16);
+    the state is kept in the param's dtype so that load_state_dict, which casts state to the
+    param's dtype, gives back exactly what was saved.
+    """
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(param)
+        state["exp_avg_sq"] = torch.zeros_like(param)
+    state["step"] += 1
+    step = state["step"]
+    beta1, beta2 = group["betas"]
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    # .float() is a no-op on fp32 tensors, so in the common case the ops below are in place.
+    param32, exp_avg, exp_avg_sq = param.float(), state["exp_avg"].float(), state["exp_avg_sq"].float()
+    grad32 = grad.float()
+    if wd != 0.0:
+        param32.mul_(1.0 - lr * wd)
+    exp_avg.lerp_(grad32, 1.0 - beta1)
+    exp_avg_sq.lerp_(grad32.square(), 1.0 - beta2)
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
+    param32.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    for target, result in ((param, param32), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq)):
+        if target is not result:
+            target.copy_(result)
+
+
+def _check_muon_group(group: dict) -> None:
+    for index, p in enumerate(group["params"]):
+        if p.dim() != 2:
+            raise ValueError(f"muon group parameter {index} has shape {tuple(p.shape)}, but Muon only "
+                             f"handles 2-D matrices; put it in an 'adamw' group instead")
+    if not 0.0 <= group["momentum"] < 1.0:
+        raise ValueError(f"muon 'momentum' must be in [0, 1), got {group['momentum']!r}")
+    ns_steps = group["ns_steps"]
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"muon 'ns_steps' must be a positive int (5 is the usual), got {ns_steps!r}")
+
+
+def _check_adamw_group(group: dict) -> None:
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ValueError(f"adamw 'betas' must be two numbers in [0, 1), got {betas!r}")
+    if group["eps"] <= 0.0:
+        raise ValueError(f"adamw 'eps' must be positive, got {group['eps']!r}")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for the 2-D matrices of 'muon' groups, AdamW for the params of 'adamw' groups.
+
+    param_groups: a list of dicts, each with 'kind' ('muon' or 'adamw'), 'params' and 'lr'; the
+    other keys default as in the module docstring. Parameters whose .grad is None are skipped.
+    Muon keeps one momentum buffer per matrix in `self.state[p]['momentum_buffer']`; AdamW keeps
+    'step', 'exp_avg' and 'exp_avg_sq' per param.
+    """
+
+    def __init__(self, param_groups: Iterable[dict]):
+        param_groups = list(param_groups)
+        if not param_groups or not all(isinstance(g, dict) for g in param_groups):
+            raise ValueError("MuonAdamW takes a non-empty list of parameter group dicts, e.g. "
+                             "[{'kind': 'muon', 'params': matrices, 'lr': 0.02}, "
+                             "{'kind': 'adamw', 'params': others, 'lr': 0.004}]")
+        super().__init__(param_groups, defaults={})
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Validate a group, fill in the defaults of its kind and record its initial_lr."""
+        group = dict(param_group)
+        kind = group.get("kind")
+        if kind not in GROUP_DEFAULTS:
+            raise ValueError(f"unknown optimizer group kind={kind!r}: every parameter group needs "
+                             f"'kind' set to 'muon' (2-D matrices) or 'adamw' (everything else)")
+        allowed = {"kind", "params", "lr", "initial_lr", *GROUP_DEFAULTS[kind]}
+        unknown = sorted(set(group) - allowed)
+        if unknown:
+            raise ValueError(f"the {kind!r} parameter group has unknown keys {unknown}; "
+                             f"the keys it accepts are {sorted(allowed)}")
+        if "lr" not in group:
+            raise ValueError(f"the {kind!r} parameter group has no 'lr'; give each group a learning rate")
+        for key, value in GROUP_DEFAULTS[kind].items():
+            group.setdefault(key, value)
+        params = group.get("params")
+        group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
+        if kind == "muon":
+            _check_muon_group(group)
+        else:
+            _check_adamw_group(group)
+        group["initial_lr"] = group["lr"]
+        super().add_param_group(group)
+
+    def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        buffers = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buffers.append(state["momentum_buffer"])
+        return buffers
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["kind"] == "adamw":
+                for p in params:
+                    _adamw_update_(p, p.grad, self.state[p], group)
+            else:
+                for bucket in _bucket_by_shape(params):
+                    _muon_update_(bucket, [p.grad for p in bucket], self._momentum_buffers(bucket), group)
+        return loss
+
+
+class DistMuonAdamW(MuonAdamW):
+    """MuonAdamW for data-parallel training without DDP: step() averages the gradients across
+    ranks and splits the optimizer work between them. Every rank must build it over the same
+    parameters in the same order. With no process group, or a world size of 1, it is MuonAdamW.
+
+    Communication (async collectives; three phases so that later reductions and earlier
+    gathers run while a rank computes):
+      1. launch every gradient reduction;
+      2. in order: wait for a reduction, update this rank's share, launch the gather of the result;
+      3. wait for the gathers and copy gathered matrices into place.
+
+    Muon: the K same-shaped matrices of a bucket are stacked (zero-padded to a multiple of the
+    world size W) and reduce-scattered, so rank r receives the averaged gradients of matrices
+    [r*ceil(K/W), (r+1)*ceil(K/W)) (the last ranks may own fewer, or none); it runs Muon on those
+    and the updated matrices are all-gathered.
+    AdamW: a param whose dim 0 divides by W is reduce-scattered along dim 0; each rank updates its
+    slice and keeps Adam state for that slice only, then the slices are all-gathered in place.
+    Other params (scalars, odd shapes) are all-reduced and updated fully on every rank.
+
+    Checkpoints: optimizer state is per rank. Each rank's state_dict() holds only that rank's
+    shard (momentum of the matrices it owns, Adam state of its slices and of the replicated
+    params) and must be loaded back by the same rank at the same world size; load_state_dict
+    raises ValueError when the world size differs. step() may overwrite .grad with reduced
+    values; call zero_grad() afterwards as usual. A param with no grad on a rank counts as a zero
+    gradient from that rank, so that all ranks always run the same collectives.
+    """
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["world_size"] = get_dist_info()[3]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        saved_world_size = state_dict.pop("world_size", 1)
+        world_size = get_dist_info()[3]
+        if saved_world_size != world_size:
+            raise ValueError(f"this optimizer state was saved by a run with world size {saved_world_size}, "
+                             f"but the current world size is {world_size}; optimizer state is sharded per "
+                             f"rank, so resume with {saved_world_size} ranks or start the optimizer fresh")
+        super().load_state_dict(state_dict)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        is_distributed, rank, _, world_size = get_dist_info()
+        if not is_distributed:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        launched = []
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                launched += [self._launch_adamw(p, group, rank, world_size) for p in group["params"]]
+            else:
+                launched += [self._launch_muon(bucket, group, rank, world_size)
+                             for bucket in _bucket_by_shape(group["params"])]
+        finishers = [update_and_gather() for update_and_gather in launched]
+        for finish in finishers:
+            finish()
+        return loss
+
+    def _launch_adamw(self, param: Tensor, group: dict, rank: int, world_size: int):
+        """Phase 1 for one AdamW param; returns phase 2, which returns phase 3."""
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        sharded = param.dim() >= 1 and param.shape[0] % world_size == 0
+        if sharded:
+            slice_rows = param.shape[0] // world_size
+            grad_slice = torch.empty_like(grad[:slice_rows])
+            reduction = _reduce_scatter_single(grad_slice, grad, op=dist.ReduceOp.SUM, async_op=True)
+        else:
+            grad_slice = grad
+            reduction = dist.all_reduce(grad, op=dist.ReduceOp.SUM, async_op=True)
+
+        def update_and_gather():
+            reduction.wait()
+            grad_slice.div_(world_size)
+            if not sharded:
+                _adamw_update_(param, grad_slice, self.state[param], group)
+                return lambda: None
+            param_slice = param[rank * slice_rows:(rank + 1) * slice_rows]
+            _adamw_update_(param_slice, grad_slice, self.state[param], group)
+            # Gathering from a slice of the output itself is the in-place form NCCL documents
+            # (and gloo handles), so no extra buffer is needed.
+            gather = _all_gather_single(param, param_slice, async_op=True)
+            return gather.wait
+
+        return update_and_gather
+
+    def _launch_muon(self, params: list[Tensor], group: dict, rank: int, world_size: int):
+        """Phase 1 for one same-shape bucket of matrices; returns phase 2, which returns phase 3."""
+        num_params = len(params)
+        per_rank = -(-num_params // world_size)
+        zeros = torch.zeros_like(params[0])
+        grads = [p.grad if p.grad is not None else zeros for p in params]
+        stacked = torch.stack(grads + [zeros] * (per_rank * world_size - num_params))
+        grad_chunk = torch.empty_like(stacked[:per_rank])
+        reduction = _reduce_scatter_single(grad_chunk, stacked, op=dist.ReduceOp.SUM, async_op=True)
+        first, end = min(rank * per_rank, num_params), min((rank + 1) * per_rank, num_params)
+        owned = params[first:end]
+
+        def update_and_gather():
+            reduction.wait()
+            if owned:
+                owned_grads = list(grad_chunk[:len(owned)].div_(world_size).unbind(0))
+                _muon_update_(owned, owned_grads, self._momentum_buffers(owned), group)
+                # The reduced gradients are used up: reuse their buffer to send the updated matrices.
+                grad_chunk[:len(owned)].copy_(torch.stack(owned))
+            # The stacked gradients are used up too: reuse them to receive every rank's matrices.
+            gather = _all_gather_single(stacked, grad_chunk, async_op=True)
+
+            def copy_back():
+                gather.wait()
+                others = params[:first] + params[end:]
+                if others:
+                    gathered = list(stacked.unbind(0))
+                    torch._foreach_copy_(others, gathered[:first] + gathered[end:num_params])
+
+            return copy_back
+
+        return update_and_gather

@@ -1,0 +1,175 @@
+"""Tests of the GPT model: shapes, parameter groups, initial loss, soft-capping, meta-device init,
+the KV-cache forward against the plain forward, and the config dial."""
+
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig, config_from_depth, has_value_embedding
+from nanochat.kv_cache import KVCache
+
+TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
+
+
+def build(config=TINY, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model.eval()
+
+
+def test_shapes_padding_and_param_groups():
+    model = build()
+    assert model.padded_vocab_size == 256
+    idx = torch.randint(0, TINY.vocab_size, (3, 17))
+    logits = model(idx)
+    assert logits.shape == (3, 17, TINY.vocab_size) and logits.dtype == torch.float32
+    counts = model.param_counts()
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["wte"] == 256 * 64 and counts["lm_head"] == 256 * 64
+    # one value embedding (layer 1 of 2, the last), kv dim = 1 head * 32
+    assert counts["value_embeds"] == 256 * 32
+
+    optimizer = model.setup_optimizer()
+    seen = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(seen) == len(list(model.parameters())) == len({id(p) for p in seen})
+    for group in optimizer.param_groups:
+        if group["kind"] == "muon":
+            assert all(p.ndim == 2 for p in group["params"])
+    muon_ids = {id(p) for g in optimizer.param_groups if g["kind"] == "muon" for p in g["params"]}
+    assert id(model.lm_head.weight) not in muon_ids and id(model.transformer.wte.weight) not in muon_ids
+    assert {id(p) for p in model.transformer.h.parameters()} == muon_ids
+
+
+def test_initial_loss_is_close_to_uniform():
+    model = build()
+    idx = torch.randint(0, TINY.vocab_size, (4, 32))
+    loss = model(idx, targets=torch.roll(idx, -1, dims=1))
+    # lm_head starts at std 0.001 so the logits are ~1e-2 and the softmax is nearly uniform
+    assert abs(loss.item() - math.log(TINY.vocab_size)) < 0.02
+
+
+def test_ignore_index_and_reduction():
+    model = build()
+    idx = torch.randint(0, TINY.vocab_size, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = -1
+    per_token = model(idx, targets=targets, loss_reduction="none").view(2, 8)
+    assert torch.all(per_token[:, :4] == 0)
+    mean = model(idx, targets=targets)
+    assert torch.allclose(mean, per_token[:, 4:].mean())
+
+
+def test_logits_are_soft_capped():
+    model = build()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e5)
+    logits = model(torch.randint(0, TINY.vocab_size, (2, 16)))
+    assert logits.abs().max().item() <= 15.0
+    assert logits.abs().max().item() > 14.0  # the cap is actually reached, not just small logits
+
+
+def test_meta_init_is_deterministic():
+    a, b, c = build(seed=1), build(seed=1), build(seed=2)
+    for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
+    assert torch.equal(a.rotary_cos, c.rotary_cos)
+
+
+def _trained_looking(model):
+    """Zero-initialised projections make blocks the identity at init, which would hide attention
+    bugs; randomise every parameter so each layer (and its window) matters."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_kv_cache_prefill_and_decode_match_plain_forward():
+    config = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                       window_pattern="SSL")  # S = 4 tokens: the window matters at T = 14
+    model = _trained_looking(build(config))
+    idx = torch.randint(0, config.vocab_size, (1, 14))
+    full = model(idx)
+
+    cache = KVCache.for_model(model, batch_size=1, max_seq_len=16)
+    prefill = model(idx[:, :6], kv_cache=cache)
+    torch.testing.assert_close(prefill, full[:, :6], rtol=1e-4, atol=1e-4)
+    for t in range(6, 14):
+        step = model(idx[:, t:t + 1], kv_cache=cache)
+        torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+    assert cache.get_pos() == 14
+
+
+def test_kv_cache_rows_at_different_positions():
+    config = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="SL")
+    model = _trained_looking(build(config))
+    a = torch.randint(0, 100, (1, 9))
+    b = torch.randint(0, 100, (1, 5))
+    cache = KVCache.for_model(model, batch_size=2, max_seq_len=16)
+    # prefill each row on its own cache, then copy rows into one batch cache at different positions
+    for row, seq in enumerate((a, b)):
+        solo = KVCache.for_model(model, batch_size=1, max_seq_len=16)
+        model(seq[:, :-1], kv_cache=solo)
+        n = seq.size(1) - 1
+        cache.k[:, row, :n] = solo.k[:, 0, :n]
+        cache.v[:, row, :n] = solo.v[:, 0, :n]
+        cache.cache_seqlens[row] = n
+    step = model(torch.cat([a[:, -1:], b[:, -1:]]), kv_cache=cache)
+    torch.testing.assert_close(step[0, 0], model(a)[0, -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step[1, 0], model(b)[0, -1], rtol=1e-4, atol=1e-4)
+    assert cache.cache_seqlens.tolist() == [9, 5]
+
+
+def test_window_pattern_and_value_embedding_layers():
+    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=6, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="SSSL")
+    model = GPT(config)
+    assert model.window_sizes == [(8, 0), (8, 0), (8, 0), (-1, 0), (8, 0), (-1, 0)]
+    assert [has_value_embedding(i, 6) for i in range(6)] == [False, True, False, True, False, True]
+    assert sorted(model.value_embeds.keys()) == ["1", "3", "5"]
+    assert GPT(GPTConfig(n_layer=3, n_head=2, n_kv_head=2, n_embd=64, window_pattern="S")).window_sizes[-1] == (-1, 0)
+
+
+def test_config_from_depth_and_validation():
+    cfg = config_from_depth(20)
+    assert (cfg.n_embd, cfg.n_head, cfg.n_layer) == (1280, 10, 20)
+    tiny = config_from_depth(2, aspect_ratio=32, head_dim=32)
+    assert (tiny.n_embd, tiny.n_head) == (64, 2)
+    assert config_from_depth(3, aspect_ratio=64, head_dim=128).n_embd == 256  # 192 rounded up
+    with pytest.raises(ValueError, match="n_kv_head"):
+        GPTConfig(n_head=6, n_kv_head=4, n_embd=768)
+    with pytest.raises(ValueError, match="window_pattern"):
+        GPTConfig(window_pattern="SXL")
+    with pytest.raises(ValueError, match="depth"):
+        config_from_depth(0)
+
+
+def test_estimate_flops_counts_matmuls_and_attention():
+    config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                       window_pattern="SL")
+    model = GPT(config)
+    matmul_params = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 32 + 64 * 64  # blocks (+ one ve_gate) + lm_head
+    assert model.num_scaling_params() == matmul_params
+    attention = 12 * 2 * 32 * (9 + 32)  # layer 0 sees 8 + 1 keys, layer 1 the full 32
+    assert model.estimate_flops() == 6 * matmul_params + attention
+
+
+def test_one_training_step_lowers_loss_on_a_fixed_batch():
+    model = build().train()
+    optimizer = model.setup_optimizer()
+    idx = torch.randint(0, TINY.vocab_size, (4, 32))
+    losses = []
+    for _ in range(10):
+        loss = model(idx, targets=torch.roll(idx, -1, dims=1))
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
