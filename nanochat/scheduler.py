@@ -1,0 +1,433 @@
+"""Continuous batching: one decode loop over a changing set of generation requests.
+
+The seed's web server gives every request a whole model until it ends, so a GPU serving one chat
+sits mostly idle: decoding one token reads all the weights to do a single row of work. Here every
+live request is a row of one shared KV cache and each `step()` advances all of them with one
+forward pass. Requests come and go between steps: a new one is prefilled into a free row and
+joins the batch at once; a finished or cancelled one leaves and its row is reused.
+
+Each request keeps its own sampling settings, its own seeded generator and its own token budget,
+and runs the python tool exactly as nanochat.engine does (the per-row logic is shared), so a
+greedy request produces the same tokens as running it alone with `Engine.generate`.
+
+Capacity is bounded twice: at most `max_batch_size` requests decode at once, and together they may
+reserve at most `max_cache_tokens` cache positions (each request reserves prompt + max_tokens).
+Requests past either bound wait in a FIFO queue; the head of the queue is never overtaken.
+
+Live requests are kept packed into the first rows of the cache (a finished row is filled by the
+last live one), so the model only ever runs on rows that have work.
+
+Threading: `submit`, `cancel` and `stats` may be called from any thread; `step` belongs to one
+thread, usually the one that `start()` launches (a Ray Serve replica runs it next to its asyncio
+loop). A request's tokens can be consumed with a plain `for` loop from a thread or with
+`async for` from asyncio; both wake up as tokens arrive.
+"""
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+
+from nanochat.engine import RowState, ToolUse, check_prompt, check_sampling_settings, sample_next_token
+from nanochat.kv_cache import KVCache
+
+logger = logging.getLogger("nanochat")
+
+# Finish reasons of a request.
+FINISH_STOP = "stop"            # the model wrote <|assistant_end|> or <|bos|>
+FINISH_LENGTH = "length"        # the request's max_tokens were used up
+FINISH_CANCELLED = "cancelled"  # cancel() or the scheduler shut down
+FINISH_ERROR = "error"          # the decode step failed; iterating raises the error
+
+THROUGHPUT_WINDOW_S = 10.0  # tokens/s in stats() is measured over the steps of this recent window
+
+
+class GenerationRequest:
+    """The handle of one submitted request: its settings, and the tokens it has produced so far.
+
+    Iterate it (`for token in request` or `async for token in request`) to receive its token ids as
+    they are generated; the iteration ends when the request finishes, without the final
+    <|assistant_end|>/<|bos|>. `masks` tells which tokens the python tool forced (0) and which the
+    model sampled (1). `finish_reason` is None while it runs, then one of FINISH_*.
+    """
+
+    def __init__(self, request_id: int, prompt_tokens: list[int], max_tokens: int, temperature: float,
+                 top_k: int | None, seed: int, tool_use: ToolUse, device: torch.device):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self._tokens: list[int] = []
+        self._masks: list[int] = []
+        self._changed = threading.Condition()
+        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._cancel_requested = False
+        # Decoding state, touched by the scheduler's thread only.
+        self._row = RowState(tool_use)
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Cache positions this request may fill: its prompt plus its whole token budget."""
+        return len(self.prompt_tokens) + self.max_tokens
+
+    @property
+    def tokens(self) -> list[int]:
+        with self._changed:
+            return list(self._tokens)
+
+    @property
+    def masks(self) -> list[int]:
+        with self._changed:
+            return list(self._masks)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Block until the request finishes and return its tokens; raises TimeoutError after
+        `timeout` seconds, or the decode error if the request failed."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.finish_reason is not None, timeout):
+                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
+            if self.error is not None:
+                raise RuntimeError(f"request {self.request_id} failed: {self.error!r}") from self.error
+            return list(self._tokens)
+
+    def __iter__(self):
+        position = 0
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: position < len(self._tokens) or self.finish_reason is not None)
+                new_tokens = self._tokens[position:]
+                finished = self.finish_reason is not None
+            yield from new_tokens
+            position += len(new_tokens)
+            if finished and not new_tokens:
+                self._raise_if_failed()
+                return
+
+    async def _iterate_async(self):
+        loop = asyncio.get_running_loop()
+        wake_up = asyncio.Event()
+        waiter = (loop, wake_up)
+        with self._changed:
+            self._async_waiters.add(waiter)
+        try:
+            position = 0
+            while True:
+                # Clear before looking: a token published after the look sets the event again.
+                wake_up.clear()
+                with self._changed:
+                    new_tokens = self._tokens[position:]
+                    finished = self.finish_reason is not None
+                for token in new_tokens:
+                    yield token
+                position += len(new_tokens)
+                if finished and not new_tokens:
+                    self._raise_if_failed()
+                    return
+                if not new_tokens:
+                    await wake_up.wait()
+        finally:
+            with self._changed:
+                self._async_waiters.discard(waiter)
+
+    def __aiter__(self):
+        return self._iterate_async()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"request {self.request_id} failed: {self.error!r}") from self.error
+
+    # ---------------------------------------------------------------- called by the scheduler
+
+    def _publish(self, token: int | None = None, mask: int = 1, finish_reason: str | None = None,
+                 error: BaseException | None = None) -> None:
+        with self._changed:
+            if token is not None:
+                self._tokens.append(token)
+                self._masks.append(mask)
+            if finish_reason is not None:
+                self.error = error
+                self.finish_reason = finish_reason
+            self._changed.notify_all()
+            waiters = list(self._async_waiters)
+        for loop, wake_up in waiters:
+            try:
+                loop.call_soon_threadsafe(wake_up.set)
+            except RuntimeError:
+                pass  # that consumer's event loop is closed: nobody is listening any more
+
+
+class Scheduler:
+    """Continuous batching over one model. See the module docstring for the design."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None,
+                 max_cache_tokens: int | None = None):
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int")
+        max_seq_len = model.config.sequence_len if max_seq_len is None else max_seq_len
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 2 (prompt plus at least one token)")
+        max_cache_tokens = max_batch_size * max_seq_len if max_cache_tokens is None else max_cache_tokens
+        if isinstance(max_cache_tokens, bool) or not isinstance(max_cache_tokens, int) or max_cache_tokens < 2:
+            raise ValueError(f"max_cache_tokens={max_cache_tokens!r} must be an int >= 2")
+        self.model = model
+        self.tool_use = ToolUse.from_tokenizer(tokenizer)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.max_cache_tokens = max_cache_tokens
+        self.device = model.get_device()
+        self.cache = KVCache.for_model(model, batch_size=max_batch_size, max_seq_len=max_seq_len)
+
+        self._lock = threading.Condition()  # guards the queue and the flags below; wakes the loop
+        self._waiting: deque[GenerationRequest] = deque()
+        self._active: list[GenerationRequest] = []  # _active[i] decodes in cache row i
+        self._reserved_tokens = 0
+        self._request_ids = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop_running = False
+        self._loop_exited = threading.Event()
+        self._tokens_generated = 0
+        self._requests_finished = 0
+        self._recent_steps: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens)
+
+    # ---------------------------------------------------------------- any thread
+
+    def submit(self, prompt_tokens: list[int], max_tokens: int | None = None, temperature: float = 1.0,
+               top_k: int | None = None, seed: int = 42) -> GenerationRequest:
+        """Queue a request; it joins the decode batch at the next step that has room for it.
+        max_tokens=None lets it run until its cache row is full."""
+        prompt_tokens = check_prompt(prompt_tokens, self.model.config.vocab_size)
+        check_sampling_settings(temperature, top_k, seed)
+        room = self.max_seq_len - len(prompt_tokens)
+        if room < 1:
+            raise ValueError(f"the prompt has {len(prompt_tokens)} tokens but a sequence may hold at most "
+                             f"{self.max_seq_len}; shorten the conversation")
+        if max_tokens is None:
+            max_tokens = room
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens={max_tokens!r} must be a positive int, or None to fill the sequence")
+        if max_tokens > room:
+            raise ValueError(f"max_tokens={max_tokens} does not fit: the prompt has {len(prompt_tokens)} tokens "
+                             f"and a sequence holds at most {self.max_seq_len}; ask for at most {room}")
+        if len(prompt_tokens) + max_tokens > self.max_cache_tokens:
+            raise ValueError(f"the request needs {len(prompt_tokens) + max_tokens} cache positions (prompt + "
+                             f"max_tokens) but the whole cache budget is {self.max_cache_tokens}; lower max_tokens")
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the scheduler has been shut down; create a new one")
+            request = GenerationRequest(next(self._request_ids), prompt_tokens, max_tokens, temperature, top_k,
+                                        seed, self.tool_use, self.device)
+            self._waiting.append(request)
+            self._lock.notify_all()
+        return request
+
+    def cancel(self, request: GenerationRequest) -> None:
+        """Stop a request: a queued one is dropped at once, a running one leaves the batch (and
+        frees its row) at the next step. Cancelling a finished request does nothing."""
+        with self._lock:
+            if request in self._waiting:
+                self._waiting.remove(request)
+                request._publish(finish_reason=FINISH_CANCELLED)
+                self._requests_finished += 1
+            else:
+                request._cancel_requested = True
+            self._lock.notify_all()
+
+    def stats(self) -> dict:
+        """Active sequences, queue depth, reserved cache positions, tokens generated so far, and the
+        decoding rate (tokens per second of stepping, over the last THROUGHPUT_WINDOW_S seconds)."""
+        with self._lock:
+            now = time.perf_counter()
+            recent = [(duration, tokens) for end, duration, tokens in self._recent_steps
+                      if end >= now - THROUGHPUT_WINDOW_S]
+            busy = sum(duration for duration, _ in recent)
+            return {
+                "active": len(self._active),
+                "queued": len(self._waiting),
+                "max_batch_size": self.max_batch_size,
+                "reserved_cache_tokens": self._reserved_tokens,
+                "max_cache_tokens": self.max_cache_tokens,
+                "tokens_generated": self._tokens_generated,
+                "requests_finished": self._requests_finished,
+                "tokens_per_second": sum(tokens for _, tokens in recent) / busy if busy > 0 else 0.0,
+            }
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._active or self._waiting)
+
+    # ---------------------------------------------------------------- the loop
+
+    def start(self) -> threading.Thread:
+        """Run the decode loop in a daemon thread until shutdown()."""
+        with self._lock:
+            if self._thread is not None:
+                raise RuntimeError("the scheduler loop is already running")
+            self._thread = threading.Thread(target=self.run_forever, name="nanochat-scheduler", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def run_forever(self) -> None:
+        """Step while there is work, sleep until a submit or cancel when there is none; returns
+        after shutdown(). A failed step fails the requests it was decoding and the loop goes on."""
+        with self._lock:
+            if self._loop_running:
+                raise RuntimeError("the scheduler loop is already running in another thread")
+            self._loop_running = True
+        try:
+            while True:
+                with self._lock:
+                    self._lock.wait_for(lambda: self._stopping or self._active or self._waiting)
+                    if self._stopping:
+                        break
+                try:
+                    self.step()
+                except Exception:
+                    logger.exception("scheduler step failed; its requests were failed, the loop goes on")
+            self._cancel_everything()
+        finally:
+            self._loop_exited.set()
+
+    def shutdown(self, timeout: float | None = 10.0) -> None:
+        """Stop the loop; every queued or running request finishes as cancelled."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            loop_running = self._loop_running
+        if loop_running:
+            # The loop thread cancels what is left once its current step is over.
+            self._loop_exited.wait(timeout)
+        else:
+            self._cancel_everything()
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """One decoding step for every running request, after admitting what fits from the queue;
+        returns the number of tokens generated. Call from one thread only."""
+        started = time.perf_counter()
+        with self._lock:
+            cancelled = [slot for slot, request in enumerate(self._active) if request._cancel_requested]
+        for slot in reversed(cancelled):
+            self._release(slot, FINISH_CANCELLED)
+        admitted = self._admit()
+        if not self._active and not admitted:
+            return 0
+        try:
+            logits = self._forward(admitted)
+        except BaseException as error:
+            self._fail(self._active + admitted, error)
+            raise
+        self._active.extend(admitted)
+        try:
+            generated = self._sample_and_publish(logits)
+        except BaseException as error:
+            self._fail(self._active, error)
+            raise
+        with self._lock:
+            self._tokens_generated += generated
+            end = time.perf_counter()
+            self._recent_steps.append((end, end - started, generated))
+            while self._recent_steps and self._recent_steps[0][0] < end - THROUGHPUT_WINDOW_S:
+                self._recent_steps.popleft()
+        return generated
+
+    def _admit(self) -> list[GenerationRequest]:
+        """Pop queued requests, oldest first, while a row and their cache reservation are free."""
+        admitted = []
+        with self._lock:
+            while self._waiting and len(self._active) + len(admitted) < self.max_batch_size:
+                head = self._waiting[0]
+                if self._reserved_tokens + head.reserved_tokens > self.max_cache_tokens:
+                    break
+                self._waiting.popleft()
+                self._reserved_tokens += head.reserved_tokens
+                admitted.append(head)
+        return admitted
+
+    def _forward(self, admitted: list[GenerationRequest]) -> torch.Tensor:
+        """Next-token logits (rows, vocab) for the running requests (fed their newest token) followed
+        by the admitted ones (prefilled, each into the next free row)."""
+        parts = []
+        running = len(self._active)
+        if running:
+            newest = torch.tensor([[request._row.last_token] for request in self._active],
+                                  dtype=torch.long, device=self.device)
+            parts.append(self.model(newest, kv_cache=self.cache.rows(0, running))[:, -1])
+        for offset, request in enumerate(admitted):
+            row = running + offset
+            self.cache.cache_seqlens[row] = 0
+            prompt = torch.tensor([request.prompt_tokens], dtype=torch.long, device=self.device)
+            parts.append(self.model(prompt, kv_cache=self.cache.rows(row, row + 1))[:, -1])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _sample_and_publish(self, logits: torch.Tensor) -> int:
+        """Choose every row's next token, stream it, and retire the rows that are done; returns
+        the number of tokens generated (a final <|assistant_end|> counts, though it is not streamed)."""
+        # One argmax for all rows; only rows that sample at a temperature need their own draw.
+        greedy = logits.argmax(dim=-1).tolist()
+        finished = []
+        for slot, request in enumerate(self._active):
+            if request.temperature == 0:
+                sampled = greedy[slot]
+            else:
+                sampled = int(sample_next_token(logits[slot:slot + 1], request._generator,
+                                                request.temperature, request.top_k))
+            token, mask = request._row.advance(sampled)
+            if request._row.finished:
+                finished.append((slot, FINISH_STOP))
+                continue
+            request._publish(token, mask)
+            if len(request._tokens) >= request.max_tokens:
+                finished.append((slot, FINISH_LENGTH))
+        generated = len(self._active)
+        for slot, reason in reversed(finished):
+            self._release(slot, reason)
+        return generated
+
+    def _release(self, slot: int, reason: str) -> None:
+        """Finish the request in `slot` and fill the gap with the last running row."""
+        request = self._active[slot]
+        last = len(self._active) - 1
+        self.cache.move_row(last, slot)
+        self.cache.cache_seqlens[last] = 0
+        self._active[slot] = self._active[last]
+        self._active.pop()
+        with self._lock:
+            self._reserved_tokens -= request.reserved_tokens
+            self._requests_finished += 1
+        request._publish(finish_reason=reason)
+
+    def _fail(self, requests: list[GenerationRequest], error: BaseException) -> None:
+        """After a failed forward pass no row of the cache can be trusted: fail its requests, empty it."""
+        with self._lock:
+            for request in requests:
+                self._reserved_tokens -= request.reserved_tokens
+                self._requests_finished += 1
+        for request in requests:
+            request._publish(finish_reason=FINISH_ERROR, error=error)
+        self._active = []
+        self.cache.reset()
+
+    def _cancel_everything(self) -> None:
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._requests_finished += len(waiting)
+        for slot in reversed(range(len(self._active))):
+            self._release(slot, FINISH_CANCELLED)
+        for request in waiting:
+            request._publish(finish_reason=FINISH_CANCELLED)

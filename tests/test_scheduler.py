@@ -1,0 +1,309 @@
+"""Tests of the continuous-batching scheduler (nanochat.scheduler).
+
+The central property: a request's greedy output does not depend on what else is in the batch, so
+8 requests of different lengths, submitted at different steps and decoded together (with a cap
+that makes some of them queue, and a cancelled neighbour), each equal Engine.generate run alone.
+Around it: cancel frees a row, the queue is FIFO under both capacity bounds, per-request seeds,
+tool use and stop tokens per row, and streaming to a thread and to asyncio from the loop thread.
+"""
+
+import asyncio
+import math
+import threading
+
+import pytest
+import torch
+
+from nanochat.calculator import use_calculator
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.scheduler import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler)
+from nanochat.tokenizer import Tokenizer
+
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 20,
+    "What is 12 plus 30? It is 42. How many r are in strawberry? There are 3. " * 20,
+    "Once upon a time a small model learned to count and to add numbers like 7 + 5 = 12. " * 20,
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on 2 busy CPUs its spin-waits
+    make every small matmul many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train_from_iterator(iter(TRAINING_TEXT), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """Depth 2, width 64, every weight random (so every layer matters), a window that cuts."""
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4,
+                       n_kv_head=2, n_embd=64, window_pattern="SL")
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        gpt = GPT(config)
+    gpt.to_empty(device="cpu")
+    gpt.init_weights()
+    with torch.no_grad():
+        for parameter in gpt.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 1.0 / math.sqrt(parameter.size(1)))
+        gpt.transformer.wte.weight.normal_(0.0, 1.0)
+        gpt.lm_head.weight.normal_(0.0, 0.5)
+        # The random model must not stop requests early or call the tool: rule out special tokens.
+        gpt.lm_head.weight[tokenizer.encode_special("<|bos|>"):] = 0.0
+    return gpt.eval()
+
+
+class ScriptedModel(torch.nn.Module):
+    """Logits that make the token after a row's position p be script[p - prompt_len]."""
+
+    def __init__(self, vocab_size: int, prompt_len: int, script: list[int], filler: int):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.prompt_len, self.script, self.filler = prompt_len, script, filler
+
+    def get_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, idx, kv_cache=None):
+        batch, length = idx.shape
+        logits = torch.full((batch, length, self.config.vocab_size), -10.0)
+        for row in range(batch):
+            index = int(kv_cache.cache_seqlens[row]) + length - self.prompt_len
+            logits[row, -1, self.script[index] if index < len(self.script) else self.filler] = 10.0
+        kv_cache.advance(length)
+        return logits
+
+
+def make_prompts(tokenizer, count: int) -> list[list[int]]:
+    texts = ["What is 12 plus 30?", "The quick brown fox", "Once upon a time", "How many r are in strawberry?",
+             "a", "7 + 5 = 12. Once upon a time a small model", "lazy dog", "It is 42."]
+    return [tokenizer.encode(texts[i % len(texts)], prepend="<|bos|>") for i in range(count)]
+
+
+def run_until_idle(scheduler: Scheduler, limit: int = 1000) -> int:
+    steps = 0
+    while scheduler.has_work():
+        scheduler.step()
+        steps += 1
+        assert steps < limit, "the scheduler never drained"
+    return steps
+
+
+def test_interleaved_requests_equal_their_solo_outputs(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    prompts = make_prompts(tokenizer, 8)
+    budgets = [5, 17, 9, 24, 3, 12, 20, 7]
+    submit_at_step = [0, 0, 1, 3, 3, 4, 8, 9]
+    solo = [engine.generate_batch(prompt, max_tokens=budget, temperature=0.0)[0][0][len(prompt):]
+            for prompt, budget in zip(prompts, budgets)]
+
+    # 5 rows for 8 requests: some must queue; a 9th request is cancelled while it decodes.
+    scheduler = Scheduler(model, tokenizer, max_batch_size=5, max_seq_len=64)
+    requests = [None] * 8
+    extra = None
+    step = 0
+    while step < 200 and (step <= max(submit_at_step) or scheduler.has_work()):
+        for i in range(8):
+            if submit_at_step[i] == step:
+                requests[i] = scheduler.submit(prompts[i], max_tokens=budgets[i], temperature=0.0)
+        if step == 2:
+            extra = scheduler.submit(prompts[3], max_tokens=30, temperature=0.0)
+        if step == 6:
+            scheduler.cancel(extra)
+        scheduler.step()
+        step += 1
+    assert not scheduler.has_work()
+    for i, request in enumerate(requests):
+        assert request.finish_reason == FINISH_LENGTH
+        assert request.tokens == solo[i], f"request {i} differs from its solo run"
+        assert request.masks == [1] * budgets[i]
+    assert extra.finish_reason == FINISH_CANCELLED and 0 < len(extra.tokens) < 30
+    stats = scheduler.stats()
+    assert stats["active"] == 0 and stats["queued"] == 0 and stats["reserved_cache_tokens"] == 0
+    assert stats["tokens_generated"] == sum(budgets) + len(extra.tokens) and stats["requests_finished"] == 9
+    assert stats["tokens_per_second"] > 0
+
+
+def test_cancel_frees_the_row_for_the_next_request(model, tokenizer):
+    first, second = make_prompts(tokenizer, 2)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=1, max_seq_len=64)
+    a = scheduler.submit(first, max_tokens=20, temperature=0.0)
+    b = scheduler.submit(second, max_tokens=4, temperature=0.0)
+    scheduler.step()
+    scheduler.step()
+    assert len(a.tokens) == 2 and b.tokens == []
+    assert scheduler.stats()["active"] == 1 and scheduler.stats()["queued"] == 1
+    scheduler.cancel(a)
+    scheduler.step()
+    assert a.finish_reason == FINISH_CANCELLED and len(a.tokens) == 2
+    assert len(b.tokens) == 1 and scheduler.stats()["active"] == 1 and scheduler.stats()["queued"] == 0
+    run_until_idle(scheduler)
+    alone, _ = Engine(model, tokenizer).generate_batch(second, max_tokens=4, temperature=0.0)
+    assert b.tokens == alone[0][len(second):]
+    # A queued request is dropped at once, without waiting for a step.
+    c = scheduler.submit(first, max_tokens=3)
+    d = scheduler.submit(first, max_tokens=3)
+    scheduler.cancel(d)
+    assert d.finish_reason == FINISH_CANCELLED and scheduler.stats()["queued"] == 1
+    run_until_idle(scheduler)
+    assert c.finish_reason == FINISH_LENGTH and d.tokens == []
+
+
+@pytest.mark.parametrize("bound", ["rows", "cache_tokens"])
+def test_requests_over_capacity_wait_in_fifo_order(model, tokenizer, bound):
+    prompts = make_prompts(tokenizer, 1) * 6
+    budgets = [6, 4, 7, 5, 6, 4]
+    if bound == "rows":
+        scheduler = Scheduler(model, tokenizer, max_batch_size=2, max_seq_len=64)
+    else:
+        # Room for any two reservations (prompt + max_tokens) but never for three.
+        reservations = sorted(len(p) + b for p, b in zip(prompts, budgets))
+        assert sum(reservations[-2:]) < sum(reservations[:3])
+        scheduler = Scheduler(model, tokenizer, max_batch_size=6, max_seq_len=64,
+                              max_cache_tokens=sum(reservations[-2:]))
+    requests = [scheduler.submit(p, max_tokens=b, temperature=0.0) for p, b in zip(prompts, budgets)]
+    started_at = {}
+    step = 0
+    while scheduler.has_work():
+        scheduler.step()
+        stats = scheduler.stats()
+        assert stats["active"] <= 2 and stats["reserved_cache_tokens"] <= scheduler.max_cache_tokens
+        for i, request in enumerate(requests):
+            if request.tokens and i not in started_at:
+                started_at[i] = step
+        step += 1
+    order = sorted(range(6), key=lambda i: (started_at[i], i))
+    assert order == list(range(6))
+    assert started_at[2] > 0 and started_at[5] > started_at[2]  # later requests really waited
+    assert all(len(r.tokens) == b for r, b in zip(requests, budgets))
+
+
+def test_each_request_samples_with_its_own_seed(model, tokenizer):
+    prompt = make_prompts(tokenizer, 1)[0]
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, max_seq_len=64)
+    same = [scheduler.submit(prompt, max_tokens=15, temperature=1.0, top_k=40, seed=11) for _ in range(2)]
+    other = scheduler.submit(prompt, max_tokens=15, temperature=1.0, top_k=40, seed=12)
+    greedy = scheduler.submit(prompt, max_tokens=15, temperature=0.0)
+    run_until_idle(scheduler)
+    assert same[0].tokens == same[1].tokens
+    assert same[0].tokens != other.tokens
+    engine = Engine(model, tokenizer)
+    # A request draws exactly what Engine.generate draws alone with that seed.
+    alone, _ = engine.generate_batch(prompt, max_tokens=15, temperature=1.0, top_k=40, seed=11)
+    assert same[0].tokens == alone[0][len(prompt):]
+    assert greedy.tokens == engine.generate_batch(prompt, max_tokens=15, temperature=0.0)[0][0][len(prompt):]
+
+
+def test_tool_use_and_stop_tokens_per_row(tokenizer):
+    special = tokenizer.encode_special
+    called = [special("<|python_start|>")] + tokenizer.encode("12+30") + [special("<|python_end|>")]
+    forced = ([special("<|output_start|>")] + tokenizer.encode(str(use_calculator("12+30")))
+              + [special("<|output_end|>")])
+    answer = tokenizer.encode(" ok")
+    script = called + [0] * len(forced) + answer + [special("<|assistant_end|>")]
+    prompt = make_prompts(tokenizer, 1)[0]
+    scripted = ScriptedModel(tokenizer.get_vocab_size(), len(prompt), script, filler=1)
+    scheduler = Scheduler(scripted, tokenizer, max_batch_size=3, max_seq_len=64)
+    early = scheduler.submit(prompt, max_tokens=40, temperature=0.0)
+    scheduler.step()
+    scheduler.step()
+    late = scheduler.submit(prompt, max_tokens=40, temperature=0.0)
+    short = scheduler.submit(prompt, max_tokens=3, temperature=0.0)
+    run_until_idle(scheduler)
+    for request in (early, late):
+        assert request.finish_reason == FINISH_STOP
+        assert request.tokens == called + forced + answer  # <|assistant_end|> is not streamed
+        assert request.masks == [1] * len(called) + [0] * len(forced) + [1] * len(answer)
+    assert short.finish_reason == FINISH_LENGTH and short.tokens == called[:3]
+
+
+def test_streaming_from_the_loop_thread_to_a_thread_and_to_asyncio(model, tokenizer):
+    prompts = make_prompts(tokenizer, 3)
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, max_seq_len=64)
+    scheduler.start()
+    try:
+        threaded = scheduler.submit(prompts[0], max_tokens=12, temperature=0.0)
+        received_in_thread = []
+        reader = threading.Thread(target=lambda: received_in_thread.extend(threaded))
+        reader.start()
+
+        async def consume(prompt):
+            request = scheduler.submit(prompt, max_tokens=10, temperature=0.0)
+            return request, [token async for token in request]
+
+        async def consume_both():
+            return await asyncio.gather(consume(prompts[1]), consume(prompts[2]))
+
+        streamed = asyncio.run(consume_both())
+        reader.join(timeout=60)
+        assert received_in_thread == threaded.result(timeout=60) and len(received_in_thread) == 12
+        engine = Engine(model, tokenizer)
+        for (request, tokens), prompt in zip(streamed, prompts[1:]):
+            assert tokens == request.tokens
+            assert tokens == engine.generate_batch(prompt, max_tokens=10, temperature=0.0)[0][0][len(prompt):]
+        pending = scheduler.submit(prompts[0], max_tokens=40, temperature=0.0)
+    finally:
+        scheduler.shutdown()
+    assert pending.result(timeout=10) == pending.tokens and pending.finish_reason in (FINISH_CANCELLED, FINISH_LENGTH)
+    with pytest.raises(RuntimeError, match="shut down"):
+        scheduler.submit(prompts[0], max_tokens=1)
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(model, tokenizer):
+    prompt = make_prompts(tokenizer, 1)[0]
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, max_seq_len=64)
+    original_forward = model.forward
+    broken = {"on": True}
+
+    def flaky_forward(*args, **kwargs):
+        if broken["on"]:
+            raise RuntimeError("device lost")
+        return original_forward(*args, **kwargs)
+
+    model.forward = flaky_forward
+    try:
+        scheduler.start()
+        doomed = scheduler.submit(prompt, max_tokens=5, temperature=0.0)
+        with pytest.raises(RuntimeError, match="device lost"):
+            doomed.result(timeout=30)
+        assert doomed.finish_reason == FINISH_ERROR
+        with pytest.raises(RuntimeError, match="device lost"):
+            list(doomed)
+        broken["on"] = False
+        healthy = scheduler.submit(prompt, max_tokens=5, temperature=0.0)
+        assert len(healthy.result(timeout=30)) == 5
+    finally:
+        scheduler.shutdown()
+        del model.forward
+    assert scheduler.stats()["reserved_cache_tokens"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt_tokens=[]), "non-empty list of token ids"),
+    (dict(prompt_tokens=[1] * 64), "shorten the conversation"),
+    (dict(prompt_tokens=[1] * 10, max_tokens=60), "ask for at most 54"),
+    (dict(prompt_tokens=[1], max_tokens=0), "max_tokens"),
+    (dict(prompt_tokens=[1], temperature=-0.5), "temperature"),
+    (dict(prompt_tokens=[1], top_k=-3), "top_k"),
+])
+def test_bad_requests_are_refused_at_submit(model, tokenizer, kwargs, message):
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, max_seq_len=64)
+    with pytest.raises(ValueError, match=message):
+        scheduler.submit(**kwargs)
+    assert scheduler.stats()["queued"] == 0
+
+
+def test_a_request_larger_than_the_cache_budget_is_refused(model, tokenizer):
+    scheduler = Scheduler(model, tokenizer, max_batch_size=2, max_seq_len=64, max_cache_tokens=20)
+    with pytest.raises(ValueError, match="cache budget is 20"):
+        scheduler.submit([1] * 10, max_tokens=11)
