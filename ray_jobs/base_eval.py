@@ -1,0 +1,334 @@
+"""Evaluate a base checkpoint: the CORE metric, bits per byte on train and val, and greedy samples.
+
+    python -m ray_jobs.base_eval [--model-tag d20] [--step N] [--eval core,bpb,sample]
+        [--max-per-task N] [--num-actors N] [--device-batch-size B] [--split-tokens N]
+        [--source fineweb-edu|sample|local|...] [--data-dir PATH]
+
+CORE runs 22 tasks of thousands of examples, one forward pass per example: on one device that is
+the slow part of evaluating a model. Here the examples are cut into chunks and handed to a pool of
+Ray actors, each of which loads the model once and then scores whatever chunk comes next, so a
+cluster evaluates with all its GPUs (one actor per GPU) and a laptop with a couple of CPU actors.
+Every example's prompt depends only on the example (see nanochat/core_eval.py), so the score is
+the same for any number of actors. The bits-per-byte passes and the samples run on the same
+actors, next to the model, because the machine that submits the job may have no GPU.
+
+The results print as a table and are written to <base>/base_eval/<model_tag>_<step>.json for the
+report. `evaluate_core_on_actors` is the same CORE pass for a model that is still in memory
+(base_train's --core-metric-every).
+"""
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import ray
+import torch
+from ray.util import ActorPool
+
+from nanochat.checkpoint import (PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model,
+                                 find_last_step, load_model)
+from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.core_eval import CoreTask, core_score, count_correct, download_eval_bundle, load_core_tasks
+from nanochat.dataset import SOURCES, iter_text, list_parquet_files
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.packing import BestFitPacker
+from nanochat.tokenizer import compute_token_bytes
+
+EVAL_MODES = ("core", "bpb", "sample")
+DEFAULT_CPU_ACTORS = 2
+# Chunks per actor: enough that an actor that drew slow chunks does not hold up the end of the
+# run, few enough that dispatching them costs nothing next to the forward passes.
+CHUNKS_PER_ACTOR = 4
+SAMPLE_MAX_TOKENS = 16
+SAMPLE_PROMPTS = [
+    "The capital of Italy is",
+    "Water boils at a temperature of",
+    "The first month of the year is",
+    "The opposite of up is",
+    "Two plus three equals",
+    "The largest ocean on Earth is the",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# What an actor loads: a saved checkpoint, or weights handed over from a running trainer
+
+
+@dataclass(frozen=True)
+class CheckpointModel:
+    """A checkpoint under the base dir, which every node must see (on a cluster: a shared path)."""
+    phase: str  # 'base', 'sft' or 'rl', as nanochat.checkpoint.load_model takes it
+    model_tag: str
+    step: int
+
+    def load(self, device: torch.device) -> tuple[GPT, object]:
+        model, tokenizer, _ = load_model(self.phase, device, model_tag=self.model_tag, step=self.step)
+        if tokenizer is None:
+            raise ValueError(f"the {self.phase} checkpoint {self.model_tag} step {self.step} carries no "
+                             "tokenizer, so its text can not be encoded: save it with tokenizer_dir")
+        return model, tokenizer
+
+
+@dataclass
+class InMemoryModel:
+    """Weights of a model that is not on disk: the GPTConfig fields, a CPU state dict, its tokenizer."""
+    model_config: dict
+    state_dict: dict
+    tokenizer: object
+
+    def load(self, device: torch.device) -> tuple[GPT, object]:
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**self.model_config))
+        model.to_empty(device=device)
+        model.load_state_dict(self.state_dict, strict=True)
+        model.eval()
+        return model, self.tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The actor
+
+
+@ray.remote
+class EvalActor:
+    """Holds one copy of the model and scores CORE chunks, bits per byte and samples with it."""
+
+    def __init__(self, model_source, tasks: list[CoreTask]):
+        # Ray hides the GPUs an actor did not ask for, so this is its own GPU or the CPU.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.tokenizer = model_source.load(self.device)
+        self.tasks = tasks
+
+    def count_correct(self, task_index: int, indices: list[int]) -> tuple[int, int, int]:
+        task = self.tasks[task_index]
+        correct = count_correct(self.model, self.tokenizer, task.data, self.device, task.meta, indices)
+        return task_index, correct, len(indices)
+
+    def bits_per_byte(self, shard_path: str, split_tokens: int, batch_size: int) -> dict:
+        sequence_len = self.model.config.sequence_len
+        num_steps = max(1, split_tokens // (batch_size * sequence_len))
+        tokens_seen = 0
+
+        def counted(batches):
+            nonlocal tokens_seen
+            for x, y in batches:
+                tokens_seen += x.numel()
+                yield x, y
+
+        stream = counted(packed_batches(shard_path, self.tokenizer, batch_size, sequence_len))
+        first = next(stream, None)
+        if first is None:
+            raise ValueError(f"{shard_path} holds less than one batch ({batch_size} rows of {sequence_len + 1} "
+                             "tokens): lower --device-batch-size or use a larger shard")
+        bpb = evaluate_bpb(self.model, itertools.chain([first], stream), num_steps,
+                           compute_token_bytes(self.tokenizer))
+        return {"bpb": bpb, "tokens": tokens_seen}
+
+    def samples(self, prompts: list[str], max_tokens: int) -> list[str]:
+        engine = Engine(self.model, self.tokenizer)
+        completions = []
+        for prompt in prompts:
+            tokens = self.tokenizer.encode(prompt, prepend=self.tokenizer.get_bos_token_id())
+            sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
+            completions.append(self.tokenizer.decode(sequences[0][len(tokens):]))
+        return completions
+
+
+def packed_batches(shard_path: str, tokenizer, batch_size: int, sequence_len: int, docs_per_encode: int = 256):
+    """(x, y) batches of a shard: documents with BOS packed best-fit into rows of sequence_len + 1
+    tokens, as the training stream packs them (nanochat.packing), read in the shard's order.
+
+    A plain generator instead of the Ray Data pipeline: an eval reads one shard once, start to end."""
+    bos = tokenizer.get_bos_token_id()
+    packer = BestFitPacker(sequence_len, bos)
+    texts = iter_text([shard_path])
+    pending = torch.empty((0, sequence_len + 1), dtype=torch.long)
+    while True:
+        chunk = list(itertools.islice(texts, docs_per_encode))
+        if chunk:
+            packer.add(tokenizer.encode(chunk, prepend=bos))
+        rows = torch.from_numpy(packer.pop_rows(drain=not chunk)).long()
+        pending = torch.cat([pending, rows])
+        while len(pending) >= batch_size:
+            batch, pending = pending[:batch_size], pending[batch_size:]
+            yield batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if not chunk:
+            return
+
+
+# ----------------------------------------------------------------------------------------------
+# CORE over a pool of actors
+
+
+def start_eval_actors(model_source, tasks: list[CoreTask], num_actors: int | None = None,
+                      num_gpus_per_actor: float | None = None) -> list:
+    """Start actors that each load `model_source` (anything with .load(device) -> (model, tokenizer)).
+
+    By default one actor per GPU when the cluster has GPUs, else DEFAULT_CPU_ACTORS CPU actors.
+    The model source and the tasks go into the object store once and every actor reads them there.
+    """
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1 if cluster_gpus >= 1 else 0
+    if num_actors is None:
+        num_actors = int(cluster_gpus // num_gpus_per_actor) if num_gpus_per_actor else DEFAULT_CPU_ACTORS
+    if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
+        raise ValueError(f"num_actors must be a positive int, got {num_actors!r}")
+    source_ref, tasks_ref = ray.put(model_source), ray.put(tasks)
+    return [EvalActor.options(num_cpus=1, num_gpus=num_gpus_per_actor).remote(source_ref, tasks_ref)
+            for _ in range(num_actors)]
+
+
+def plan_chunks(tasks: list[CoreTask], num_actors: int) -> list[tuple[int, list[int]]]:
+    """(task index, example indices) work items of about equal size, CHUNKS_PER_ACTOR per actor."""
+    total = sum(len(task.data) for task in tasks)
+    size = max(1, math.ceil(total / (num_actors * CHUNKS_PER_ACTOR)))
+    return [(task_index, list(range(start, min(start + size, len(task.data)))))
+            for task_index, task in enumerate(tasks) for start in range(0, len(task.data), size)]
+
+
+def run_core_on_actors(actors: list, tasks: list[CoreTask]) -> dict:
+    """CORE of the model the actors hold; prints one line per task as it completes.
+
+    Returns core_score's dict: results, centered_results, core_metric."""
+    correct = [0] * len(tasks)
+    evaluated = [0] * len(tasks)
+    started = time.time()
+    pool = ActorPool(actors)
+    for task_index, num_correct, num_evaluated in pool.map_unordered(
+            lambda actor, chunk: actor.count_correct.remote(*chunk), plan_chunks(tasks, len(actors))):
+        correct[task_index] += num_correct
+        evaluated[task_index] += num_evaluated
+        task = tasks[task_index]
+        if evaluated[task_index] == len(task.data):
+            print(f"  {task.label}: {correct[task_index]}/{len(task.data)} correct "
+                  f"({task.num_fewshot}-shot {task.task_type}, {time.time() - started:.1f}s)", flush=True)
+    return core_score(tasks, {task.label: correct[i] / len(task.data) for i, task in enumerate(tasks)})
+
+
+def evaluate_core_on_actors(model_source, tasks: list[CoreTask], num_actors: int | None = None,
+                            num_gpus_per_actor: float | None = None) -> dict:
+    """CORE of a model over a pool of actors that exist only for this call (core_score's dict).
+
+    For a model in a running trainer pass InMemoryModel(model_config, cpu_state_dict, tokenizer).
+    On a GPU cluster whose GPUs all train, pass num_gpus_per_actor=0 (CPU actors) or a fraction
+    that fits beside the trainer, or the actors wait for GPUs that never free up."""
+    actors = start_eval_actors(model_source, tasks, num_actors, num_gpus_per_actor)
+    try:
+        return run_core_on_actors(actors, tasks)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate a base checkpoint: CORE, bits per byte, samples")
+    parser.add_argument("--model-tag", default=None, help="checkpoint folder under base_checkpoints (default: the deepest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--eval", default=",".join(EVAL_MODES), help="comma-separated subset of core,bpb,sample")
+    parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    parser.add_argument("--num-actors", type=int, default=None,
+                        help=f"model copies (default: one per GPU, or {DEFAULT_CPU_ACTORS} on a CPU-only cluster)")
+    parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass for bits per byte")
+    parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bits per byte")
+    parser.add_argument("--source", default="fineweb-edu", choices=SOURCES, help="the shards for bits per byte")
+    parser.add_argument("--data-dir", default=None, help="folder or glob of parquet shards (local source)")
+    parser.add_argument("--eval-bundle-url", default=None,
+                        help="where eval_bundle.zip is served (default: the nanochat reference's bucket)")
+    args = parser.parse_args(argv)
+    modes = [mode.strip() for mode in args.eval.split(",") if mode.strip()]
+    unknown = sorted(set(modes) - set(EVAL_MODES))
+    if unknown or not modes:
+        parser.error(f"--eval {args.eval!r}: unknown or no modes {unknown}; choose from {','.join(EVAL_MODES)}")
+    args.eval = [mode for mode in EVAL_MODES if mode in modes]
+    for flag in ("num_actors", "device_batch_size", "split_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_per_task == 0 or args.max_per_task < -1:
+        parser.error(f"--max-per-task must be a positive number of examples or -1 for all, got {args.max_per_task}")
+    return args
+
+
+def resolve_checkpoint(model_tag: str | None, step: int | None) -> tuple[str, int]:
+    """The model tag and step to evaluate; raises CheckpointNotFoundError when there is none."""
+    if model_tag is None:
+        model_tag = find_largest_model(os.path.join(get_base_dir(), PHASE_DIRS["base"]))
+    if step is None:
+        step = find_last_step(checkpoint_dir("base", model_tag))
+    return model_tag, step
+
+
+def print_core_table(core: dict) -> None:
+    print(f"{'task':<40} {'accuracy':>10} {'centered':>10}")
+    for label, accuracy in core["results"].items():
+        print(f"{label:<40} {accuracy:>10.4f} {core['centered_results'][label]:>10.4f}")
+    print(f"{'CORE':<40} {'':>10} {core['core_metric']:>10.4f}", flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        model_tag, step = resolve_checkpoint(args.model_tag, args.step)
+    except CheckpointNotFoundError as exc:
+        print(f"base_eval: nothing to evaluate. {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    print("base_eval config: " + json.dumps({**vars(args), "model_tag": model_tag, "step": step}), flush=True)
+
+    tasks = []
+    if "core" in args.eval:
+        tasks = load_core_tasks(download_eval_bundle(args.eval_bundle_url), args.max_per_task)
+    shards = list_parquet_files(args.source, args.data_dir) if "bpb" in args.eval else []
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster of `ray job submit`, or starts a local one
+    actors = start_eval_actors(CheckpointModel("base", model_tag, step), tasks, args.num_actors)
+    results = {"model_tag": model_tag, "step": step}
+    try:
+        # bpb and samples queue on the actors ahead of the CORE chunks and run beside them.
+        pending = {}
+        if "bpb" in args.eval:
+            for i, (split, shard) in enumerate((("train", shards[0]), ("val", shards[-1]))):
+                pending[split] = actors[i % len(actors)].bits_per_byte.remote(
+                    shard, args.split_tokens, args.device_batch_size)
+        if "sample" in args.eval:
+            pending["samples"] = actors[-1].samples.remote(SAMPLE_PROMPTS, SAMPLE_MAX_TOKENS)
+        if "core" in args.eval:
+            print(f"CORE: {len(tasks)} tasks, {sum(len(t.data) for t in tasks)} examples on {len(actors)} actors",
+                  flush=True)
+            results["core"] = run_core_on_actors(actors, tasks)
+        done = {name: ray.get(ref) for name, ref in pending.items()}
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+    if "samples" in done:
+        results["samples"] = [{"prompt": p, "completion": c} for p, c in zip(SAMPLE_PROMPTS, done["samples"])]
+        for sample in results["samples"]:
+            print(f"sample: {sample['prompt']!r} -> {sample['completion']!r}")
+    if "bpb" in args.eval:
+        results["bpb"] = {split: done[split]["bpb"] for split in ("train", "val")}
+        for split in ("train", "val"):
+            print(f"{split} bpb: {done[split]['bpb']:.6f} over {done[split]['tokens']:,} tokens")
+    if "core" in results:
+        print_core_table(results["core"])
+
+    out_path = os.path.join(get_base_dir(), "base_eval", f"{model_tag}_{step}.json")
+    atomic_write_bytes(out_path, json.dumps(results, indent=2).encode("utf-8"))
+    print(f"results written to {out_path}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

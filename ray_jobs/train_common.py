@@ -1,0 +1,190 @@
+"""The Ray Train machinery every trainer shares (base_train, chat_sft, chat_rl).
+
+- building the GPT on the worker's device and wrapping it for compilation;
+- checkpoints through `ray.train.report(checkpoint=...)`: each rank writes its optimizer shard,
+  rank 0 the weights, the meta record and the tokenizer copy, in nanochat.checkpoint's layout,
+  and Ray merges the ranks' folders into one checkpoint in the run's storage path;
+- restoring from `ray.train.get_checkpoint()` (after `--resume` or a worker failure);
+- metrics: `ray.util.metrics` gauges for the Ray dashboard / Prometheus, plus optional wandb;
+- the one-line-per-step progress report.
+"""
+
+import math
+import os
+import tempfile
+import time
+
+import pyarrow.fs
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.util import metrics as ray_metrics
+
+from nanochat.checkpoint import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import print0
+from nanochat.gpt import GPT, GPTConfig
+
+
+def build_model(model_config: dict, device: torch.device, seed: int) -> GPT:
+    """A freshly initialised GPT on `device`; every rank passes the same seed, so every rank
+    starts from the same weights."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def maybe_compile(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
+    """torch.compile per --compile: 'auto' compiles on CUDA only (on CPU it was measured slower
+    to start and not faster for the tiny models; see bench_train), 'on'/'off' force it."""
+    if mode == "on" or (mode == "auto" and device.type == "cuda"):
+        from nanochat.flash_attention import attention_backend
+        attention_backend()  # choose the kernel before tracing (see nanochat.flash_attention)
+        return torch.compile(model, dynamic=False)
+    return model
+
+
+def world_info() -> tuple[int, int]:
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def all_reduce_min(value: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+def report_with_checkpoint(metrics: dict, step: int, model: GPT, optimizer, meta: dict,
+                           tokenizer_dir: str | None) -> None:
+    """Every rank calls this at the same step: it writes its part and reports it to Ray Train,
+    which merges the parts into the run's checkpoint `step_<step>` and keeps the last K."""
+    rank, _ = world_info()
+    with tempfile.TemporaryDirectory(prefix="nanochat_ckpt_") as tmp:
+        save_checkpoint(tmp, step, model.state_dict() if rank == 0 else None, meta if rank == 0 else None,
+                        optimizer_state=optimizer.state_dict(), rank=rank,
+                        tokenizer_dir=tokenizer_dir if rank == 0 else None)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step_{step:06d}")
+
+
+def restore_from_checkpoint(model: GPT, optimizer, device: torch.device) -> dict | None:
+    """Load weights and this rank's optimizer shard from the checkpoint Ray Train hands to the
+    worker (the latest one of the run), and return its meta; None on a fresh start."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    rank, _ = world_info()
+    with checkpoint.as_directory() as folder:
+        step = find_last_step(folder)
+        model_state, optimizer_state, meta = load_checkpoint(folder, step, device, load_optimizer=True, rank=rank)
+    model.load_state_dict(model_state, strict=True)
+    optimizer.load_state_dict(optimizer_state)
+    print0(f"resumed from checkpoint step {step} ({checkpoint.path})")
+    return meta
+
+
+def latest_run_checkpoint_meta(storage_path: str, run_name: str) -> dict | None:
+    """The meta record of the newest `step_*` checkpoint of a run in storage (local path or any
+    URI pyarrow understands), read by the driver before it builds the datasets of a resumed run."""
+    import json
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path) if "://" in storage_path else (
+        pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path))
+    run_dir = f"{root}/{run_name}"
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+    steps = sorted(info.base_name for info in infos
+                   if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("step_"))
+    for name in reversed(steps):
+        meta_file = f"{run_dir}/{name}/meta_{name.removeprefix('step_')}.json"
+        try:
+            with filesystem.open_input_stream(meta_file) as stream:
+                return json.loads(stream.read())
+        except (FileNotFoundError, OSError):
+            continue  # a checkpoint whose upload did not finish: try the one before
+    return None
+
+
+class TrainMetrics:
+    """The trainer's live metrics: Ray metrics gauges (dashboard, Prometheus) on rank 0 and,
+    with --run NAME, wandb. Gauges are tagged with the run name so runs can be told apart."""
+
+    def __init__(self, run_name: str, prefix: str, wandb_run: str | None, config: dict):
+        self.tags = {"run": run_name}
+        self.prefix = prefix
+        self.gauges: dict[str, ray_metrics.Gauge] = {}
+        self.wandb = None
+        if wandb_run:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError("--run asks for wandb logging but wandb is not installed: "
+                                   "pip install wandb, or leave --run out") from exc
+            self.wandb = wandb.init(project="nanochat", name=wandb_run, config=config)
+
+    def publish(self, step: int, values: dict) -> None:
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+                continue
+            if key not in self.gauges:
+                self.gauges[key] = ray_metrics.Gauge(f"{self.prefix}_{key}", description=f"{self.prefix} {key}",
+                                                     tag_keys=("run",))
+            self.gauges[key].set(value, tags=self.tags)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class ProgressLine:
+    """One line per step: step/total, loss, tokens/s, MFU, ETA (smoothed over recent steps)."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        self.total = total_steps
+        self.start_step = start_step
+        self.smooth_loss = None
+        self.step_times: list[float] = []
+
+    def update(self, step: int, loss: float, step_seconds: float, tokens_per_second: float,
+               mfu: float | None, extra: str = "") -> str:
+        beta = 0.9
+        self.smooth_loss = loss if self.smooth_loss is None else beta * self.smooth_loss + (1 - beta) * loss
+        self.step_times = (self.step_times + [step_seconds])[-20:]
+        eta = (self.total - step - 1) * sum(self.step_times) / len(self.step_times)
+        mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+        line = (f"step {step + 1:5d}/{self.total} | loss {loss:.4f} (avg {self.smooth_loss:.4f}) | "
+                f"{step_seconds * 1000:.0f} ms | {tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
+                f"ETA {format_seconds(eta)}{extra}")
+        return line
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Stopwatch:
+    """Accumulates wall time of one kind of work (e.g. waiting for data) within a step."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._start = None
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.total += time.perf_counter() - self._start
+
+    def take(self) -> float:
+        value, self.total = self.total, 0.0
+        return value
