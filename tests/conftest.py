@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny test models gain nothing from a second intra-op thread, and on 2 busy CPUs its spin-waits
+# make every small matmul many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,26 +17,11 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from serve import cli
-
-TRAINING_TEXT = [
-    "The quick brown fox jumps over the lazy dog. " * 20,
-    "What is 12 plus 30? It is 42. How many r are in strawberry? There are 3. " * 20,
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on 2 busy CPUs its spin-waits
-    make every small matmul many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+from tests.tiny import CHAT_TEXT
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.train_from_iterator(iter(TRAINING_TEXT), vocab_size=300)
+    return Tokenizer.train_from_iterator(iter(CHAT_TEXT), vocab_size=300)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ stop-token tests use a scripted model that writes a chosen token sequence, so th
 exactly what the stream must hold.
 """
 
-import math
 
 import pytest
 import torch
@@ -19,47 +18,11 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
 from ray_jobs import bench_engine
-
-TRAINING_TEXT = [
-    "The quick brown fox jumps over the lazy dog. " * 20,
-    "What is 12 plus 30? It is 42. How many r are in strawberry? There are 3. " * 20,
-    "Once upon a time a small model learned to count and to add numbers like 7 + 5 = 12. " * 20,
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on 2 busy CPUs its spin-waits
-    make every small matmul many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+from tests.tiny import CHAT_TEXT, random_gpt
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.train_from_iterator(iter(TRAINING_TEXT), vocab_size=300)
-
-
-def random_model(vocab_size: int, window_pattern: str = "SL", sequence_len: int = 32, seed: int = 0) -> GPT:
-    """A depth-2, width-64 GPT with every weight random, so that every layer changes the output."""
-    config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2,
-                       n_embd=64, window_pattern=window_pattern)
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 1.0 / math.sqrt(parameter.size(1)))
-        model.transformer.wte.weight.normal_(0.0, 1.0)
-        model.lm_head.weight.normal_(0.0, 0.5)
-        model.resid_lambdas.uniform_(0.7, 1.3)
-        model.x0_lambdas.uniform_(0.0, 0.5)
-    return model.eval()
+    return Tokenizer.train_from_iterator(iter(CHAT_TEXT), vocab_size=300)
 
 
 class ScriptedModel(torch.nn.Module):
@@ -93,7 +56,7 @@ def prompt_tokens(tokenizer, text: str = "What is 12 plus 30?") -> list[int]:
 
 
 def test_kv_cache_greedy_decoding_equals_full_recompute(tokenizer):
-    model = random_model(tokenizer.get_vocab_size())
+    model = random_gpt(tokenizer.get_vocab_size())
     # The short window of layer 0 is sequence_len // 4 = 8 positions; 40 new tokens go far past it,
     # and past sequence_len itself (the rotary table has headroom for that).
     prompt = prompt_tokens(tokenizer)
@@ -106,7 +69,7 @@ def test_kv_cache_greedy_decoding_equals_full_recompute(tokenizer):
 
 
 def test_cached_logits_match_full_forward_past_the_window(tokenizer):
-    model = random_model(tokenizer.get_vocab_size())
+    model = random_gpt(tokenizer.get_vocab_size())
     sequence = torch.randint(0, tokenizer.get_vocab_size(), (1, 30))
     full = model(sequence)
     cache = KVCache.for_model(model, batch_size=1, max_seq_len=30)
@@ -115,14 +78,14 @@ def test_cached_logits_match_full_forward_past_the_window(tokenizer):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
     # Guard: the same weights without the short window give other logits late in the sequence,
     # so the comparison above really covered windowed attention.
-    unwindowed = random_model(tokenizer.get_vocab_size(), window_pattern="L")
+    unwindowed = random_gpt(tokenizer.get_vocab_size(), window_pattern="L")
     unwindowed.load_state_dict(model.state_dict())
     assert (unwindowed(sequence)[:, 20:] - full[:, 20:]).abs().max() > 1e-2
     assert "1" in model.value_embeds  # the value-embedding path is in play as well
 
 
 def test_same_seed_reproduces_and_other_seeds_differ(tokenizer):
-    engine = Engine(random_model(tokenizer.get_vocab_size()), tokenizer)
+    engine = Engine(random_gpt(tokenizer.get_vocab_size()), tokenizer)
     prompt = prompt_tokens(tokenizer)
     settings = dict(num_samples=4, max_tokens=12, temperature=1.0, top_k=50)
     first, _ = engine.generate_batch(prompt, seed=7, **settings)
@@ -228,7 +191,7 @@ class StopAfterTrigger(torch.nn.Module):
 
 def test_every_sampled_row_continues_its_own_context_as_rows_leave(tokenizer):
     end = tokenizer.encode_special("<|assistant_end|>")
-    model = StopAfterTrigger(random_model(tokenizer.get_vocab_size(), sequence_len=64), end)
+    model = StopAfterTrigger(random_gpt(tokenizer.get_vocab_size(), sequence_len=64), end)
     prompt = prompt_tokens(tokenizer)
     assert prompt[-1] % 7 != 3
     columns = list(Engine(model, tokenizer).generate(prompt, num_samples=6, max_tokens=30, temperature=1.0,
@@ -247,7 +210,7 @@ def test_every_sampled_row_continues_its_own_context_as_rows_leave(tokenizer):
 
 
 def test_max_tokens_bounds_the_stream(tokenizer):
-    engine = Engine(random_model(tokenizer.get_vocab_size()), tokenizer)
+    engine = Engine(random_gpt(tokenizer.get_vocab_size()), tokenizer)
     columns = list(engine.generate(prompt_tokens(tokenizer), num_samples=2, max_tokens=5, temperature=0.0))
     assert len(columns) == 5 and all(len(tokens) == 2 for tokens, _ in columns)
 
@@ -263,7 +226,7 @@ def test_max_tokens_bounds_the_stream(tokenizer):
     (dict(tokens=[1] * 40), "fills the model's context"),
 ])
 def test_bad_arguments_raise_clear_errors(tokenizer, kwargs, message):
-    engine = Engine(random_model(tokenizer.get_vocab_size()), tokenizer)
+    engine = Engine(random_gpt(tokenizer.get_vocab_size()), tokenizer)
     with pytest.raises(ValueError, match=message):
         list(engine.generate(**kwargs))
 

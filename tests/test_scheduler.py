@@ -8,7 +8,6 @@ tool use and stop tokens per row, and streaming to a thread and to asyncio from 
 """
 
 import asyncio
-import math
 import threading
 
 import pytest
@@ -16,48 +15,21 @@ import torch
 
 from nanochat.calculator import use_calculator
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.scheduler import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler)
 from nanochat.tokenizer import Tokenizer
-
-TRAINING_TEXT = [
-    "The quick brown fox jumps over the lazy dog. " * 20,
-    "What is 12 plus 30? It is 42. How many r are in strawberry? There are 3. " * 20,
-    "Once upon a time a small model learned to count and to add numbers like 7 + 5 = 12. " * 20,
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on 2 busy CPUs its spin-waits
-    make every small matmul many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
+from tests.tiny import CHAT_TEXT, random_gpt
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return Tokenizer.train_from_iterator(iter(TRAINING_TEXT), vocab_size=300)
+    return Tokenizer.train_from_iterator(iter(CHAT_TEXT), vocab_size=300)
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
     """Depth 2, width 64, every weight random (so every layer matters), a window that cuts."""
-    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4,
-                       n_kv_head=2, n_embd=64, window_pattern="SL")
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        gpt = GPT(config)
-    gpt.to_empty(device="cpu")
-    gpt.init_weights()
+    gpt = random_gpt(tokenizer.get_vocab_size(), sequence_len=64)
     with torch.no_grad():
-        for parameter in gpt.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0.0, 1.0 / math.sqrt(parameter.size(1)))
-        gpt.transformer.wte.weight.normal_(0.0, 1.0)
-        gpt.lm_head.weight.normal_(0.0, 0.5)
         # The random model must not stop requests early or call the tool: rule out special tokens.
         gpt.lm_head.weight[tokenizer.encode_special("<|bos|>"):] = 0.0
     return gpt.eval()
