@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ray_jobs.demo
+	$(PY) -m ray_jobs.demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q

@@ -1,0 +1,188 @@
+"""The whole pipeline, stage after stage, each stage its own Ray job.
+
+    python -m ray_jobs.speedrun --preset tiny            # offline, a few minutes on 2 CPUs
+    python -m ray_jobs.speedrun --preset d20 --rl        # the seed's GPU run, on a cluster
+
+Every stage is submitted through the Ray Job Submission API, so it shows in the dashboard with its
+own logs; `--inline` runs the stages one after the other in this process instead. The pipeline
+stops at the first failing stage with that stage's error; `--from STAGE` starts there again.
+A stage whose output already exists (data, tokenizer, checkpoints) is skipped unless `--fresh`.
+"""
+
+import argparse
+import importlib.util
+import os
+import runpy
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+
+from nanochat.common import get_base_dir
+
+
+@dataclass
+class Stage:
+    name: str
+    module: str
+    flags: list[str] = field(default_factory=list)
+    done_marker: str | None = None  # a path under the base dir that exists once the stage has run
+
+    def is_built(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def is_done(self) -> bool:
+        return self.done_marker is not None and os.path.exists(os.path.join(get_base_dir(), self.done_marker))
+
+
+def preset_stages(preset: str, with_rl: bool) -> list[Stage]:
+    """The stages of a preset, in order, with the preset's flags."""
+    if preset == "tiny":
+        depth, tag = 4, "d4"
+        stages = [
+            Stage("data", "ray_jobs.download_data", ["--source", "sample", "--max-bytes", "20000000"],
+                  "base_data/sample/sample_manifest.json"),
+            Stage("tokenizer", "ray_jobs.tok_train", ["--source", "sample", "--vocab-size", "4096",
+                                                      "--max-chars", "20000000"], "tokenizer/token_bytes.pt"),
+            Stage("tok_eval", "ray_jobs.tok_eval", ["--source", "sample"]),
+            Stage("base_train", "ray_jobs.base_train",
+                  ["--depth", str(depth), "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", "512",
+                   "--device-batch-size", "8", "--total-batch-size", "8192", "--num-iterations", "300",
+                   "--eval-every", "100", "--eval-tokens", "65536", "--sample-every", "-1", "--source", "sample",
+                   "--num-workers", "1", "--save-every", "100", "--model-tag", tag, "--run-name", f"tiny_{tag}",
+                   "--resume"],
+                  f"base_checkpoints/{tag}"),
+            Stage("base_eval", "ray_jobs.base_eval", ["--model-tag", tag, "--eval", "bpb,sample",
+                                                      "--source", "sample"]),
+            Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, "--mixture", "offline"],
+                  f"chatsft_checkpoints/{tag}"),
+            Stage("chat_eval", "ray_jobs.chat_eval", ["--source", "sft", "--model-tag", tag, "--tasks",
+                                                      "arithmetic,spellingbee"]),
+        ]
+        if with_rl:
+            stages.append(Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, "--task", "arithmetic"],
+                                f"chatrl_checkpoints/{tag}"))
+        return stages
+    if preset in ("d20", "d26"):
+        depth = int(preset[1:])
+        tag = preset
+        num_shards = "240" if depth == 20 else "450"
+        stages = [
+            Stage("data", "ray_jobs.download_data", ["--source", "fineweb-edu", "-n", num_shards]),
+            Stage("tokenizer", "ray_jobs.tok_train", ["--source", "fineweb-edu", "--vocab-size", "32768",
+                                                      "--max-chars", "2000000000"], "tokenizer/token_bytes.pt"),
+            Stage("tok_eval", "ray_jobs.tok_eval", ["--source", "fineweb-edu"]),
+            Stage("base_train", "ray_jobs.base_train",
+                  ["--depth", str(depth), "--num-workers", "8", "--device-batch-size", "32" if depth == 20 else "16",
+                   "--source", "fineweb-edu", "--save-every", "1000", "--core-metric-every", "2000",
+                   "--model-tag", tag, "--resume"],
+                  f"base_checkpoints/{tag}"),
+            Stage("base_eval", "ray_jobs.base_eval", ["--model-tag", tag]),
+            Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, "--mixture", "real", "--num-workers", "8"],
+                  f"chatsft_checkpoints/{tag}"),
+            Stage("chat_eval", "ray_jobs.chat_eval", ["--source", "sft", "--model-tag", tag]),
+        ]
+        if with_rl:
+            stages.append(Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, "--task", "gsm8k"],
+                                f"chatrl_checkpoints/{tag}"))
+        return stages
+    raise ValueError(f"unknown preset {preset!r}: choose tiny, d20 or d26")
+
+
+def run_inline(stage: Stage) -> None:
+    """Run a stage's module in this process, as `python -m` would."""
+    saved_argv = sys.argv
+    sys.argv = [stage.module, *stage.flags]
+    try:
+        runpy.run_module(stage.module, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise RuntimeError(f"stage {stage.name} exited with status {exc.code}") from exc
+    finally:
+        sys.argv = saved_argv
+
+
+def run_as_job(stage: Stage, address: str, working_dir: str) -> None:
+    """Submit a stage as a Ray job, stream its logs here, and raise if it does not succeed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    entrypoint = shlex.join(["python", "-m", stage.module, *stage.flags])
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=f"nanochat-{stage.name}-{int(time.time())}",
+        runtime_env={"working_dir": working_dir,
+                     "excludes": [".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache"],
+                     "env_vars": {"NANOCHAT_BASE_DIR": get_base_dir()}},
+    )
+    print(f"[speedrun] stage {stage.name}: submitted job {job_id}: {entrypoint}", flush=True)
+    printed = 0
+    while True:
+        status = client.get_job_status(job_id)
+        logs = client.get_job_logs(job_id)
+        if len(logs) > printed:
+            sys.stdout.write(logs[printed:])
+            sys.stdout.flush()
+            printed = len(logs)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(2)
+    if status != JobStatus.SUCCEEDED:
+        info = client.get_job_info(job_id)
+        raise RuntimeError(f"stage {stage.name} (job {job_id}) {status.value.lower()}: {info.message}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Run the nanochat pipeline, one Ray job per stage")
+    p.add_argument("--preset", choices=["tiny", "d20", "d26"], default="tiny")
+    p.add_argument("--rl", action="store_true", help="also run the RL stage")
+    p.add_argument("--from", dest="from_stage", default=None, help="start at this stage")
+    p.add_argument("--fresh", action="store_true", help="run stages even when their output exists")
+    p.add_argument("--inline", action="store_true", help="run the stages in this process, not as Ray jobs")
+    p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"),
+                   help="the Ray dashboard (job submission) address")
+    args = p.parse_args(argv)
+
+    stages = preset_stages(args.preset, args.rl)
+    names = [s.name for s in stages]
+    if args.from_stage is not None:
+        if args.from_stage not in names:
+            p.error(f"--from {args.from_stage}: not a stage of preset {args.preset}; stages are {', '.join(names)}")
+        stages = stages[names.index(args.from_stage):]
+    working_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    print(f"[speedrun] preset {args.preset}: stages {', '.join(s.name for s in stages)}; base dir {get_base_dir()}",
+          flush=True)
+    missing = []
+    for stage in stages:
+        if not stage.is_built():
+            missing.append(stage.name)
+            print(f"[speedrun] stage {stage.name}: {stage.module} is not part of this version yet; skipped",
+                  flush=True)
+            continue
+        if stage.is_done() and not args.fresh:
+            print(f"[speedrun] stage {stage.name}: output exists ({stage.done_marker}); skipped (use --fresh to redo)",
+                  flush=True)
+            continue
+        if args.fresh and "--resume" in stage.flags:
+            # a new Ray Train run instead of continuing the previous one
+            stage.flags = [*stage.flags, "--run-name", f"{args.preset}_{stage.name}_{int(time.time())}"]
+        started = time.time()
+        try:
+            if args.inline:
+                run_inline(stage)
+            else:
+                run_as_job(stage, args.address, working_dir)
+        except Exception as exc:  # the pipeline stops here and says why, in one line
+            print(f"[speedrun] FAILED at stage {stage.name}: {exc}\n[speedrun] fix it and resume with "
+                  f"--from {stage.name}", flush=True)
+            return 1
+        print(f"[speedrun] stage {stage.name}: done in {time.time() - started:.0f}s", flush=True)
+    if missing:
+        print(f"[speedrun] not built yet in this version: {', '.join(missing)}", flush=True)
+    print("[speedrun] pipeline finished", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
