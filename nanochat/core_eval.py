@@ -30,9 +30,6 @@ import os
 import random
 import shutil
 import tempfile
-import time
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 
@@ -41,6 +38,7 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import get_base_dir
+from nanochat.download import DownloadError, DownloadNotFoundError, download_file
 
 EVAL_BUNDLE_BASE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com"
 EVAL_BUNDLE_FILE = "eval_bundle.zip"
@@ -49,8 +47,6 @@ TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # The reference's seeds: one shuffle of every task's examples, and one few-shot draw per example.
 SHUFFLE_SEED = 1337
 FEWSHOT_SEED_BASE = 1234
-# HTTP answers that may succeed when asked again; any other 4xx is final.
-_RETRYABLE_HTTP_CODES = (408, 429)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,10 +58,10 @@ def download_eval_bundle(base_url: str | None = None, max_attempts: int = 5, bac
     """The path of <base>/eval_bundle, downloaded and unzipped first if it is not there yet.
 
     The zip is fetched from `<base_url>/eval_bundle.zip` (the reference's public bucket by
-    default), retried with exponential backoff, written under a temporary name, extracted into a
-    temporary folder and only then renamed into place: an interrupted download never leaves a
-    half bundle that a later run would trust. Several processes may race; the first rename wins
-    and the others use its result.
+    default) with nanochat.download (retried with exponential backoff, a cut transfer resumed)
+    into a temporary folder, extracted there and only then renamed into place: an interrupted
+    download never leaves a half bundle that a later run would trust. Several processes may race;
+    the first rename wins and the others use its result.
     """
     base_dir = get_base_dir()
     bundle_dir = os.path.join(base_dir, EVAL_BUNDLE_DIR)
@@ -74,63 +70,42 @@ def download_eval_bundle(base_url: str | None = None, max_attempts: int = 5, bac
     if os.path.exists(bundle_dir):
         raise FileExistsError(f"{bundle_dir} exists but holds no core.yaml: delete it so that the eval "
                               "bundle can be downloaded again")
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
     url = f"{(base_url or EVAL_BUNDLE_BASE_URL).rstrip('/')}/{EVAL_BUNDLE_FILE}"
-    zip_tmp = os.path.join(base_dir, f"{EVAL_BUNDLE_FILE}.tmp.{os.getpid()}")
+    work_dir = tempfile.mkdtemp(prefix="eval_bundle.tmp.", dir=base_dir)
     try:
-        _download_with_retries(url, zip_tmp, max_attempts, backoff_s, timeout_s)
-        _extract_bundle(zip_tmp, url, base_dir, bundle_dir)
+        print(f"downloading the CORE eval bundle from {url}", flush=True)
+        try:
+            zip_path = download_file(url, os.path.join(work_dir, EVAL_BUNDLE_FILE), retries=max_attempts - 1,
+                                     backoff_s=backoff_s, timeout_s=timeout_s)
+        except (DownloadNotFoundError, DownloadError) as exc:
+            raise RuntimeError(f"could not download the CORE eval bundle from {url} ({exc}): check the "
+                               f"network or the URL, or unzip {EVAL_BUNDLE_FILE} by hand into {base_dir}") from exc
+        _extract_bundle(zip_path, url, os.path.join(work_dir, "extracted"), bundle_dir)
     finally:
-        if os.path.exists(zip_tmp):
-            os.remove(zip_tmp)
+        shutil.rmtree(work_dir, ignore_errors=True)
     return bundle_dir
 
 
-def _download_with_retries(url: str, dest: str, max_attempts: int, backoff_s: float, timeout_s: float) -> None:
-    if not isinstance(max_attempts, int) or max_attempts < 1:
-        raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
-    last_error = None
-    for attempt in range(max_attempts):
-        if attempt:
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-        try:
-            print(f"downloading the CORE eval bundle from {url} (attempt {attempt + 1}/{max_attempts})",
-                  flush=True)
-            with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as f:
-                shutil.copyfileobj(response, f, length=1 << 20)
-                f.flush()
-                os.fsync(f.fileno())
-            return
-        except urllib.error.HTTPError as exc:
-            last_error = exc
-            if 400 <= exc.code < 500 and exc.code not in _RETRYABLE_HTTP_CODES:
-                break
-        except (urllib.error.URLError, OSError) as exc:
-            last_error = exc
-    raise RuntimeError(f"could not download the CORE eval bundle from {url} ({last_error}): check the network "
-                       f"or the URL, or unzip eval_bundle.zip by hand into {os.path.dirname(dest)}")
-
-
-def _extract_bundle(zip_path: str, url: str, base_dir: str, bundle_dir: str) -> None:
+def _extract_bundle(zip_path: str, url: str, extract_dir: str, bundle_dir: str) -> None:
+    """Unzip into extract_dir (a fresh temporary path) and rename the bundle in it to bundle_dir."""
     if not zipfile.is_zipfile(zip_path):
         raise ValueError(f"{url} did not return a zip archive: check the URL of the eval bundle")
-    extract_dir = tempfile.mkdtemp(prefix="eval_bundle.tmp.", dir=base_dir)
+    with zipfile.ZipFile(zip_path) as archive:
+        archive.extractall(extract_dir)
+    # The published zip wraps everything in an eval_bundle/ folder; accept a flat zip as well.
+    candidates = [os.path.join(extract_dir, EVAL_BUNDLE_DIR), extract_dir]
+    found = next((path for path in candidates if os.path.isfile(os.path.join(path, "core.yaml"))), None)
+    if found is None:
+        raise ValueError(f"the archive from {url} holds no core.yaml (neither at its top nor under "
+                         f"{EVAL_BUNDLE_DIR}/): it is not a CORE eval bundle")
     try:
-        with zipfile.ZipFile(zip_path) as archive:
-            archive.extractall(extract_dir)
-        # The published zip wraps everything in an eval_bundle/ folder; accept a flat zip as well.
-        candidates = [os.path.join(extract_dir, EVAL_BUNDLE_DIR), extract_dir]
-        found = next((path for path in candidates if os.path.isfile(os.path.join(path, "core.yaml"))), None)
-        if found is None:
-            raise ValueError(f"the archive from {url} holds no core.yaml (neither at its top nor under "
-                             f"{EVAL_BUNDLE_DIR}/): it is not a CORE eval bundle")
-        try:
-            os.rename(found, bundle_dir)
-        except OSError:
-            # Another process renamed its copy into place first; theirs is as good as ours.
-            if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
-                raise
-    finally:
-        shutil.rmtree(extract_dir, ignore_errors=True)
+        os.rename(found, bundle_dir)
+    except OSError:
+        # Another process renamed its copy into place first; theirs is as good as ours.
+        if not os.path.isfile(os.path.join(bundle_dir, "core.yaml")):
+            raise
 
 
 @dataclass

@@ -7,9 +7,9 @@ groups each, in which the LAST file is the validation split. Three sources produ
 - hf: the real pretraining sets, fetched shard by shard from Hugging Face into
   <base>/base_data/<dataset>/. 'fineweb-edu' (the FineWeb-Edu-100B shuffle the seed names, the
   default) and 'climbmix' (ClimbMix-400B, the set the nanochat reference moved to later), with the
-  reference's repositories and file names. A download streams into '<shard>.part', resumes a cut
-  transfer with an HTTP Range request, checks that pyarrow can read the result, and only then
-  renames it into place, so a partial file never counts as a shard.
+  reference's repositories and file names. A download (nanochat.download) streams into
+  '<shard>.part', resumes a cut transfer with an HTTP Range request, checks that pyarrow can read
+  the result, and only then renames it into place, so a partial file never counts as a shard.
 - local: any folder or glob of parquet files the user already has.
 - sample: real English text that every machine already carries, built offline into
   <base>/base_data/sample/ so that demos and tests need no network: the docstrings of the standard
@@ -17,14 +17,11 @@ groups each, in which the LAST file is the validation split. Three sources produ
   Source files are parsed with `ast`, never imported (importing thousands of modules would be slow
   and would run their code). The build is deterministic: two builds in one environment give the
   same bytes.
-
-Only the standard library's urllib is used for downloads, so the library needs no HTTP package.
 """
 
 import ast
 import bisect
 import glob
-import http.client
 import itertools
 import json
 import math
@@ -33,8 +30,6 @@ import os
 import random
 import sysconfig
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -44,10 +39,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.download import DownloadError, DownloadNotFoundError, download_file
 
 TEXT_COLUMN = "text"
 SHARD_SUFFIX = ".parquet"
-PARTIAL_SUFFIX = ".part"
 
 
 def shard_filename(index: int) -> str:
@@ -226,63 +221,21 @@ def iter_text(paths: Iterable[str], max_chars: int | None = None,
 # -----------------------------------------------------------------------------
 # Downloading Hugging Face shards
 
-class ShardNotFoundError(FileNotFoundError):
+class ShardNotFoundError(DownloadNotFoundError):
     """The server has no such shard (HTTP 404): retrying cannot help."""
 
 
-class ShardDownloadError(RuntimeError):
+class ShardDownloadError(DownloadError):
     """A shard could not be downloaded after all retries, or the server refused the request."""
 
 
-class _RetryableDownloadError(Exception):
-    """A transfer that ended early or produced an unreadable file: worth another attempt."""
-
-
-# Status codes that mean "try again later"; any other HTTP error is final.
-_RETRYABLE_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_CHUNK_BYTES = 1 << 20
-
-
-def _is_valid_shard(path: str) -> bool:
-    """pyarrow can read the file's footer and it has the 'text' column."""
+def _shard_problem(path: str) -> str | None:
+    """None when pyarrow can read the file's footer and it has the 'text' column, else what is wrong."""
     try:
-        return TEXT_COLUMN in pq.read_schema(path).names
+        names = pq.read_schema(path).names
     except (pa.ArrowException, OSError):
-        return False
-
-
-def _fetch_into(url: str, part_path: str, timeout: float) -> None:
-    """Bring `part_path` up to the full content of `url`, continuing from its current size."""
-    offset = os.path.getsize(part_path) if os.path.exists(part_path) else 0
-    headers = {"User-Agent": "nanochat-ray"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:
-            # Nothing left past our offset: the .part already holds the whole file (the caller
-            # validates it) or it is longer than the file (validation fails and it restarts).
-            e.close()
-            return
-        raise
-    with response:
-        resumed = offset > 0 and response.status == 206
-        if offset and not resumed:
-            offset = 0  # the server ignored the Range header and sends the whole file: start over
-        length = response.headers.get("Content-Length")
-        expected = int(length) if length is not None else None
-        received = 0
-        with open(part_path, "ab" if resumed else "wb") as f:
-            while chunk := response.read(_CHUNK_BYTES):
-                f.write(chunk)
-                received += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    # urllib returns a short read instead of raising when the peer closes early.
-    if expected is not None and received < expected:
-        raise _RetryableDownloadError(f"connection closed after {offset + received} of "
-                                      f"{offset + expected} bytes")
+        names = []
+    return None if TEXT_COLUMN in names else f"not a parquet file with a '{TEXT_COLUMN}' column"
 
 
 def download_shard(index: int, dataset: str | HFDataset = DEFAULT_HF_DATASET, dest_dir: str | None = None,
@@ -296,51 +249,21 @@ def download_shard(index: int, dataset: str | HFDataset = DEFAULT_HF_DATASET, de
     have a 'text' column before it is renamed to its final name. Failed attempts are retried
     `retries` times, waiting backoff * 2**k seconds; a 404 is final, raises ShardNotFoundError at
     once and leaves no file behind. `base_url` replaces the dataset's URL (mirrors, tests).
+    The transfer itself is nanochat.download.download_file.
     """
     dataset = dataset if isinstance(dataset, HFDataset) else get_hf_dataset(dataset)
     if not 0 <= index < dataset.num_shards:
         raise ValueError(f"{dataset.name} has shards 0..{dataset.val_index}, not {index}")
-    if retries < 0:
-        raise ValueError(f"retries must be >= 0, not {retries}")
-    dest_dir = dest_dir or default_data_dir(dataset.name)
-    os.makedirs(dest_dir, exist_ok=True)
     filename = shard_filename(index)
-    final_path = os.path.join(dest_dir, filename)
-    if os.path.exists(final_path):
-        return final_path
-    part_path = final_path + PARTIAL_SUFFIX
+    final_path = os.path.join(dest_dir or default_data_dir(dataset.name), filename)
     url = f"{(base_url or dataset.base_url).rstrip('/')}/{filename}"
-
-    def discard_part() -> None:
-        if os.path.exists(part_path):
-            os.remove(part_path)
-
-    failures = 0
-    while True:
-        try:
-            _fetch_into(url, part_path, timeout)
-            if not _is_valid_shard(part_path):
-                discard_part()  # resuming a corrupt file would only extend the corruption
-                raise _RetryableDownloadError("the downloaded file is not a parquet file with a "
-                                              f"'{TEXT_COLUMN}' column")
-            os.replace(part_path, final_path)
-            return final_path
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                discard_part()
-                raise ShardNotFoundError(f"{url} does not exist (HTTP 404): check the shard index "
-                                         f"(0..{dataset.val_index}) and the base URL") from e
-            if e.code not in _RETRYABLE_HTTP_STATUS:
-                discard_part()
-                raise ShardDownloadError(f"{url} was refused with HTTP {e.code} {e.reason}") from e
-            error: Exception = e
-        except (_RetryableDownloadError, urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            error = e
-        failures += 1
-        if failures > retries:
-            # The .part stays: a later run resumes it instead of starting from zero.
-            raise ShardDownloadError(f"giving up on {url} after {failures} attempts: {error}") from error
-        time.sleep(backoff * 2 ** (failures - 1))
+    try:
+        return download_file(url, final_path, retries=retries, backoff_s=backoff, timeout_s=timeout,
+                             validate=_shard_problem)
+    except DownloadNotFoundError as e:
+        raise ShardNotFoundError(f"{e}: check the shard index (0..{dataset.val_index}) and the base URL") from e
+    except DownloadError as e:
+        raise ShardDownloadError(str(e)) from e
 
 
 # -----------------------------------------------------------------------------

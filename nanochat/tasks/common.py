@@ -19,23 +19,18 @@ rows, which is how jobs take "the first 500 problems" or one worker's share. The
 shuffled once with a fixed seed when loaded, so such a slice is a fair sample (MMLU's rows, for
 example, are sorted by subject) and every process sees the same order.
 
-Downloads go to <base>/task_data/<owner>__<name>/<path in the repository>, stream into a '.part'
-file that a later attempt resumes with an HTTP Range request, must open as parquet, and only then
-are renamed into place. A file lock keeps the training workers of one machine from downloading
-the same file at once. Only the standard library's urllib is used, as in nanochat.dataset.
+Downloads go to <base>/task_data/<owner>__<name>/<path in the repository> through
+nanochat.download: they stream into a '.part' file that a later attempt resumes with an HTTP Range
+request, must open as parquet, and only then are renamed into place. A file lock keeps the
+training workers of one machine from downloading the same file at once.
 """
 
 import abc
 import bisect
 import copy
-import fcntl
-import http.client
 import os
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from decimal import Decimal, InvalidOperation
 
 import numpy as np
@@ -43,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir
+from nanochat.download import DownloadError, DownloadGaveUpError, DownloadNotFoundError, download_file
 
 EVAL_TYPES = ("generative", "categorical")
 
@@ -50,11 +46,6 @@ EVAL_TYPES = ("generative", "categorical")
 # read to use a mirror; a mirror serves the same paths.
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 TASK_DATA_DIR = "task_data"
-PARTIAL_SUFFIX = ".part"
-
-# Status codes after which another attempt may succeed; any other HTTP error is final.
-_RETRYABLE_HTTP_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_CHUNK_BYTES = 1 << 20
 
 
 class Task(abc.ABC):
@@ -270,12 +261,8 @@ class FinalAnswerTask(Task):
 # Hugging Face parquet files
 
 
-class DatasetDownloadError(RuntimeError):
+class DatasetDownloadError(DownloadError):
     """A dataset file could not be downloaded after all retries, or the server refused it."""
-
-
-class _RetryableDownloadError(Exception):
-    """A transfer that ended early or produced an unreadable file: worth another attempt."""
 
 
 def hf_file_url(repo_id: str, path_in_repo: str, base_url: str | None = None) -> str:
@@ -294,41 +281,13 @@ def task_data_path(repo_id: str, path_in_repo: str) -> str:
     return os.path.join(get_base_dir(), TASK_DATA_DIR, repo_id.replace("/", "__"), *path_in_repo.split("/"))
 
 
-def _is_readable_parquet(path: str) -> bool:
+def _parquet_problem(path: str) -> str | None:
+    """None when pyarrow can open the file as parquet, else what is wrong with it."""
     try:
         pq.ParquetFile(path).close()
-        return True
     except (pa.ArrowException, OSError):
-        return False
-
-
-def _fetch_into(url: str, part_path: str, timeout: float) -> None:
-    """Bring `part_path` up to the full content of `url`, continuing from its current size."""
-    offset = os.path.getsize(part_path) if os.path.exists(part_path) else 0
-    headers = {"User-Agent": "nanochat-ray"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and offset:
-            e.close()  # nothing past our offset: the .part is complete (or too long; validation decides)
-            return
-        raise
-    with response:
-        resumed = offset > 0 and response.status == 206
-        expected = response.headers.get("Content-Length")
-        received = 0
-        # A server that ignores Range answers 200 with the whole file: start over.
-        with open(part_path, "ab" if resumed else "wb") as f:
-            while chunk := response.read(_CHUNK_BYTES):
-                f.write(chunk)
-                received += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-    # urllib returns a short read rather than raising when the peer closes early.
-    if expected is not None and received < int(expected):
-        raise _RetryableDownloadError(f"the connection closed after {received} of {expected} bytes")
+        return "not a readable parquet file"
+    return None
 
 
 def download_hf_file(repo_id: str, path_in_repo: str, base_url: str | None = None, *,
@@ -339,45 +298,24 @@ def download_hf_file(repo_id: str, path_in_repo: str, base_url: str | None = Non
     waiting backoff_s * 2**k seconds; a cut transfer is resumed. HTTP 404 is final and raises
     FileNotFoundError. See hf_file_url for base_url.
     """
-    if retries < 0:
-        raise ValueError(f"retries must be >= 0, not {retries}")
     final_path = task_data_path(repo_id, path_in_repo)
     if os.path.exists(final_path):
         return final_path
-    os.makedirs(os.path.dirname(final_path), exist_ok=True)
     url = hf_file_url(repo_id, path_in_repo, base_url)
-    part_path = final_path + PARTIAL_SUFFIX
-    with open(final_path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on a crash
-        if os.path.exists(final_path):  # another process finished it while we waited
-            return final_path
-        print(f"downloading {url}", flush=True)
-        failures = 0
-        while True:
-            try:
-                _fetch_into(url, part_path, timeout_s)
-                if not _is_readable_parquet(part_path):
-                    os.remove(part_path)  # resuming a corrupt file would only extend it
-                    raise _RetryableDownloadError("the downloaded file is not a readable parquet file")
-                os.replace(part_path, final_path)
-                print(f"saved {final_path} ({os.path.getsize(final_path) / 1e6:.1f} MB)", flush=True)
-                return final_path
-            except urllib.error.HTTPError as e:
-                if e.code == 404:
-                    raise FileNotFoundError(f"{url} does not exist (HTTP 404): check the dataset "
-                                            "name, split and base URL") from e
-                if e.code not in _RETRYABLE_HTTP_STATUS:
-                    raise DatasetDownloadError(f"{url} was refused with HTTP {e.code} {e.reason}") from e
-                error: Exception = e
-            except (_RetryableDownloadError, urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                error = e
-            failures += 1
-            if failures > retries:
-                # The .part stays behind so that the next run resumes it.
-                raise DatasetDownloadError(f"giving up on {url} after {failures} attempts: {error}; "
-                                           "check the network (or set HF_ENDPOINT to a mirror) "
-                                           "and run again to resume") from error
-            time.sleep(backoff_s * 2 ** (failures - 1))
+    print(f"downloading {url}", flush=True)
+    try:
+        download_file(url, final_path, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                      validate=_parquet_problem, lock=True)
+    except DownloadNotFoundError as e:
+        raise FileNotFoundError(f"{e}: check the dataset name, split and base URL") from e
+    except DownloadGaveUpError as e:
+        # The .part stays behind so that the next run resumes it.
+        raise DatasetDownloadError(f"{e}; check the network (or set HF_ENDPOINT to a mirror) "
+                                   "and run again to resume") from e
+    except DownloadError as e:
+        raise DatasetDownloadError(str(e)) from e
+    print(f"saved {final_path} ({os.path.getsize(final_path) / 1e6:.1f} MB)", flush=True)
+    return final_path
 
 
 class HFParquetTask(Task):
