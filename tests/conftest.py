@@ -25,7 +25,8 @@ def ray_local():
     import ray
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": always a new cluster of our own, never one that happens to run here
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"NANOCHAT_BASE_DIR": os.environ["NANOCHAT_BASE_DIR"]}})
     yield ray
     ray.shutdown()
