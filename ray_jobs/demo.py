@@ -13,14 +13,21 @@ import argparse
 import importlib.util
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
 
+from ray_jobs.speedrun import Stage, run_as_job
+
 DASHBOARD = "http://127.0.0.1:8265"
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Ray jobs run their entrypoint through a shell on the head: put this venv first on its PATH so
-# that `python` there is the interpreter this project is installed in.
-VENV_ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+# that `python` there is the interpreter this project is installed in. The demo cluster listens on
+# 127.0.0.1 only, so it runs without Ray's token authentication (which otherwise switches on when
+# a token file exists in ~/.ray, and then refuses drivers that do not carry it).
+VENV_ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+            "RAY_AUTH_MODE": "disabled"}
 
 
 def cluster_is_up(address: str) -> bool:
@@ -33,10 +40,19 @@ def cluster_is_up(address: str) -> bool:
         return False
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_local_head() -> None:
     print("[demo] starting a local Ray head (ray start --head)", flush=True)
+    # The job agent's default port (52365) is taken by any other Ray on the machine (a test
+    # session, a notebook); without its agent the head cannot run jobs, so give it a free port.
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--dashboard-host=127.0.0.1",
-                    "--dashboard-port=8265", "--disable-usage-stats"], check=True, env=VENV_ENV)
+                    "--dashboard-port=8265", f"--dashboard-agent-listen-port={free_port()}",
+                    "--disable-usage-stats"], check=True, env=VENV_ENV)
     for _ in range(60):
         if cluster_is_up(DASHBOARD):
             return
@@ -45,6 +61,7 @@ def start_local_head() -> None:
 
 
 def main(argv=None) -> int:
+    os.environ.update(RAY_AUTH_MODE="disabled")  # this process talks to the dashboard too
     p = argparse.ArgumentParser(description="Run the offline tiny pipeline on a local Ray and serve the result")
     p.add_argument("--fresh", action="store_true", help="redo every stage even when its output exists")
     p.add_argument("--no-serve", action="store_true", help="stop after the pipeline")
@@ -55,17 +72,14 @@ def main(argv=None) -> int:
     else:
         print(f"[demo] using the Ray cluster already running at {DASHBOARD}", flush=True)
 
-    speedrun = ["python", "-m", "ray_jobs.speedrun", "--preset", "tiny", "--address", DASHBOARD]
-    if args.fresh:
-        speedrun.append("--fresh")
-    print(f"[demo] ray job submit -- {shlex.join(speedrun)}", flush=True)
-    # `ray job submit` waits for the job and streams its logs; the working dir stays local because
-    # this cluster runs on this machine, with this venv.
-    result = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", DASHBOARD,
-                             "--", *speedrun], env=VENV_ENV)
-    if result.returncode != 0:
-        print("[demo] the pipeline failed; its logs are above and in the dashboard", flush=True)
-        return result.returncode
+    flags = ["--preset", "tiny", "--address", DASHBOARD] + (["--fresh"] if args.fresh else [])
+    print(f"[demo] ray job submit --address {DASHBOARD} --working-dir . -- "
+          f"{shlex.join(['python', '-m', 'ray_jobs.speedrun', *flags])}", flush=True)
+    try:
+        run_as_job(Stage("speedrun", "ray_jobs.speedrun", flags), DASHBOARD, REPO_DIR)
+    except RuntimeError as exc:
+        print(f"[demo] the pipeline failed: {exc}\n[demo] its logs are above and in the dashboard", flush=True)
+        return 1
 
     if args.no_serve:
         print(f"[demo] done. Ray dashboard: {DASHBOARD}", flush=True)

@@ -108,13 +108,22 @@ def run_as_job(stage: Stage, address: str, working_dir: str) -> None:
 
     client = JobSubmissionClient(address)
     entrypoint = shlex.join(["python", "-m", stage.module, *stage.flags])
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=f"nanochat-{stage.name}-{int(time.time())}",
-        runtime_env={"working_dir": working_dir,
-                     "excludes": [".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache"],
-                     "env_vars": {"NANOCHAT_BASE_DIR": get_base_dir()}},
-    )
+    job_id = None
+    for attempt in range(30):
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=f"nanochat-{stage.name}-{int(time.time())}",
+                runtime_env={"working_dir": working_dir,
+                             "excludes": [".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache"],
+                             "env_vars": {"NANOCHAT_BASE_DIR": get_base_dir()}},
+            )
+            break
+        except RuntimeError as exc:
+            # A head that has just started answers before its job agent is up: wait for it.
+            if "No available agent" not in str(exc) or attempt == 29:
+                raise
+            time.sleep(2)
     print(f"[speedrun] stage {stage.name}: submitted job {job_id}: {entrypoint}", flush=True)
     printed = 0
     while True:
