@@ -137,8 +137,9 @@ def run_as_job(stage: Stage, address: str, working_dir: str) -> None:
             break
         time.sleep(2)
     if status != JobStatus.SUCCEEDED:
-        info = client.get_job_info(job_id)
-        raise RuntimeError(f"stage {stage.name} (job {job_id}) {status.value.lower()}: {info.message}")
+        # The job's message repeats the tail of its logs, which were just printed: keep its first part.
+        reason = (client.get_job_info(job_id).message or "").split(", last available logs")[0]
+        raise RuntimeError(f"stage {stage.name} (job {job_id}) {status.value.lower()}: {reason}")
 
 
 def main(argv=None) -> int:
