@@ -57,7 +57,8 @@ def preset_stages(preset: str, with_rl: bool) -> list[Stage]:
             Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, "--mixture", "offline"],
                   f"chatsft_checkpoints/{tag}"),
             Stage("chat_eval", "ray_jobs.chat_eval", ["--source", "sft", "--model-tag", tag, "--tasks",
-                                                      "arithmetic,spellingbee"]),
+                                                      "arithmetic,spellingbee", "--max-problems", "64",
+                                                      "--max-new-tokens", "96"]),
         ]
         if with_rl:
             stages.append(Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, "--task", "arithmetic"],
