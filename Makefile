@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch. On a CUDA machine: make TORCH=torch (or install torch yourself first).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The web UI tests drive Debian's Chromium through Playwright (never `playwright install`).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test install clean
 
@@ -21,8 +24,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m ray_jobs.demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest tests -q
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium
 
 clean:
 	rm -rf $(VENV)

@@ -192,14 +192,18 @@ def read_server_sent_events(response) -> Iterator[dict]:
 
 
 def http_error_message(error: urllib.error.HTTPError) -> str:
-    """The error text of a JSON error body ({"error": ...} or FastAPI's {"detail": ...}), else the raw body."""
+    """The error text of a JSON error body ({"error": {"message": ...}}, {"error": ...} or FastAPI's
+    {"detail": ...}), else the raw body."""
     body = error.read().decode("utf-8", errors="replace")
     try:
         parsed = json.loads(body)
     except json.JSONDecodeError:
         return body.strip()[:500] or error.reason
     if isinstance(parsed, dict):
-        return str(parsed.get("error") or parsed.get("detail") or parsed)
+        error_field = parsed.get("error")
+        if isinstance(error_field, dict) and "message" in error_field:  # OpenAI-shaped: {"error": {"message": ...}}
+            return str(error_field["message"])
+        return str(error_field or parsed.get("detail") or parsed)
     return str(parsed)
 
 

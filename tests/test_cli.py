@@ -205,11 +205,16 @@ def test_url_mode_sends_the_whole_conversation_each_turn(capsys, monkeypatch):
     assert "Assistant: Hello there\n" in out and "Assistant: Sure\n" in out and "Assistant: New\n" in out
 
 
-def test_url_mode_reports_http_errors(capsys):
-    with FakeServe([], status=400, error_body={"error": "max_tokens must be at most 1024"}) as server:
+@pytest.mark.parametrize("error_body", [
+    {"error": "max_tokens must be at most 1024"},
+    {"error": {"message": "max_tokens must be at most 1024", "type": "invalid_request_error", "param": "max_tokens"}},
+])
+def test_url_mode_reports_http_errors(capsys, error_body):
+    with FakeServe([], status=400, error_body=error_body) as server:
         assert cli.main(["--url", server.url, "-p", "hi", "--max-tokens", "5000"]) == 1
     err = capsys.readouterr().err
     assert "HTTP 400" in err and "max_tokens must be at most 1024" in err and "Traceback" not in err
+    assert "invalid_request_error" not in err  # the message, not the whole error object
 
 
 def test_url_mode_reports_a_stream_cut_short(capsys):

@@ -1,0 +1,82 @@
+"""Start the chat service: `python -m serve`, then open the printed URL.
+
+Runs the Serve app of serve/app.py on the Ray cluster this machine already belongs to (as
+`ray start` or `ray up` left it), or on a new local Ray when there is none, and stays in the
+foreground until Ctrl-C, which takes the app down again. For a long-lived deployment use
+`serve deploy serve/config.yaml` instead.
+
+The checkpoint is looked up before Ray starts, so a machine without one learns in a second which
+command makes one (exit status 1) instead of watching replicas fail to start.
+"""
+
+import argparse
+import sys
+import time
+
+from serve.app import APP_NAME, ChatAppArgs, build_app, resolve_checkpoint
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--source", choices=("sft", "rl", "base"), default="sft",
+                        help="which training phase's checkpoint to serve")
+    parser.add_argument("--model-tag", help="checkpoint folder such as d20 (default: the largest model)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the last one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--min-replicas", type=int, default=1)
+    parser.add_argument("--max-replicas", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per replica")
+    parser.add_argument("--replica-gpus", type=float, help="GPUs per replica (default: 1 if the cluster has GPUs)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
+    parser.add_argument("--device", help="cuda, mps or cpu (default: the best the replica's node has)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="default for requests that set none")
+    parser.add_argument("--top-k", type=int, default=50, help="default for requests that set none (0 = all)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="default for requests that set none")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pydantic import ValidationError
+
+    from nanochat.checkpoint import CheckpointError
+    from nanochat.common import get_base_dir
+
+    try:
+        model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+    except (CheckpointError, ValueError) as error:
+        print(f"error: nothing to serve: {error}", file=sys.stderr)
+        return 1
+    try:
+        app_args = ChatAppArgs(source=args.source, model_tag=model_tag, step=step, device=args.device,
+                               max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
+                               max_replicas=args.max_replicas, replica_gpus=args.replica_gpus,
+                               replica_cpus=args.replica_cpus, temperature=args.temperature, top_k=args.top_k,
+                               max_tokens=args.max_tokens)
+    except ValidationError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    import ray
+    from ray import serve
+
+    # Without an address, ray.init joins the cluster `ray start` made on this machine, or starts one.
+    # The replicas load from the base dir in which the checkpoint was just found.
+    ray.init(runtime_env={"env_vars": {"NANOCHAT_BASE_DIR": get_base_dir()}})
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"nanochat ({args.source}/{model_tag}, step {step}) is up: http://{shown_host}:{args.port}/")
+    print("  API: POST /chat/completions (SSE), POST /v1/chat/completions (OpenAI), GET /stats. Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the nanochat app")
+        serve.delete(APP_NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The HTTP contract of the chat service: request bodies, their limits, and the shapes of what goes back.
+
+Two request styles reach the same model:
+
+- the seed's `POST /chat/completions` ({"messages", "temperature", "top_k", "max_tokens"}, plus
+  an optional "seed"), answered with server-sent events `data: {"token": ...}` and a final
+  `data: {"done": true, ...}`;
+- the OpenAI `POST /v1/chat/completions`, streaming or not, with `model`, `messages`,
+  `temperature`, `max_tokens` (or `max_completion_tokens`), `seed`, `stop`, `n`, and `top_k` as an
+  extra field.
+
+Both are turned into `GenerationSettings`, the plain dict that the ingress sends to a ChatModel
+replica. The seed server's abuse limits are checked here, before anything is routed to a replica:
+a violation raises `RequestError`, which the app answers with HTTP 400 and a JSON body naming the
+field and the limit. Pydantic checks only the types, so a body that is not JSON or has the wrong
+shape is a 422. The one limit that needs the tokenizer (the prompt plus max_tokens must fit the
+model's context) is checked by the replica before it queues the request.
+
+`TextStream` turns the generated token ids into text pieces: it holds back a piece that ends
+inside a multi-byte character, and text that might be the start of a stop sequence, so a client
+never sees half a character or any part of a stop sequence.
+
+Nothing here imports Ray or torch, so the contract can be tested on its own.
+"""
+
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+from pydantic import BaseModel, ConfigDict
+
+# The seed server's limits (scripts/chat_web.py), kept so that a client of the seed works here.
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8000
+MAX_TOTAL_CHARS = 32000
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 2.0
+MIN_TOP_K, MAX_TOP_K = 0, 200  # 0 = no top-k filter: sample from the whole vocabulary
+MIN_MAX_TOKENS, MAX_MAX_TOKENS = 1, 4096
+# Limits of the OpenAI-style extras. OpenAI allows at most 4 stop sequences; n is bounded because
+# every choice is a sequence of its own in a replica's batch.
+MAX_CHOICES = 8
+MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 100
+MAX_SEED = 2**63 - 1
+
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(Exception):
+    """A request the service refuses: `field` names the offending part of the body (such as
+    'temperature' or 'messages[3].content'), `limit` states the bound it broke."""
+
+    def __init__(self, field: str, message: str, limit: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.limit = limit
+        self.status = status
+
+
+def error_body(message: str, field: str | None = None, limit: str | None = None,
+               error_type: str = "invalid_request_error") -> dict:
+    """The JSON of an error answer, shaped as OpenAI's so that its clients show the message;
+    `param` is OpenAI's name for the offending field."""
+    return {"error": {"message": message, "type": error_type, "param": field, "limit": limit}}
+
+
+# ------------------------------------------------------------------------------------ request bodies
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    """The seed's request body. Unknown fields are ignored, as the seed did."""
+
+    messages: list[ChatMessage]
+    temperature: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class OpenAIChatRequest(BaseModel):
+    """OpenAI's chat completion body. Fields this model has no use for (penalties, logprobs,
+    user, ...) are accepted and ignored, as other OpenAI-compatible servers do, so that stock
+    clients work unchanged; `model` may name anything, since one model is served (its id comes
+    back in the answer and from GET /v1/models); `top_k` is our extra field
+    (`extra_body={"top_k": 50}` in the openai client)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    temperature: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+@dataclass(frozen=True)
+class ServingDefaults:
+    """What a request gets for the settings it leaves out (the seed server's defaults)."""
+
+    temperature: float = 0.8
+    top_k: int = 50
+    max_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """One sequence to generate, as the ChatModel replica takes it. max_tokens=None means
+    `default_max_tokens`, cut to the room the model's context leaves after the prompt; an explicit
+    max_tokens that does not fit is refused instead."""
+
+    messages: list[dict]
+    temperature: float
+    top_k: int | None  # None = the whole vocabulary
+    seed: int
+    max_tokens: int | None
+    default_max_tokens: int
+    stop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------ validation
+
+def check_messages(messages: Sequence[ChatMessage]) -> list[dict]:
+    """The messages as plain dicts, after the seed's size limits and the tokenizer's role order:
+    an optional system message first, then user and assistant in turns, ending with the user."""
+    if not messages:
+        raise RequestError("messages", "messages is empty: send at least one user message", "at least 1 message")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError("messages", f"messages has {len(messages)} entries; at most {MAX_MESSAGES} are allowed",
+                           f"at most {MAX_MESSAGES} messages")
+    total = 0
+    for index, message in enumerate(messages):
+        if message.role not in ROLES:
+            raise RequestError(f"messages[{index}].role", f"messages[{index}].role is {message.role!r}; "
+                               f"use one of {', '.join(ROLES)}", f"one of {', '.join(ROLES)}")
+        length = len(message.content)
+        if length == 0:
+            raise RequestError(f"messages[{index}].content", f"messages[{index}].content is empty",
+                               "at least 1 character")
+        if length > MAX_MESSAGE_CHARS:
+            raise RequestError(f"messages[{index}].content", f"messages[{index}].content has {length} characters; "
+                               f"at most {MAX_MESSAGE_CHARS} are allowed per message",
+                               f"at most {MAX_MESSAGE_CHARS} characters")
+        total += length
+    if total > MAX_TOTAL_CHARS:
+        raise RequestError("messages", f"the messages have {total} characters in all; at most {MAX_TOTAL_CHARS} "
+                           "are allowed: shorten the conversation or start a new one",
+                           f"at most {MAX_TOTAL_CHARS} characters in all")
+    first_turn = 1 if messages[0].role == "system" else 0
+    for index in range(first_turn, len(messages)):
+        expected = "user" if (index - first_turn) % 2 == 0 else "assistant"
+        if messages[index].role != expected:
+            raise RequestError(f"messages[{index}].role", f"messages[{index}].role is {messages[index].role!r} but "
+                               f"{expected!r} is expected there: after an optional system message, roles "
+                               "alternate user, assistant, user, ...", f"{expected}")
+    if len(messages) == first_turn or messages[-1].role != "user":
+        raise RequestError(f"messages[{len(messages) - 1}].role", "the last message must be a user message: "
+                           "it is the one the model answers", "user")
+    return [{"role": message.role, "content": message.content} for message in messages]
+
+
+def _check_range(field: str, value, low, high):
+    if not low <= value <= high:
+        raise RequestError(field, f"{field}={value} is out of range: it must be between {low} and {high}",
+                           f"{low} to {high}")
+    return value
+
+
+def _choose_seed(seed: int | None) -> int:
+    if seed is None:
+        return secrets.randbelow(2**31)
+    return _check_range("seed", seed, 0, MAX_SEED)
+
+
+def settings_from_chat_request(body: ChatRequest, defaults: ServingDefaults) -> GenerationSettings:
+    """Validate a seed-style request; raises RequestError naming the first field out of bounds."""
+    messages = check_messages(body.messages)
+    temperature = defaults.temperature if body.temperature is None else body.temperature
+    top_k = defaults.top_k if body.top_k is None else body.top_k
+    if body.max_tokens is not None:
+        _check_range("max_tokens", body.max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS)
+    return GenerationSettings(
+        messages=messages,
+        temperature=float(_check_range("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)),
+        top_k=_check_range("top_k", top_k, MIN_TOP_K, MAX_TOP_K) or None,
+        seed=_choose_seed(body.seed),
+        max_tokens=body.max_tokens,
+        default_max_tokens=defaults.max_tokens,
+    )
+
+
+def _stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    sequences = [stop] if isinstance(stop, str) else stop
+    if len(sequences) > MAX_STOP_SEQUENCES:
+        raise RequestError("stop", f"stop has {len(sequences)} sequences; at most {MAX_STOP_SEQUENCES} are allowed",
+                           f"at most {MAX_STOP_SEQUENCES} sequences")
+    for index, sequence in enumerate(sequences):
+        if not 1 <= len(sequence) <= MAX_STOP_CHARS:
+            raise RequestError(f"stop[{index}]", f"stop[{index}] has {len(sequence)} characters; a stop sequence "
+                               f"has 1 to {MAX_STOP_CHARS}", f"1 to {MAX_STOP_CHARS} characters")
+    return tuple(sequences)
+
+
+def settings_from_openai_request(body: OpenAIChatRequest, defaults: ServingDefaults) -> list[GenerationSettings]:
+    """Validate an OpenAI-style request: one GenerationSettings per choice (n of them; with a seed,
+    choice i uses seed + i, so the choices differ and the request as a whole is reproducible)."""
+    messages = check_messages(body.messages)
+    temperature = defaults.temperature if body.temperature is None else body.temperature
+    top_k = defaults.top_k if body.top_k is None else body.top_k
+    temperature = float(_check_range("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE))
+    top_k = _check_range("top_k", top_k, MIN_TOP_K, MAX_TOP_K) or None
+    max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_tokens is not None:
+        _check_range(max_tokens_field, max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS)
+    _check_range("n", body.n, 1, MAX_CHOICES)
+    stop = _stop_sequences(body.stop)
+    seed = _choose_seed(body.seed)
+    if body.seed is not None:
+        _check_range("seed", seed + body.n - 1, 0, MAX_SEED)
+    return [GenerationSettings(messages=messages, temperature=temperature, top_k=top_k, seed=seed + choice,
+                               max_tokens=max_tokens, default_max_tokens=defaults.max_tokens, stop=stop)
+            for choice in range(body.n)]
+
+
+def validation_error_message(errors: Sequence[dict]) -> tuple[str, str | None]:
+    """(message, field) for the first of pydantic's errors about a body: what a 422 says."""
+    if not errors:
+        return "the request body is not valid", None
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('msg', '')}", None
+    field = ".".join(location) or None
+    where = f"{field}: " if field else ""
+    return f"{where}{first.get('msg', 'invalid value')}", field
+
+
+# ------------------------------------------------------------------------------------ streaming text
+
+class TextStream:
+    """Token ids in, text pieces out, for one generated sequence.
+
+    A piece is held back while it ends inside a UTF-8 character (the byte-level tokenizer can cut
+    one in two) or while its end could be the start of a stop sequence. When a stop sequence
+    appears, everything before it is released, `stopped` turns True and the rest is dropped.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
+        self._decode = decode
+        self._stop = tuple(stop)
+        self._undecoded: list[int] = []  # tokens whose bytes do not end on a character boundary yet
+        self.text = ""                   # all decoded text so far
+        self._released = 0               # characters of self.text already handed out
+        self.tokens = 0
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; returns the text that can be released now (often '')."""
+        if self.stopped:
+            return ""
+        self.tokens += 1
+        self._undecoded.append(token)
+        decoded = self._decode(self._undecoded)
+        if decoded.endswith("\ufffd"):
+            return ""
+        self.text += decoded
+        self._undecoded = []
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The text still held back once the sequence has ended."""
+        if self.stopped:
+            return ""
+        if self._undecoded:
+            self.text += self._decode(self._undecoded)
+            self._undecoded = []
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        if self._stop:
+            hits = [position for position in (self.text.find(stop, self._released) for stop in self._stop)
+                    if position >= 0]
+            if hits:
+                end = min(hits)
+                self.stopped = True
+            elif not final:
+                end -= self._partial_stop_length()
+        piece = self.text[self._released:end]
+        self._released = end
+        return piece
+
+    def _partial_stop_length(self) -> int:
+        """Length of the longest unreleased tail of the text that some stop sequence starts with."""
+        longest = min(max(len(stop) for stop in self._stop) - 1, len(self.text) - self._released)
+        for length in range(longest, 0, -1):
+            tail = self.text[-length:]
+            if any(stop.startswith(tail) for stop in self._stop):
+                return length
+        return 0
+
+
+# ------------------------------------------------------------------------------------ response shapes
+
+def server_sent_event(payload) -> str:
+    """One SSE event; non-ASCII text is kept as is (the stream is UTF-8)."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def openai_chunk(completion_id: str, created: int, model: str, index: int, delta: dict,
+                 finish_reason: str | None = None) -> dict:
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def openai_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def openai_completion(completion_id: str, model: str, texts: list[str], finish_reasons: list[str],
+                      prompt_tokens: int, completion_tokens: int) -> dict:
+    """A whole (non-streamed) chat completion with one choice per text."""
+    choices = [{"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                "finish_reason": reason} for index, (text, reason) in enumerate(zip(texts, finish_reasons))]
+    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": choices, "usage": openai_usage(prompt_tokens, completion_tokens)}

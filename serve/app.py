@@ -1,0 +1,545 @@
+"""The Ray Serve chat application: `ChatModel` replicas behind a `ChatAPI` ingress.
+
+It replaces the seed's hand-written GPU worker pool (scripts/chat_web.py), where each request
+held a whole GPU until it finished. Here:
+
+- `ChatModel` holds one model and one continuous-batching `Scheduler` per replica: every request
+  routed to it becomes a row of the replica's decode batch, so one GPU serves many chats at once.
+  Replicas ask for one GPU each on a GPU cluster (CPUs otherwise), and Serve's autoscaler adds
+  and removes them by the number of ongoing requests per replica.
+- `ChatAPI` is the FastAPI ingress: the web UI, the seed's SSE endpoint, the OpenAI-compatible
+  endpoints, /health and /stats. It checks every request against the limits of serve.api before
+  any work is routed, and streams the replica's text pieces through a DeploymentHandle with
+  `stream=True`. When a client goes away, the ingress cancels its model call and the replica
+  cancels the scheduler request, which frees the batch row at the next step.
+
+Text is made in the replica (it has the tokenizer): the stream between the two deployments
+carries small dict events, `start` (prompt size) or `rejected` (the prompt does not fit the
+context), then `text` pieces, then `end` (finish reason and token count).
+
+Build the app with `build_app(ChatAppArgs(...))`; `serve run serve/config.yaml` does that from the
+`args:` of the config, and `python -m serve` from its flags.
+"""
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Literal
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.util.metrics import Counter, Gauge, Histogram
+
+from serve.api import (ChatRequest, GenerationSettings, OpenAIChatRequest, RequestError, ServingDefaults,
+                       TextStream, error_body, new_completion_id, openai_chunk, openai_completion,
+                       openai_usage, server_sent_event, settings_from_chat_request,
+                       settings_from_openai_request, validation_error_message)
+
+logger = logging.getLogger("ray.serve")
+
+UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
+APP_NAME = "nanochat"
+# A request whose replica dies before it produced anything is sent again (nothing was streamed
+# yet, so the client cannot tell); after this many tries the client gets a 503.
+OPEN_ATTEMPTS = 3
+GAUGE_INTERVAL_S = 1.0
+STATS_TIMEOUT_S = 5.0
+TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+# Failures of a replica (or of reaching one) rather than of the request itself.
+REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+
+def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> tuple[str, int]:
+    """(model_tag, step) to load: the largest model and its last step unless given. Raises
+    CheckpointNotFoundError, whose message names the command that makes a checkpoint."""
+    # nanochat is imported here, not at the top, so that the ingress process never loads torch.
+    from nanochat.checkpoint import PHASE_DIRS, checkpoint_dir, find_largest_model, find_last_step
+    from nanochat.common import get_base_dir
+
+    if source not in PHASE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}: use one of {sorted(PHASE_DIRS)}")
+    if model_tag is None:
+        model_tag = find_largest_model(os.path.join(get_base_dir(), PHASE_DIRS[source]))
+    if step is None:
+        step = find_last_step(checkpoint_dir(source, model_tag))
+    return model_tag, step
+
+
+@serve.deployment(
+    max_ongoing_requests=16,
+    autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+    ray_actor_options={"num_cpus": 1},
+)
+class ChatModel:
+    """One model, one continuous-batching scheduler: every ongoing request is a row of its batch."""
+
+    def __init__(self, source: str = "sft", model_tag: str | None = None, step: int | None = None,
+                 max_batch_size: int = 8, device: str | None = None):
+        # torch and the model are imported here so that the ingress process never loads them.
+        from nanochat.checkpoint import build_model, checkpoint_dir
+        from nanochat.common import autodetect_device_type
+        from nanochat.scheduler import Scheduler
+        from nanochat.tokenizer import get_tokenizer
+
+        self.model_tag, self.step = resolve_checkpoint(source, model_tag, step)
+        self.device = device or autodetect_device_type()
+        model, tokenizer, _ = build_model(checkpoint_dir(source, self.model_tag), self.step, self.device)
+        # A checkpoint normally carries its tokenizer; an old one falls back to the project's.
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
+        self.scheduler = Scheduler(model, self.tokenizer, max_batch_size=max_batch_size)
+        self.scheduler_thread = self.scheduler.start()
+        self.info = {"id": f"nanochat-{source}-{self.model_tag}", "source": source, "model_tag": self.model_tag,
+                     "step": self.step, "context_length": self.scheduler.max_seq_len,
+                     "max_batch_size": max_batch_size, "device": str(self.device)}
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+
+        tags = {"replica": self.replica_id}
+        self.tokens_counter = Counter("nanochat_generated_tokens", "Tokens generated by the model replicas",
+                                      tag_keys=("replica",))
+        self.tokens_counter.set_default_tags(tags)
+        self.active_gauge = Gauge("nanochat_active_sequences", "Sequences decoding in a replica's batch",
+                                  tag_keys=("replica",))
+        self.active_gauge.set_default_tags(tags)
+        self.queued_gauge = Gauge("nanochat_queued_sequences", "Requests waiting for a row of a replica's batch",
+                                  tag_keys=("replica",))
+        self.queued_gauge.set_default_tags(tags)
+        self._stopping = threading.Event()
+        threading.Thread(target=self._publish_gauges, name="nanochat-gauges", daemon=True).start()
+
+    def _publish_gauges(self) -> None:
+        while not self._stopping.wait(GAUGE_INTERVAL_S):
+            stats = self.scheduler.stats()
+            self.active_gauge.set(stats["active"])
+            self.queued_gauge.set(stats["queued"])
+
+    def describe(self) -> dict:
+        return dict(self.info)
+
+    def stats(self) -> dict:
+        return {"replica": self.replica_id, **self.scheduler.stats()}
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; a replica whose decode loop died is replaced."""
+        if not self.scheduler_thread.is_alive():
+            raise RuntimeError("the scheduler's decode loop has stopped")
+
+    def _prompt(self, settings: dict) -> tuple[list[int], int]:
+        """(prompt tokens, max_tokens) of a request; RequestError when it does not fit the context."""
+        # The assistant message is a stand-in that render_for_completion replaces by <|assistant_start|>.
+        conversation = {"messages": settings["messages"] + [{"role": "assistant", "content": ""}]}
+        try:
+            prompt = self.tokenizer.render_for_completion(conversation)
+        except ValueError as error:
+            raise RequestError("messages", str(error), "the tokenizer's chat format") from None
+        context = self.scheduler.max_seq_len
+        room = context - len(prompt)
+        if room < 1:
+            raise RequestError("messages", f"the conversation is {len(prompt)} tokens long and the model's "
+                               f"context holds {context}: shorten it or start a new conversation",
+                               f"at most {context - 1} prompt tokens")
+        max_tokens = settings["max_tokens"]
+        if max_tokens is None:
+            return prompt, min(settings["default_max_tokens"], room)
+        if max_tokens > room:
+            raise RequestError("max_tokens", f"max_tokens={max_tokens} does not fit: the conversation is "
+                               f"{len(prompt)} tokens and the model's context holds {context}, so at most "
+                               f"{room} tokens can follow", f"at most {room} for this conversation")
+        return prompt, max_tokens
+
+    async def generate(self, settings: dict):
+        """Stream the answer to one conversation as events (see the module docstring)."""
+        try:
+            prompt, max_tokens = self._prompt(settings)
+        except RequestError as error:
+            yield {"type": "rejected", "field": error.field, "message": error.message, "limit": error.limit}
+            return
+        request = self.scheduler.submit(prompt, max_tokens=max_tokens, temperature=settings["temperature"],
+                                        top_k=settings["top_k"], seed=settings["seed"])
+        yield {"type": "start", "prompt_tokens": len(prompt), "max_tokens": max_tokens, "replica": self.replica_id}
+        text = TextStream(self.tokenizer.decode, settings["stop"])
+        finish_reason, error = None, None
+        try:
+            async for token in request:
+                piece = text.push(token)
+                if piece:
+                    yield {"type": "text", "text": piece}
+                if text.stopped:
+                    finish_reason = "stop"
+                    break
+            else:
+                piece = text.finish()
+                if piece:
+                    yield {"type": "text", "text": piece}
+                finish_reason = request.finish_reason
+        except RuntimeError as failure:  # the decode step failed; the scheduler has moved on
+            finish_reason, error = "error", str(failure)
+        finally:
+            # A stop sequence, or the caller went away (Serve cancels this generator): free the row.
+            if not request.done:
+                self.scheduler.cancel(request)
+            if text.tokens:
+                self.tokens_counter.inc(text.tokens)
+        if finish_reason == "cancelled":
+            finish_reason, error = "error", "the model replica is shutting down"
+        yield {"type": "end", "finish_reason": finish_reason, "completion_tokens": text.tokens, "error": error}
+
+    def __del__(self):
+        # Serve calls this when it stops the replica: requests still running end as cancelled.
+        # Python also calls it after a failed __init__ (no checkpoint), which started nothing.
+        if hasattr(self, "_stopping"):
+            self._stopping.set()
+            self.scheduler.shutdown()
+
+
+class ModelStream:
+    """One model call that has started: its `start` event, then the rest of its events."""
+
+    def __init__(self, response: DeploymentResponseGenerator, start: dict):
+        self.response = response
+        self.start = start
+
+    async def events(self):
+        async for event in self.response:
+            yield event
+
+    def cancel(self) -> None:
+        self.response.cancel()
+
+
+async def merge_streams(streams: list[ModelStream]):
+    """(choice index, event) from several model streams as the events arrive."""
+    iterators = [stream.events() for stream in streams]
+    pending = {asyncio.ensure_future(anext(iterator)): index for index, iterator in enumerate(iterators)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                index = pending.pop(task)
+                try:
+                    event = task.result()
+                except StopAsyncIteration:
+                    continue
+                pending[asyncio.ensure_future(anext(iterators[index]))] = index
+                yield index, event
+    finally:
+        for task in pending:
+            task.cancel()
+
+
+fastapi_app = FastAPI(title="nanochat", description="Chat with a nanochat model served by Ray Serve.")
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(fastapi_app)
+class ChatAPI:
+    """The HTTP face of the service; it holds no model, only a handle to the ChatModel replicas."""
+
+    def __init__(self, model: DeploymentHandle, defaults: dict | None = None):
+        self.model = model
+        self.defaults = ServingDefaults(**(defaults or {}))
+        with open(UI_PATH, encoding="utf-8") as f:
+            self.ui_html = f.read()
+        self._model_info: dict | None = None
+        self.requests_counter = Counter("nanochat_requests", "Chat requests by endpoint and outcome",
+                                        tag_keys=("endpoint", "status"))
+        self.ttft_histogram = Histogram("nanochat_time_to_first_token_seconds",
+                                        "From a request's arrival to its first text piece",
+                                        boundaries=TTFT_BUCKETS_S, tag_keys=("endpoint",))
+
+    # ---------------------------------------------------------------- helpers
+
+    async def model_info(self) -> dict:
+        if self._model_info is None:
+            self._model_info = await self.model.describe.remote()
+        return self._model_info
+
+    def _count(self, endpoint: str, status: str) -> None:
+        self.requests_counter.inc(tags={"endpoint": endpoint, "status": status})
+
+    async def _read_body(self, request: Request, model_class):
+        """The body as `model_class`; a body that is not JSON or not of that shape is a 422."""
+        raw = await request.body()
+        try:
+            return model_class.model_validate_json(raw)
+        except ValidationError as error:
+            message, field = validation_error_message(error.errors(include_url=False))
+            raise RequestError(field or "body", message, status=422) from None
+
+    def _refuse(self, endpoint: str, error: RequestError) -> JSONResponse:
+        status = {400: "rejected", 422: "malformed"}.get(error.status, "unavailable")
+        self._count(endpoint, status)
+        error_type = "invalid_request_error" if error.status < 500 else "server_error"
+        return JSONResponse(error_body(error.message, error.field, error.limit, error_type), status_code=error.status)
+
+    async def _open(self, settings: GenerationSettings) -> ModelStream:
+        """Start generating; returns once the replica has accepted the request. A refusal by the
+        replica becomes a RequestError (400); a replica that died first is retried."""
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            response = self.model.generate.options(stream=True).remote(settings.to_dict())
+            try:
+                first = await anext(response)
+            except REPLICA_FAILURES as failure:
+                logger.warning(f"a ChatModel replica failed before answering (try {attempt}): {failure!r}")
+                continue
+            except asyncio.CancelledError:  # the client left while its request waited for a replica
+                response.cancel()
+                raise
+            if first["type"] == "rejected":
+                raise RequestError(first["field"], first["message"], first["limit"])
+            return ModelStream(response, first)
+        raise RequestError("model", "no model replica could take the request; try again in a moment",
+                           status=503)
+
+    async def _open_all(self, all_settings: list[GenerationSettings]) -> list[ModelStream]:
+        opened = await asyncio.gather(*(self._open(settings) for settings in all_settings), return_exceptions=True)
+        failures = [result for result in opened if isinstance(result, BaseException)]
+        if failures:
+            for result in opened:
+                if isinstance(result, ModelStream):
+                    result.cancel()
+            raise failures[0]
+        return opened
+
+    # ---------------------------------------------------------------- the seed's API and the UI
+
+    @fastapi_app.get("/", response_class=HTMLResponse)
+    async def ui(self) -> HTMLResponse:
+        return HTMLResponse(self.ui_html)
+
+    @fastapi_app.post("/chat/completions")
+    async def chat_completions(self, request: Request):
+        """The seed's streaming endpoint: `data: {"token": text}` events, then
+        `data: {"done": true, "finish_reason": ..., "usage": ...}`, or `data: {"error": message}`."""
+        arrived = time.perf_counter()
+        try:
+            body = await self._read_body(request, ChatRequest)
+            stream = await self._open(settings_from_chat_request(body, self.defaults))
+        except RequestError as error:
+            return self._refuse("chat", error)
+        return StreamingResponse(self._seed_events(stream, arrived), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _seed_events(self, stream: ModelStream, arrived: float):
+        status, first_piece = "failed", True
+        try:
+            async for event in stream.events():
+                if event["type"] == "text":
+                    if first_piece:
+                        self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": "chat"})
+                        first_piece = False
+                    yield server_sent_event({"token": event["text"]})
+                elif event["type"] == "end":
+                    if event["finish_reason"] == "error":
+                        yield server_sent_event({"error": f"generation failed: {event['error']}"})
+                    else:
+                        usage = openai_usage(stream.start["prompt_tokens"], event["completion_tokens"])
+                        yield server_sent_event({"done": True, "finish_reason": event["finish_reason"],
+                                                 "usage": usage})
+                        status = "ok"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as failure:  # the replica died mid-stream: say so instead of hanging up silently
+            logger.warning(f"a chat stream failed: {failure!r}")
+            yield server_sent_event({"error": f"the model replica failed mid-answer ({type(failure).__name__}); "
+                                              "send the message again"})
+        finally:
+            stream.cancel()
+            self._count("chat", status)
+
+    # ---------------------------------------------------------------- OpenAI-compatible API
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def openai_chat_completions(self, request: Request):
+        arrived = time.perf_counter()
+        try:
+            body = await self._read_body(request, OpenAIChatRequest)
+            streams = await self._open_all(settings_from_openai_request(body, self.defaults))
+        except RequestError as error:
+            return self._refuse("openai", error)
+        model_id = (await self.model_info())["id"]
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        if body.stream:
+            return StreamingResponse(self._openai_events(streams, model_id, include_usage, arrived),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._openai_whole(streams, model_id, arrived)
+
+    async def _openai_events(self, streams: list[ModelStream], model_id: str, include_usage: bool, arrived: float):
+        completion_id, created = new_completion_id(), int(time.time())
+        status, first_piece, completion_tokens = "failed", True, 0
+        try:
+            for index in range(len(streams)):
+                yield server_sent_event(openai_chunk(completion_id, created, model_id, index,
+                                                     {"role": "assistant", "content": ""}))
+            async for index, event in merge_streams(streams):
+                if event["type"] == "text":
+                    if first_piece:
+                        self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": "openai"})
+                        first_piece = False
+                    yield server_sent_event(openai_chunk(completion_id, created, model_id, index,
+                                                         {"content": event["text"]}))
+                elif event["type"] == "end":
+                    if event["finish_reason"] == "error":
+                        yield server_sent_event(error_body(f"generation failed: {event['error']}",
+                                                           error_type="server_error"))
+                        return
+                    completion_tokens += event["completion_tokens"]
+                    yield server_sent_event(openai_chunk(completion_id, created, model_id, index, {},
+                                                         event["finish_reason"]))
+            if include_usage:
+                yield server_sent_event({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                         "model": model_id, "choices": [],
+                                         "usage": openai_usage(streams[0].start["prompt_tokens"], completion_tokens)})
+            yield server_sent_event("[DONE]")
+            status = "ok"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as failure:
+            logger.warning(f"an OpenAI chat stream failed: {failure!r}")
+            yield server_sent_event(error_body(f"the model replica failed mid-answer ({type(failure).__name__}); "
+                                               "send the request again", error_type="server_error"))
+        finally:
+            for stream in streams:
+                stream.cancel()
+            self._count("openai", status)
+
+    async def _openai_whole(self, streams: list[ModelStream], model_id: str, arrived: float) -> JSONResponse:
+        texts = [[] for _ in streams]
+        finish_reasons = [None] * len(streams)
+        completion_tokens, status = 0, "failed"
+        try:
+            async for index, event in merge_streams(streams):
+                if event["type"] == "text":
+                    if not any(texts):
+                        self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": "openai"})
+                    texts[index].append(event["text"])
+                elif event["type"] == "end":
+                    if event["finish_reason"] == "error":
+                        return JSONResponse(error_body(f"generation failed: {event['error']}",
+                                                       error_type="server_error"), status_code=500)
+                    finish_reasons[index] = event["finish_reason"]
+                    completion_tokens += event["completion_tokens"]
+            status = "ok"
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        except Exception as failure:
+            logger.warning(f"an OpenAI chat completion failed: {failure!r}")
+            return JSONResponse(error_body(f"the model replica failed mid-answer ({type(failure).__name__}); "
+                                           "send the request again", error_type="server_error"), status_code=503)
+        finally:
+            for stream in streams:
+                stream.cancel()
+            self._count("openai", status)
+        return JSONResponse(openai_completion(new_completion_id(), model_id, ["".join(parts) for parts in texts],
+                                              finish_reasons, streams[0].start["prompt_tokens"], completion_tokens))
+
+    @fastapi_app.get("/v1/models")
+    async def list_models(self) -> dict:
+        info = await self.model_info()
+        return {"object": "list", "data": [{"id": info["id"], "object": "model", "created": 0,
+                                            "owned_by": "nanochat", **info}]}
+
+    # ---------------------------------------------------------------- operations
+
+    async def _replica_states(self) -> dict:
+        """Replica counts of the ChatModel deployment by state, as the Serve controller sees them."""
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(serve.get_replica_context().app_name)
+        deployment = app.deployments.get(self.model.deployment_name) if app else None
+        # The states are str enums (or plain str): "RUNNING" finds either.
+        return dict(deployment.replica_states) if deployment else {}
+
+    @fastapi_app.get("/health")
+    async def health(self) -> JSONResponse:
+        replicas = await self._replica_states()
+        running = replicas.get("RUNNING", 0)
+        healthy = running > 0
+        return JSONResponse({"status": "ok" if healthy else "unavailable", "running_replicas": running},
+                            status_code=200 if healthy else 503)
+
+    @fastapi_app.get("/stats")
+    async def stats(self) -> dict:
+        """Replicas, and summed over them: requests decoding, requests queued, tokens/s."""
+        replicas = await self._replica_states()
+        per_replica = await self.model.broadcast("stats").results_async(timeout_s=STATS_TIMEOUT_S,
+                                                                        return_exceptions=True)
+        per_replica = [stats for stats in per_replica if isinstance(stats, dict)]
+        return {
+            "replicas": replicas.get("RUNNING", 0),
+            "replica_states": replicas,
+            "active_sequences": sum(stats["active"] for stats in per_replica),
+            "queue_depth": sum(stats["queued"] for stats in per_replica),
+            "tokens_per_second": sum(stats["tokens_per_second"] for stats in per_replica),
+            "per_replica": per_replica,
+        }
+
+
+class ChatAppArgs(BaseModel):
+    """The knobs of the app (the `args:` of serve/config.yaml, the flags of `python -m serve`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["sft", "rl", "base"] = "sft"
+    model_tag: str | None = None
+    step: int | None = Field(default=None, ge=0)
+    device: str | None = None  # None: the best the replica's node has (cuda, mps, cpu)
+    max_batch_size: int = Field(default=8, ge=1)
+    # Above max_batch_size, so that a finished row is refilled from the replica's own queue at once.
+    max_ongoing_requests: int = Field(default=16, ge=1)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float | None = Field(default=None, gt=0)  # None: max_batch_size
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=120.0, ge=0)
+    # How often replica load is measured; Serve's defaults when None (tests shorten them).
+    metrics_interval_s: float | None = Field(default=None, gt=0)
+    look_back_period_s: float | None = Field(default=None, gt=0)
+    # How often Serve checks that each replica is alive and its decode loop runs; a dead one is replaced.
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    replica_gpus: float | None = Field(default=None, ge=0)  # None: 1 if the cluster has GPUs, else 0
+    replica_cpus: float = Field(default=1.0, ge=0)
+    ingress_max_ongoing_requests: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.8, ge=0, le=2)
+    top_k: int = Field(default=50, ge=0, le=200)
+    max_tokens: int = Field(default=512, ge=1, le=4096)
+
+
+def replica_resources(args: ChatAppArgs) -> dict:
+    """ray_actor_options of a ChatModel replica: one GPU on a GPU cluster, CPUs otherwise."""
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    return {"num_gpus": gpus, "num_cpus": args.replica_cpus}
+
+
+def build_app(args: ChatAppArgs) -> serve.Application:
+    """The application builder (import path `serve.app:build_app`)."""
+    autoscaling = {
+        "min_replicas": args.min_replicas,
+        "initial_replicas": args.min_replicas or 1,
+        "max_replicas": max(args.max_replicas, args.min_replicas),
+        "target_ongoing_requests": args.target_ongoing_requests or args.max_batch_size,
+        "upscale_delay_s": args.upscale_delay_s,
+        "downscale_delay_s": args.downscale_delay_s,
+    }
+    if args.metrics_interval_s is not None:
+        autoscaling["metrics_interval_s"] = args.metrics_interval_s
+    if args.look_back_period_s is not None:
+        autoscaling["look_back_period_s"] = args.look_back_period_s
+    model = ChatModel.options(max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
+                              autoscaling_config=autoscaling, ray_actor_options=replica_resources(args),
+                              health_check_period_s=args.health_check_period_s)
+    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    ingress = ChatAPI.options(max_ongoing_requests=args.ingress_max_ongoing_requests)
+    return ingress.bind(model.bind(args.source, args.model_tag, args.step, args.max_batch_size, args.device),
+                        defaults)

@@ -1,0 +1,255 @@
+"""Tests of the chat service's HTTP API (serve/app.py, serve/api.py) on a local Ray: the seed's
+SSE endpoint and the OpenAI-compatible one carry exactly the text the in-process Engine makes for
+the same seed; the official `openai` client works against it; every limit is a 400 naming its
+field and malformed JSON a 422; a client that hangs up frees its batch row; plus the config file,
+`python -m serve` without a checkpoint, and the text streaming rules (stop sequences, split
+characters) on their own."""
+
+import os
+import subprocess
+import sys
+
+import openai
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from nanochat.engine import Engine
+from serve.api import MAX_MESSAGE_CHARS, MAX_MESSAGES, TextStream
+from serve.app import ChatAppArgs, build_app
+from tests.serve_helpers import EventStream, request, save_tiny_chat_checkpoint, serve_port, stream_events, wait_until
+
+APP = "nanochat-api"
+MODEL_TAG = "serve-api"
+CONTEXT = 1024
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONVERSATION = [{"role": "user", "content": "What is 12 plus 30?"}]
+
+
+@pytest.fixture(scope="module")
+def chat_app(ray_local, tmp_path_factory):
+    """One ChatModel replica of a tiny checkpoint behind the ingress at /; (port, model, tokenizer)."""
+    model, tokenizer = save_tiny_chat_checkpoint(MODEL_TAG, str(tmp_path_factory.mktemp("tokenizer")),
+                                                 sequence_len=CONTEXT)
+    port = serve_port()
+    serve.run(build_app(ChatAppArgs(model_tag=MODEL_TAG, replica_cpus=0.5, max_batch_size=4)), name=APP,
+              route_prefix="/")
+    yield port, model, tokenizer
+    serve.delete(APP)
+
+
+def model_stats() -> dict:
+    return serve.get_deployment_handle("ChatModel", APP).stats.remote().result()
+
+
+def engine_text(model, tokenizer, messages, **settings) -> str:
+    """The answer Engine.generate gives in this process: its tokens up to the first stop token."""
+    prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+    engine = Engine(model, tokenizer)
+    tokens = []
+    for column, _ in engine.generate(prompt, num_samples=1, **settings):
+        if column[0] in engine.tool_use.stop_tokens:
+            break
+        tokens.append(column[0])
+    return tokenizer.decode(tokens)
+
+
+def test_sse_and_openai_streams_carry_the_engine_text_for_a_fixed_seed(chat_app):
+    port, model, tokenizer = chat_app
+    settings = dict(temperature=0.9, top_k=40, seed=1234, max_tokens=48)
+    expected = engine_text(model, tokenizer, CONVERSATION, **settings)
+    assert len(expected) > 10
+
+    events = stream_events(port, "/chat/completions", {"messages": CONVERSATION, **settings})
+    assert events[-1]["done"] is True
+    assert "".join(event["token"] for event in events[:-1]) == expected
+    assert events[-1]["usage"]["completion_tokens"] <= settings["max_tokens"]
+
+    chunks = stream_events(port, "/v1/chat/completions", {"messages": CONVERSATION, "stream": True, **settings})
+    assert chunks[-1] == "[DONE]"
+    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks[:-1])
+    assert text == expected
+
+
+def test_openai_client_streaming_and_not(chat_app):
+    port, *_ = chat_app
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-needed", max_retries=0)
+    (model,) = client.models.list().data
+    assert model.id == f"nanochat-sft-{MODEL_TAG}"
+
+    # Greedy decoding of this model never stops by itself (see save_tiny_chat_checkpoint).
+    whole = client.chat.completions.create(model=model.id, messages=CONVERSATION, max_tokens=12, temperature=0)
+    (choice,) = whole.choices
+    assert choice.finish_reason == "length"
+    assert choice.message.role == "assistant" and choice.message.content
+    assert (whole.usage.completion_tokens, whole.usage.total_tokens) == (12, whole.usage.prompt_tokens + 12)
+
+    stream = client.chat.completions.create(model=model.id, messages=CONVERSATION, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True},
+                                            extra_body={"top_k": 5})
+    chunks = list(stream)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices) \
+        == choice.message.content
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+
+    # n choices, each with its own seed; a stop sequence cuts its choice short with reason "stop".
+    several = client.chat.completions.create(model=model.id, messages=CONVERSATION, max_tokens=30, n=3,
+                                             temperature=1.0, seed=5)
+    assert [choice.index for choice in several.choices] == [0, 1, 2]
+    texts = [choice.message.content for choice in several.choices]
+    assert len(set(texts)) == 3
+    stop = texts[0][5:7]
+    stopped = client.chat.completions.create(model=model.id, messages=CONVERSATION, max_tokens=30,
+                                             temperature=1.0, seed=5, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == texts[0][:texts[0].index(stop)]
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=model.id, messages=CONVERSATION, temperature=2.5)
+    assert refused.value.status_code == 400
+    assert "temperature" in refused.value.message
+
+
+LONG = "x" * (MAX_MESSAGE_CHARS + 1)
+ALMOST_LONG = "y" * (MAX_MESSAGE_CHARS - 1)
+LIMIT_CASES = [
+    # (body fields, field named in the error)
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}] * (MAX_MESSAGES // 2)
+      + [{"role": "user", "content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": ALMOST_LONG}, {"role": "assistant", "content": ALMOST_LONG}] * 2
+      + [{"role": "user", "content": ALMOST_LONG}]}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages[1].role"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages[1].role"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": 2.01}, "temperature"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 201}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 4097}, "max_tokens"),
+    # Within the seed's 4096 but past what this model's context leaves: refused by the replica.
+    ({"max_tokens": CONTEXT}, "max_tokens"),
+]
+OPENAI_ONLY_CASES = [
+    ({"n": 0}, "n"),
+    ({"n": 9}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": [""]}, "stop[0]"),
+    ({"seed": -1}, "seed"),
+    ({"max_completion_tokens": 5000}, "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_every_limit_is_a_400_naming_its_field_and_no_work_is_done(chat_app, path):
+    port, *_ = chat_app
+    cases = LIMIT_CASES + (OPENAI_ONLY_CASES if path.startswith("/v1") else [])
+    before = model_stats()
+    for fields, field in cases:
+        status, body = request(port, "POST", path, {"messages": CONVERSATION, **fields})
+        assert status == 400, (fields, body)
+        assert body["error"]["param"] == field, (fields, body)
+        assert body["error"]["limit"] and body["error"]["message"], (fields, body)
+    after = model_stats()
+    assert (after["requests_finished"], after["tokens_generated"]) == \
+        (before["requests_finished"], before["tokens_generated"])
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/v1/chat/completions"])
+def test_malformed_json_is_a_422(chat_app, path):
+    port, *_ = chat_app
+    status, body = request(port, "POST", path, raw=b'{"messages": [')
+    assert status == 422 and "not valid JSON" in body["error"]["message"]
+    status, body = request(port, "POST", path, {"messages": "hello"})
+    assert status == 422 and body["error"]["param"] == "messages"
+    status, body = request(port, "POST", path, {"messages": CONVERSATION, "temperature": "warm"})
+    assert status == 422 and body["error"]["param"] == "temperature"
+
+
+def test_a_client_that_hangs_up_frees_its_batch_row(chat_app):
+    port, *_ = chat_app
+    max_tokens = CONTEXT - 100
+    before = model_stats()
+    stream = EventStream(port, "/chat/completions", {"messages": CONVERSATION, "temperature": 0,
+                                                     "max_tokens": max_tokens})
+    assert stream.status == 200
+    for _ in range(3):
+        assert "token" in stream.next_event()
+    assert model_stats()["active"] == 1
+    stream.close()
+    stats = wait_until(lambda: (s := model_stats())["active"] == 0 and s, timeout=20, what="the row being freed")
+    assert stats["queued"] == 0
+    assert stats["requests_finished"] == before["requests_finished"] + 1
+    # Cancelled long before its max_tokens: the stream is read-paced, so the replica ran only a little ahead.
+    assert stats["tokens_generated"] - before["tokens_generated"] < max_tokens // 2
+
+
+def test_health_stats_models_and_ui(chat_app):
+    port, *_ = chat_app
+    assert request(port, "GET", "/health") == (200, {"status": "ok", "running_replicas": 1})
+    status, stats = request(port, "GET", "/stats")
+    assert status == 200 and stats["replicas"] == 1 and len(stats["per_replica"]) == 1
+    assert stats["active_sequences"] == 0 and stats["queue_depth"] == 0
+    status, models = request(port, "GET", "/v1/models")
+    assert status == 200 and models["data"][0]["context_length"] == CONTEXT
+    status, page = request(port, "GET", "/")
+    assert status == 200 and "<title>nanochat</title>" in page and "chat/completions" in page
+
+
+def test_config_file_builds_the_app_with_its_numbers():
+    with open(os.path.join(REPO_ROOT, "serve", "config.yaml")) as f:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    (application,) = config.applications
+    assert application.import_path == "serve.app:build_app"
+    # What `serve run` does with the args of a builder whose parameter is a pydantic model.
+    app = build_app(ChatAppArgs.model_validate(application.args))
+    # Serve has no public accessor for a bound app's parts: ChatAPI.bind(ChatModel.bind(...), defaults).
+    model = app._bound_deployment.init_args[0]._bound_deployment
+    autoscaling = model._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 2)
+    assert autoscaling.target_ongoing_requests == application.args["max_batch_size"]
+    assert model.max_ongoing_requests == application.args["max_ongoing_requests"]
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        ChatAppArgs.model_validate({"max_batch_sise": 4})
+
+
+def test_python_m_serve_without_a_checkpoint_names_the_command_that_makes_one(tmp_path):
+    environment = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-m", "serve"], cwd=REPO_ROOT, env=environment, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1
+    assert "python -m ray_jobs.chat_sft" in result.stderr
+
+
+class TestTextStream:
+    """Token ids in, text out: the pieces a client sees."""
+
+    @staticmethod
+    def decode(tokens):
+        return b"".join(bytes([token]) for token in tokens).decode("utf-8", errors="replace")
+
+    def pieces(self, text: str, stop=()):
+        stream = TextStream(self.decode, stop)
+        pieces = [stream.push(byte) for byte in text.encode()]
+        return [piece for piece in pieces + [stream.finish()] if piece], stream
+
+    def test_a_character_split_across_tokens_is_held_back_until_whole(self):
+        pieces, _ = self.pieces("aé€")
+        assert pieces == ["a", "é", "€"]
+
+    def test_a_stop_sequence_ends_the_text_before_it_even_across_tokens(self):
+        pieces, stream = self.pieces("hello world, bye", stop=["zzz", "ld, b"])
+        assert "".join(pieces) == "hello wor"
+        assert stream.stopped
+
+    def test_text_that_only_starts_like_a_stop_sequence_is_released_in_the_end(self):
+        pieces, stream = self.pieces("say STO", stop=["STOP"])
+        assert pieces[-1].endswith("STO") and "".join(pieces) == "say STO"
+        assert not stream.stopped

@@ -1,0 +1,107 @@
+"""Tests of how the chat service behaves under load on a local Ray: with an autoscaling config of
+short delays a burst of concurrent streams makes Serve add a ChatModel replica and remove it once
+the burst is over; and when a replica is killed mid-answer, the streams it was serving end with an
+error event instead of hanging, and the next requests are answered by its replacement."""
+
+import threading
+import time
+
+import pytest
+import ray
+from ray import serve
+
+from serve.app import ChatAppArgs, build_app
+from tests.serve_helpers import EventStream, request, save_tiny_chat_checkpoint, serve_port, stream_events, wait_until
+
+APP = "nanochat-scaling"
+ROUTE = "/scaling"
+MODEL_TAG = "serve-scaling"
+CONTEXT = 512
+CONVERSATION = [{"role": "user", "content": "Count to a hundred."}]
+BURST_CLIENTS = 6
+
+
+@pytest.fixture(scope="module")
+def scaling_app(ray_local, tmp_path_factory):
+    """ChatModel autoscaling between 1 and 2 replicas of half a CPU each, reacting within a second
+    or two: it wants 2 ongoing requests per replica, measures every 0.5 s over a 1 s window, and
+    Serve checks every second that the replicas are alive."""
+    save_tiny_chat_checkpoint(MODEL_TAG, str(tmp_path_factory.mktemp("tokenizer")), sequence_len=CONTEXT)
+    port = serve_port()
+    args = ChatAppArgs(model_tag=MODEL_TAG, replica_cpus=0.5, max_batch_size=4, max_ongoing_requests=4,
+                       min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0.5,
+                       downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1, health_check_period_s=1)
+    serve.run(build_app(args), name=APP, route_prefix=ROUTE)
+    yield port
+    serve.delete(APP)
+
+
+def running_replicas(port: int) -> int:
+    status, stats = request(port, "GET", f"{ROUTE}/stats")
+    assert status == 200, stats
+    return stats["replicas"]
+
+
+def long_answer(max_tokens: int) -> dict:
+    # Greedy answers of the test model never stop early: every request runs its whole max_tokens.
+    return {"messages": CONVERSATION, "temperature": 0, "max_tokens": max_tokens}
+
+
+def test_a_burst_scales_replicas_up_and_back_down(scaling_app):
+    port = scaling_app
+    assert running_replicas(port) == 1
+    stop_burst = threading.Event()
+    finish_reasons, failures = [], []
+
+    def client():
+        while not stop_burst.is_set():
+            try:
+                events = stream_events(port, f"{ROUTE}/chat/completions", long_answer(200))
+                finish_reasons.append(events[-1].get("finish_reason"))
+            except Exception as error:  # reported by the assertion below, with the others
+                failures.append(repr(error))
+
+    clients = [threading.Thread(target=client, daemon=True) for _ in range(BURST_CLIENTS)]
+    for thread in clients:
+        thread.start()
+    try:
+        peak = wait_until(lambda: (count := running_replicas(port)) > 1 and count, timeout=90, interval=0.5,
+                          what="a second replica")
+    finally:
+        stop_burst.set()
+        for thread in clients:
+            thread.join(timeout=60)
+    assert peak == 2
+    assert not failures, failures[:3]
+    assert finish_reasons and set(finish_reasons) == {"length"}
+    wait_until(lambda: running_replicas(port) == 1, timeout=60, interval=0.5, what="the scale-down to 1 replica")
+
+
+def chat_model_replica_names() -> list[str]:
+    return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)
+            if actor["name"].startswith(f"SERVE_REPLICA::{APP}#ChatModel#")]
+
+
+def test_killing_a_replica_ends_its_streams_with_an_error_and_later_requests_succeed(scaling_app):
+    port = scaling_app
+    (replica_name,) = wait_until(lambda: len(names := chat_model_replica_names()) == 1 and names, timeout=30,
+                                 what="a single ChatModel replica")
+    streams = [EventStream(port, f"{ROUTE}/chat/completions", long_answer(CONTEXT - 50), timeout=60)
+               for _ in range(3)]
+    try:
+        for stream in streams:
+            assert stream.status == 200
+            assert "token" in stream.next_event()
+        ray.kill(ray.get_actor(replica_name, namespace="serve"), no_restart=True)
+        started = time.monotonic()
+        endings = [stream.events()[-1] for stream in streams]
+    finally:
+        for stream in streams:
+            stream.close()
+    assert time.monotonic() - started < 30
+    for ending in endings:
+        assert "error" in ending and "done" not in ending, ending
+
+    events = stream_events(port, f"{ROUTE}/chat/completions", long_answer(20), timeout=120)
+    assert events[-1]["done"] is True and events[-1]["usage"]["completion_tokens"] == 20
+    assert replica_name not in chat_model_replica_names()

@@ -1,0 +1,175 @@
+"""Tests of the web UI (serve/ui.html) in a real headless Chromium, driven by Playwright, against
+the real ChatAPI ingress on a local Ray.
+
+Behind the ingress sits a scripted stand-in for ChatModel: a deployment that speaks the same event
+protocol (start, text pieces, end) but answers from a script, piece by piece with a short pause,
+instead of running a model. A random tiny model could not be made to say an exact string such as
+`<img src=x onerror=alert(1)>`, and the UI is what is under test here; the ingress, the SSE
+framing and the browser are all real. (The real model's streams are tested in test_serve_api.)
+
+Chromium is Debian's `chromium` package, launched through `executable_path`; Playwright's own
+browser download is never used.
+"""
+
+import asyncio
+import os
+import sys
+
+import pytest
+from ray import cloudpickle, serve
+
+from serve.app import ChatAPI
+from tests.serve_helpers import serve_port
+
+APP = "nanochat-ui"
+ROUTE = "/ui-test"
+CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+GREETING_PIECES = ["Hello", " from", " the", " scripted", " model", "."]
+XSS = '<img src=x onerror=alert(1)><script>window.pwned = 1</script>'
+SCRIPT = {"say something dangerous": ["Here it is: ", XSS[:20], XSS[20:], " done"]}
+
+# The stand-in is defined in this module, which Ray's workers cannot import: ship it by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class ScriptedChatModel:
+    """ChatModel's interface with scripted answers: SCRIPT's pieces for a known last user message,
+    GREETING_PIECES otherwise."""
+
+    def __init__(self, script: dict, default: list, pause_s: float):
+        self.script = script
+        self.default = default
+        self.pause_s = pause_s
+
+    def describe(self) -> dict:
+        return {"id": "scripted", "context_length": 1024}
+
+    def stats(self) -> dict:
+        return {"replica": "scripted", "active": 0, "queued": 0, "tokens_per_second": 0.0}
+
+    async def generate(self, settings: dict):
+        pieces = self.script.get(settings["messages"][-1]["content"], self.default)
+        yield {"type": "start", "prompt_tokens": len(settings["messages"]), "max_tokens": 100, "replica": "scripted"}
+        for piece in pieces:
+            await asyncio.sleep(self.pause_s)
+            yield {"type": "text", "text": piece}
+        yield {"type": "end", "finish_reason": "stop", "completion_tokens": len(pieces), "error": None}
+
+
+@pytest.fixture(scope="module")
+def ui_url(ray_local):
+    port = serve_port()
+    serve.run(ChatAPI.bind(ScriptedChatModel.bind(SCRIPT, GREETING_PIECES, 0.08)), name=APP, route_prefix=ROUTE)
+    yield f"http://127.0.0.1:{port}{ROUTE}"
+    serve.delete(APP)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium) "
+                    "or set NANOCHAT_CHROMIUM to a Chromium binary")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, ui_url):
+    """A phone-sized page of the UI that records every dialog (alert) it opens and every request it makes."""
+    context = browser.new_context(viewport={"width": 375, "height": 667}, is_mobile=True, has_touch=True)
+    page = context.new_page()
+    page.dialogs, page.requested = [], []
+    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
+    page.on("request", lambda request: page.requested.append(request.url))
+    page.goto(ui_url)
+    yield page
+    context.close()
+
+
+def watch_assistant_text(page) -> None:
+    """Record every distinct text the last assistant message shows, as the DOM changes."""
+    page.evaluate("""() => {
+        window.shownTexts = [];
+        new MutationObserver(() => {
+            const replies = document.querySelectorAll('#messages .message.assistant .text');
+            const text = replies.length ? replies[replies.length - 1].textContent : '';
+            if (text && text !== window.shownTexts[window.shownTexts.length - 1]) window.shownTexts.push(text);
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+
+
+def answer_after(page, action) -> None:
+    """Do action(), which sends a chat request, and wait until its answer has been shown in full."""
+    with page.expect_response(lambda response: response.url.endswith("/chat/completions"), timeout=30_000):
+        action()
+    page.wait_for_selector("body[data-state=idle]", timeout=30_000)
+
+
+def send_and_wait(page, text: str) -> None:
+    page.fill("#input", text)
+    answer_after(page, lambda: page.press("#input", "Enter"))
+
+
+def message_texts(page) -> list[tuple[str, str]]:
+    """(role, shown text) of every message on the page, in order."""
+    pairs = page.eval_on_selector_all(
+        "#messages .message",
+        "boxes => boxes.map(b => [b.classList.contains('user') ? 'user' : 'assistant', "
+        "b.querySelector('.text').textContent])")
+    return [tuple(pair) for pair in pairs]
+
+
+def test_a_typed_message_gets_a_streamed_answer_on_a_phone_sized_screen(page):
+    watch_assistant_text(page)
+    send_and_wait(page, "Hello there")
+    full = "".join(GREETING_PIECES)
+    assert message_texts(page) == [("user", "Hello there"), ("assistant", full)]
+    shown = page.evaluate("window.shownTexts")
+    assert len(shown) >= 3 and shown[-1] == full
+    assert all(full.startswith(text) for text in shown)  # it grew piece by piece
+    assert page.input_value("#input") == ""
+    assert page.text_content("#error") == ""
+    # Nothing sticks out sideways on a 375-pixel-wide screen, and the composer is on screen.
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert page.locator("#send").is_visible() and page.locator("#input").is_visible()
+
+    # Shift+Enter adds a line instead of sending.
+    page.fill("#input", "line one")
+    page.press("#input", "Shift+Enter")
+    page.type("#input", "line two")
+    assert page.input_value("#input") == "line one\nline two"
+    assert len(message_texts(page)) == 2
+
+    # Regenerate asks again for the same conversation; Edit takes the last message back into the box.
+    chat_requests = sum(url.endswith("/chat/completions") for url in page.requested)
+    answer_after(page, lambda: page.click("text=Regenerate"))
+    assert sum(url.endswith("/chat/completions") for url in page.requested) == chat_requests + 1
+    assert message_texts(page) == [("user", "Hello there"), ("assistant", full)]
+    page.click("text=Edit")
+    assert message_texts(page) == [] and page.input_value("#input") == "Hello there"
+
+    # A refused request shows the server's reason on the error line; New conversation clears all.
+    page.fill("#temperature", "5")
+    send_and_wait(page, "Too hot")
+    assert "temperature" in page.text_content("#error")
+    assert message_texts(page) == [("user", "Too hot")]
+    page.click("#new-chat")
+    assert message_texts(page) == [] and page.text_content("#error") == ""
+
+
+def test_model_output_is_shown_as_text_and_never_run(page):
+    send_and_wait(page, "say something dangerous")
+    replies = [text for role, text in message_texts(page) if role == "assistant"]
+    assert replies == ["Here it is: " + XSS + " done"]
+    assert page.query_selector("#messages img") is None and page.query_selector("#messages script") is None
+    page.wait_for_timeout(300)  # an onerror handler would have fired by now
+    assert page.dialogs == []
+    assert page.evaluate("window.pwned") is None
+    assert not [url for url in page.requested if url.endswith("/x")]  # the <img> never loaded its src
