@@ -88,8 +88,9 @@ def main(argv=None) -> int:
         print(f"[demo] pipeline done. The Serve chat app is not part of this version yet. "
               f"Ray dashboard: {DASHBOARD}", flush=True)
         return 0
-    print("[demo] starting the chat service (python -m serve)", flush=True)
-    return subprocess.run([sys.executable, "-m", "serve", "--address", "auto"], env=VENV_ENV).returncode
+    print(f"[demo] starting the chat service (python -m serve); Ray dashboard: {DASHBOARD}", flush=True)
+    # python -m serve joins the cluster started above, prints the chat URL and serves until Ctrl-C.
+    return subprocess.run([sys.executable, "-m", "serve"], env=VENV_ENV).returncode
 
 
 if __name__ == "__main__":
