@@ -171,17 +171,18 @@ STEPS_AFTER_RESUME = 2
 
 
 def _make_params() -> dict[str, torch.Tensor]:
-    """Three 8x16 matrices (odd count: rank 0 owns two), two tall 12x4 ones, an embedding whose
-    dim 0 (6) splits over two ranks, and a 3-vector that does not."""
+    """Three 8x16 matrices (odd count: rank 0 owns two), two tall 12x4 ones, a lone 5x7 one (rank 1
+    owns none of its bucket), an embedding whose dim 0 (6) splits over two ranks, and a 3-vector
+    that does not."""
     gen = torch.Generator().manual_seed(4)
     shapes = {"m0": (8, 16), "m1": (8, 16), "t0": (12, 4), "m2": (8, 16), "t1": (12, 4),
-              "emb": (6, 4), "scalars": (3,)}
+              "solo": (5, 7), "emb": (6, 4), "scalars": (3,)}
     return {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
 
 
 def _make_optimizer(cls, params: dict[str, nn.Parameter]):
     return cls([
-        {"kind": "muon", "params": [params[n] for n in ("m0", "m1", "t0", "m2", "t1")],
+        {"kind": "muon", "params": [params[n] for n in ("m0", "m1", "t0", "m2", "t1", "solo")],
          "lr": 0.05, "weight_decay": 0.1},
         {"kind": "adamw", "params": [params["emb"]], "lr": 0.02, "weight_decay": 0.05},
         {"kind": "adamw", "params": [params["scalars"]], "lr": 0.03, "betas": (0.9, 0.99)},
@@ -271,14 +272,15 @@ def test_distributed_matches_single_process_and_resumes(tmp_path):
             assert torch.equal(result["resumed"][name], result["params"][name]), name
 
     # State is sharded. State indices follow the order of params in the groups:
-    # 0 m0, 1 m1, 2 t0, 3 m2, 4 t1, 5 emb, 6 scalars. The 8x16 bucket [m0, m1, m2] is split
-    # [m0, m1] | [m2], the 12x4 bucket [t0, t1] is split [t0] | [t1]; emb rows are split 3 | 3,
-    # and the 3-vector is replicated.
+    # 0 m0, 1 m1, 2 t0, 3 m2, 4 t1, 5 solo, 6 emb, 7 scalars. The 8x16 bucket [m0, m1, m2] is
+    # split [m0, m1] | [m2], the 12x4 bucket [t0, t1] is split [t0] | [t1], the 5x7 bucket
+    # [solo] | []; emb rows are split 3 | 3, and the 3-vector is replicated.
     rank0, rank1 = (r["state_shapes"] for r in results)
-    assert set(rank0) == {0, 1, 2, 5, 6} and set(rank1) == {3, 4, 5, 6}
+    assert set(rank0) == {0, 1, 2, 5, 6, 7} and set(rank1) == {3, 4, 6, 7}
     assert rank0[0]["momentum_buffer"] == (8, 16) and rank1[4]["momentum_buffer"] == (12, 4)
-    assert rank0[5]["exp_avg"] == rank1[5]["exp_avg"] == (3, 4)
-    assert rank0[6]["exp_avg_sq"] == rank1[6]["exp_avg_sq"] == (3,)
+    assert rank0[5]["momentum_buffer"] == (5, 7)
+    assert rank0[6]["exp_avg"] == rank1[6]["exp_avg"] == (3, 4)
+    assert rank0[7]["exp_avg_sq"] == rank1[7]["exp_avg_sq"] == (3,)
     assert results[0]["world_size"] == results[1]["world_size"] == WORLD
 
 
