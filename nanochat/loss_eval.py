@@ -1,4 +1,4 @@
-"""Bits per byte: the validation metric of pretraining.
+"""Bits per byte: the validation metric of pretraining, and the unigram baseline it must beat.
 
 Mean loss per token depends on the tokenizer (a bigger vocab has fewer, harder tokens); loss per
 byte of text does not, so runs with different tokenizers compare. Every target token's loss (in
@@ -41,3 +41,20 @@ def evaluate_bpb(model, batches, num_steps: int, token_bytes: torch.Tensor) -> f
         raise ValueError("no bytes were evaluated: the validation batches are empty or contain only "
                          "special tokens")
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+def unigram_bpb(targets: torch.Tensor, token_bytes: torch.Tensor) -> float:
+    """Bits per byte of the best unigram model of `targets` in hindsight: every token costs
+    -log2 of its own frequency in `targets`. A model that beats it uses context; one that does not
+    has learned little more than word frequencies. Counted as evaluate_bpb counts: special tokens
+    (0 bytes) and ignored targets (-1) are left out."""
+    token_bytes = token_bytes.to(targets.device)
+    targets = targets.reshape(-1)
+    targets = targets[targets >= 0]
+    targets = targets[token_bytes[targets] > 0]
+    if targets.numel() == 0:
+        raise ValueError("no bytes to measure: the targets are empty or contain only special tokens")
+    counts = torch.bincount(targets, minlength=len(token_bytes)).double()
+    seen = counts > 0
+    bits = -(counts[seen] * torch.log2(counts[seen] / targets.numel())).sum()
+    return float(bits / (counts * token_bytes.double()).sum())

@@ -3,38 +3,51 @@
     ray job submit --working-dir . -- python -m ray_jobs.base_train --depth=4 --num-workers=2
 
 The driver resolves the config from the single `--depth` dial (and prints it), builds the packed
-Ray Data streams (ray_jobs.pretrain_data) and runs a `TorchTrainer`: every worker builds the GPT,
+Ray Data stream (ray_jobs.pretrain_data) and runs a `TorchTrainer`: every worker builds the GPT,
 reads its shard of the stream with `get_dataset_shard('train')`, and steps the distributed
-MuonAdamW (which averages the gradients itself: no DDP). Rank 0 evaluates bits per byte, samples
-and CORE on schedule; metrics go to `ray.train.report` every step and to Ray metrics gauges;
-checkpoints go to `--storage-path` every `--save-every` steps, keeping the last K. `--resume`
-continues a run from its newest checkpoint, and `FailureConfig(max_failures)` replaces a dead
-worker and continues from the last checkpoint with nobody acting. At the end the final model is
-exported to <base>/base_checkpoints/<model_tag>/ for the later stages.
+MuonAdamW (which averages the gradients itself: no DDP). Every step is reported to
+`ray.train.report` and to Ray metrics gauges; rank 0 prints one line per step. On schedule the
+workers evaluate validation bits per byte together, rank 0 prints greedy samples and has CORE
+scored on a pool of Ray actors (ray_jobs.base_eval). Checkpoints go to `--storage-path` every
+`--save-every` steps, keeping the last K; `--resume` continues a run from its newest checkpoint,
+and `FailureConfig(max_failures)` replaces a dead worker and continues from the last checkpoint
+with nobody acting. At the end the final model is exported to <base>/base_checkpoints/<model_tag>/
+for the later stages, and the run's metrics history (kept in every checkpoint) is returned.
+
+Validation rows are packed once, on the driver, from the validation shard (ray_jobs.base_eval's
+packed_batches: the same best-fit packing as the training stream) and handed to the workers
+through the object store. They are a few MB, and a Ray Data execution per evaluation would cost
+more than the evaluation itself (seconds of task and actor start-up for a single small shard).
 """
 
 import argparse
+import itertools
 import json
 import os
+import sys
 import time
 
+import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-from nanochat.dataset import SOURCES
-from nanochat.common import COMPUTE_DTYPE, get_base_dir, peak_flops, print0
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0
+from nanochat.dataset import SOURCES, resolve_source
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.loss_eval import evaluate_bpb
-from nanochat.tokenizer import Tokenizer, get_token_bytes, get_tokenizer_dir
+from nanochat.loss_eval import evaluate_bpb, unigram_bpb
+from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.training import lr_multiplier, muon_momentum, resolve_horizon, weight_decay_at
 from ray_jobs import pretrain_data
-from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, all_reduce_min, build_model,
-                                   latest_run_checkpoint_meta, maybe_compile, report_with_checkpoint,
-                                   restore_from_checkpoint, world_info)
+from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, InMemoryModel, evaluate_core_on_actors, packed_batches
+from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, all_reduce, build_model,
+                                   configure_cpu_threads, device_peak_flops, latest_run_checkpoint_meta,
+                                   maybe_compile, quiet_worker_logs, report_with_checkpoint,
+                                   restore_from_checkpoint, restore_rng_state, rng_state, set_ray_train_env,
+                                   world_info)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -56,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per worker per micro-step")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step; -1 = derived from depth")
-    # optimisation
+    # optimisation (learning rates are the values at 2**19 tokens per step; they are scaled by
+    # sqrt(total batch / 2**19), and the AdamW ones also by 1/sqrt(width / 768))
     p.add_argument("--embedding-lr", type=float, default=0.2)
     p.add_argument("--unembedding-lr", type=float, default=0.004)
     p.add_argument("--matrix-lr", type=float, default=0.02)
@@ -70,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
     p.add_argument("--eval-tokens", type=int, default=10 * 524288, help="val tokens per bpb evaluation")
     p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1 = off)")
-    p.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1 = off)")
-    p.add_argument("--core-metric-max-per-task", type=int, default=500)
+    p.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps and at the end (-1 = off)")
+    p.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task (-1 = all)")
     # data
     p.add_argument("--source", default="fineweb-edu", choices=SOURCES,
                    help="pretraining shards: a Hugging Face set (downloaded by ray_jobs.download_data), local or sample")
@@ -88,21 +102,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in storage")
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the model (auto = on CUDA only)")
     # output
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--run", default=None, help="wandb run name (off by default)")
     p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for tests
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    positive = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "eval_tokens",
+                "pack_buffer_docs", "num_workers", "keep_last")
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.max_failures < 0:
+        p.error(f"--max-failures must be 0 or more, got {args.max_failures}")
+    if args.core_metric_max_per_task == 0 or args.core_metric_max_per_task < -1:
+        p.error(f"--core-metric-max-per-task must be a positive number of examples or -1 for all, "
+                f"got {args.core_metric_max_per_task}")
+    for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
+        if not 0 <= getattr(args, name) <= 1:
+            p.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
+    return args
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Everything the workers need, derived on the driver, as one JSON-able dict."""
     if args.use_gpu == "auto":
-        use_gpu = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= args.num_workers
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= args.num_workers
     else:
         use_gpu = args.use_gpu == "on"
-    tokenizer = Tokenizer.from_directory(get_tokenizer_dir())
+    tokenizer_dir = get_tokenizer_dir()
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
     model_config = config_from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                      sequence_len=args.max_seq_len, vocab_size=tokenizer.get_vocab_size(),
                                      window_pattern=args.window_pattern)
@@ -117,18 +147,24 @@ def resolve_config(args: argparse.Namespace) -> dict:
         num_iterations=args.num_iterations, target_flops=args.target_flops,
         target_param_data_ratio=args.target_param_data_ratio)
     model_tag = args.model_tag or f"d{args.depth}"
+    if args.storage_path and "://" in args.storage_path:
+        storage_path = args.storage_path
+    else:
+        storage_path = os.path.abspath(args.storage_path or os.path.join(get_base_dir(), "ray_runs"))
+    # Every worker evaluates the same number of batches, together about --eval-tokens tokens.
+    val_batches_per_worker = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * args.num_workers))
     return {
         "args": vars(args),
         "model_tag": model_tag,
         "run_name": args.run_name or f"base_{model_tag}",
-        "storage_path": os.path.abspath(args.storage_path) if args.storage_path and "://" not in args.storage_path
-        else (args.storage_path or os.path.join(get_base_dir(), "ray_runs")),
+        "storage_path": storage_path,
         "use_gpu": use_gpu,
         "model_config": model.config_dict(),
         "param_counts": model.param_counts(),
         "flops_per_token": model.estimate_flops(),
         "horizon": horizon.as_dict(),
-        "tokenizer_dir": get_tokenizer_dir(),
+        "val_batches_per_worker": val_batches_per_worker,
+        "tokenizer_dir": tokenizer_dir,
         "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
     }
 
@@ -137,6 +173,30 @@ def print_config(cfg: dict) -> None:
     print0("resolved config:")
     print0(json.dumps({k: v for k, v in cfg.items() if k != "args"}, indent=2))
     print0("flags: " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in cfg["args"].items()))
+
+
+def validation_rows(val_files: list[str], tokenizer_dir: str, batch_size: int, sequence_len: int,
+                    num_batches: int) -> np.ndarray:
+    """The first `num_batches` batches of packed validation rows, int32 (num_batches * batch_size, T + 1).
+
+    Packed by base_eval.packed_batches (the training stream's best-fit packing, over the validation
+    shard in order), so base_eval's val bpb at the same batch size and token count is this one."""
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    batches = itertools.chain.from_iterable(packed_batches(path, tokenizer, batch_size, sequence_len)
+                                            for path in val_files)
+    rows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in itertools.islice(batches, num_batches)]
+    if not rows:
+        raise ValueError(f"the validation shard {val_files} holds less than one batch of {batch_size} rows of "
+                         f"{sequence_len + 1} tokens: lower --device-batch-size or --max-seq-len")
+    return torch.cat(rows).to(torch.int32).numpy()
+
+
+def worker_val_batches(rows: np.ndarray, batch_size: int, rank: int, world: int, device: torch.device):
+    """This rank's (x, y) validation batches: every world-th batch of the rows, so the ranks
+    together evaluate each batch once, whatever the number of workers."""
+    batches = torch.tensor(rows, dtype=torch.long).split(batch_size)
+    usable = len(batches) - len(batches) % world  # every rank evaluates the same number of batches
+    return [(b[:, :-1].to(device), b[:, 1:].to(device)) for b in batches[rank:usable:world]]
 
 
 def _train_batches(shard, batch_size: int, device: torch.device, stream: dict, resume: dict | None):
@@ -149,8 +209,7 @@ def _train_batches(shard, batch_size: int, device: torch.device, stream: dict, r
     epoch = resume["epoch"] if resume else 0
     skip_below = (resume["file_index"] - start_file) % num_files if resume else 0
     while True:
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                              dtypes=torch.long):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long):
             offset = int(((batch["file_index"] - start_file) % num_files).max())
             if offset < skip_below:
                 continue
@@ -160,24 +219,45 @@ def _train_batches(shard, batch_size: int, device: torch.device, stream: dict, r
         skip_below = 0
 
 
-def _val_batches(shard, batch_size: int, device: torch.device, rank: int, world: int):
-    """The validation rows, the same on every run: every worker sees the whole (unsplit) val
-    stream and takes every world-th batch, so the evaluated set does not depend on the order in
-    which workers consume it."""
-    for index, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                                           dtypes=torch.long)):
-        if index % world == rank:
-            rows = batch["tokens"].to(device)
-            yield rows[:, :-1], rows[:, 1:]
+def _core_metric(model: GPT, cfg: dict, tokenizer: Tokenizer, core_tasks) -> float | None:
+    """CORE of the current weights, scored by a pool of Ray actors (rank 0 only; the other ranks
+    wait at the next report). The actors run on CPUs: on a GPU cluster the train workers hold every
+    GPU. None, with a message, when the cluster has no CPU free for an actor."""
+    free_cpus = int(ray.available_resources().get("CPU", 0))
+    if free_cpus < 1:
+        print0("CORE skipped: no CPU is free for an eval actor while the train workers and Ray Data run; "
+               "lower --cpus-per-worker or add CPUs")
+        return None
+    weights = InMemoryModel(cfg["model_config"], {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            tokenizer)
+    core = evaluate_core_on_actors(weights, ray.get(core_tasks), num_actors=min(DEFAULT_CPU_ACTORS, free_cpus),
+                                   num_gpus_per_actor=0)
+    return core["core_metric"]
 
 
-def train_loop_per_worker(cfg: dict) -> None:
+def _print_samples(model: GPT, tokenizer: Tokenizer) -> None:
+    from nanochat.engine import Engine
+
+    engine = Engine(model, tokenizer)
+    model.eval()
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
+        print0(f"sample | {tokenizer.decode(sequences[0])!r}")
+    model.train()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg, refs = config["cfg"], config["refs"]
     args = argparse.Namespace(**cfg["args"])
     horizon = cfg["horizon"]
+    quiet_worker_logs()
     rank, world = world_info()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        print0(f"CPU workers: {configure_cpu_threads()} torch threads each")
     torch.set_float32_matmul_precision("high")
 
     model = build_model(cfg["model_config"], device, seed=args.seed)
@@ -187,50 +267,67 @@ def train_loop_per_worker(cfg: dict) -> None:
                                       weight_decay=args.weight_decay)
     meta = restore_from_checkpoint(model, optimizer, device)
     start_step = meta["step"] if meta else 0
-    if meta and "rng_state" in meta:
-        torch.manual_seed(meta["rng_state"] + start_step)
+    history = meta["history"] if meta else []  # every report of the run so far (rank 0 keeps it)
+    if meta:
+        restore_rng_state(meta["rng_state"])
+        history.append({"step": start_step, "restored_from_checkpoint": True})
     train_model = maybe_compile(model, args.compile, device)
 
     num_steps = horizon["num_iterations"]
     grad_accum = horizon["grad_accum_steps"]
     tokens_per_step = horizon["total_batch_size"]
-    token_bytes = get_token_bytes(device)
-    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * args.max_seq_len * world))
-    peak = peak_flops(device) * world
-    metrics = TrainMetrics(cfg["run_name"], "nanochat_base", args.run if rank == 0 else None, cfg) if rank == 0 else None
-    progress = ProgressLine(num_steps, start_step)
+    tokenizer = Tokenizer.from_directory(cfg["tokenizer_dir"])
+    token_bytes = compute_token_bytes(tokenizer).to(device)
+    val_batches = worker_val_batches(ray.get(refs["val_rows"]), args.device_batch_size, rank, world, device)
+    peak, peak_source = device_peak_flops(device) if rank == 0 else (0.0, "")
+    if rank == 0:
+        print0(f"MFU against {peak / 1e12:.3g} TFLOP/s per worker ({peak_source})" if peak > 0 else "MFU: n/a")
+    metrics = TrainMetrics(cfg["run_name"], "nanochat_base", args.run, cfg) if rank == 0 else None
+    progress = ProgressLine(num_steps)
 
     stream = cfg["stream"]
     train_iter = _train_batches(ray.train.get_dataset_shard("train"), args.device_batch_size, device, stream,
                                 meta["data_position"] if meta else None)
     data_wait = Stopwatch()
     x, y, position = next(train_iter)  # the first batch waits for the pipeline to start: not counted
-    val_bpb = None
-    total_training_time = meta.get("total_training_time", 0.0) if meta else 0.0
+    val_bpb = meta.get("val_bpb") if meta else None
 
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
-        results = {}
-        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            model.eval()
-            val_bpb = evaluate_bpb(model, _val_batches(ray.train.get_dataset_shard("val"), args.device_batch_size,
-                                                       device, rank, world), eval_steps, token_bytes)
-            model.train()
-            results["val_bpb"] = val_bpb
-            print0(f"step {step:5d} | val bpb {val_bpb:.4f}")
-        if rank == 0 and args.sample_every > 0 and (step % args.sample_every == 0 or last_step) and step > 0:
-            _print_samples(model, cfg["tokenizer_dir"])
-
+        # Every rank takes the same decisions: each report is a barrier across the workers.
+        eval_now = last_step or (args.eval_every > 0 and step % args.eval_every == 0)
+        core_now = args.core_metric_every > 0 and step > 0 and (last_step or step % args.core_metric_every == 0)
         save_now = last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0)
+        evals = {}
+        if eval_now:
+            model.eval()
+            val_bpb = evaluate_bpb(model, val_batches, len(val_batches), token_bytes)
+            model.train()
+            evals["val_bpb"] = val_bpb
+            print0(f"step {step:5d} | val bpb {val_bpb:.4f}")
+        if core_now and rank == 0:
+            core_metric = _core_metric(model, cfg, tokenizer, refs["core_tasks"])
+            if core_metric is not None:
+                evals["core_metric"] = core_metric
+                print0(f"step {step:5d} | CORE {core_metric:.4f}")
+        if rank == 0 and args.sample_every > 0 and step > 0 and (last_step or step % args.sample_every == 0):
+            _print_samples(model, tokenizer)
+
+        if eval_now or core_now or save_now:
+            record = {"step": step, **evals}
+            history.append(record)
+            if metrics is not None:
+                metrics.publish(step, record)
         if save_now:
-            slowest = all_reduce_min(position["offset"], device)
+            slowest = int(all_reduce(position["offset"], device, op=torch.distributed.ReduceOp.MIN))
             data_position = {"epoch": position["epoch"],
                              "file_index": (stream["start_file"] + slowest) % stream["num_train_files"]}
             checkpoint_meta = {"model_config": cfg["model_config"], "data_position": data_position,
-                               "user_config": cfg["args"], "val_bpb": val_bpb, "rng_state": args.seed,
-                               "total_training_time": total_training_time, "horizon": horizon}
-            report_with_checkpoint({"step": step, **results}, step, model, optimizer, checkpoint_meta,
-                                   cfg["tokenizer_dir"])
+                               "user_config": cfg["args"], "val_bpb": val_bpb, "rng_state": rng_state(),
+                               "horizon": horizon, "history": history}
+            report_with_checkpoint(record, step, model, optimizer, checkpoint_meta, cfg["tokenizer_dir"])
+        elif eval_now or core_now:
+            ray.train.report(record)
         if last_step:
             break
 
@@ -244,7 +341,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
                 group["weight_decay"] = weight_decay_at(step, num_steps, args.weight_decay)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
             loss = train_model(x, y)
             (loss / grad_accum).backward()
@@ -253,91 +350,105 @@ def train_loop_per_worker(cfg: dict) -> None:
                 x, y, position = next(train_iter)
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        train_loss = float(loss_sum) / grad_accum
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        # the loss of the whole global batch: the mean over the ranks of their micro-batch means
+        train_loss = all_reduce(float(loss_sum) / grad_accum, device) / world
         dt = time.perf_counter() - t0
-        if step > start_step:  # the first step includes warm-up (compilation, first batches)
-            total_training_time += dt
         tokens_per_second = tokens_per_step / dt
-        mfu = cfg["flops_per_token"] * tokens_per_second / peak if peak > 0 else None
         waited = data_wait.take()
-        line = progress.update(step, train_loss, dt, tokens_per_second, mfu, extra=f" | data wait {100 * waited / dt:.1f}%")
-        print0(line)
-        step_metrics = {"step": step + 1, "loss": train_loss, "lr_multiplier": lrm, "tokens_per_second": tokens_per_second,
-                        "step_seconds": dt, "data_wait_seconds": waited, "epoch": position["epoch"], **results}
+        mfu = cfg["flops_per_token"] * tokens_per_second / (peak * world) if peak > 0 else None
+        record = {"step": step + 1, "loss": train_loss, "lr_multiplier": lrm, "tokens_per_second": tokens_per_second,
+                  "step_seconds": dt, "data_wait_seconds": waited, "epoch": position["epoch"],
+                  "time": time.time()}
         if mfu is not None:
-            step_metrics["mfu"] = mfu
-        if metrics is not None:
-            metrics.publish(step + 1, step_metrics)
-        ray.train.report(step_metrics)
+            record["mfu"] = mfu
+        if rank == 0:
+            history.append(record)
+            metrics.publish(step + 1, {k: v for k, v in record.items() if k != "time"})
+            print0(progress.update(step, train_loss, dt, tokens_per_second, mfu,
+                                   extra=f" | data wait {100 * waited / dt:.1f}%"))
+        ray.train.report(record)
     if metrics is not None:
         metrics.close()
 
 
-def _print_samples(model: GPT, tokenizer_dir: str) -> None:
-    from nanochat.engine import Engine
-
-    tokenizer = Tokenizer.from_directory(tokenizer_dir)
-    engine = Engine(model, tokenizer)
-    model.eval()
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=16, temperature=0)
-        print0(f"sample | {tokenizer.decode(sequences[0])!r}")
-    model.train()
-
-
-def export_final_model(result: ray.train.Result, cfg: dict) -> str:
-    """Copy the run's final checkpoint into <base>/base_checkpoints/<model_tag>/ for later stages."""
-    from nanochat.checkpoint import find_last_step, load_checkpoint
-
+def export_final_model(result: ray.train.Result, cfg: dict) -> tuple[str, dict]:
+    """Copy the run's final checkpoint into <base>/base_checkpoints/<model_tag>/ for later stages;
+    returns the folder and the checkpoint's meta."""
     with result.checkpoint.as_directory() as folder:
         step = find_last_step(folder)
         model_state, _, meta = load_checkpoint(folder, step, "cpu")
     target = checkpoint_dir("base", cfg["model_tag"])
     keep = {k: v for k, v in meta.items() if k not in ("format", "step", "model_file", "tokenizer")}
     save_checkpoint(target, step, model_state, keep, tokenizer_dir=cfg["tokenizer_dir"])
-    return target
+    return target, meta
 
 
 def main(argv=None) -> dict:
+    """Train; returns {'checkpoint_dir', 'run_path', 'config', 'history', 'val_bpb', 'val_unigram_bpb'}."""
     args = parse_args(argv)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    cfg = resolve_config(args)
-    print_config(cfg)
-
-    previous = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])
-    if previous is not None and not args.resume:
-        raise SystemExit(f"a run named {cfg['run_name']!r} already has checkpoints in {cfg['storage_path']} "
-                         f"(step {previous['step']}): pass --resume to continue it, or --run-name NEW to start over")
-    start_file = previous["data_position"]["file_index"] if (previous and args.resume) else 0
-    datasets, cfg["stream"] = pretrain_data.build_datasets(
-        source=args.source, data_dir=args.data_dir, tokenizer_dir=cfg["tokenizer_dir"],
-        sequence_len=args.max_seq_len, buffer_docs=args.pack_buffer_docs, start_file=start_file)
+    try:
+        cfg = resolve_config(args)
+        print_config(cfg)
+        previous = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])
+        if previous is not None and not args.resume:
+            raise ValueError(f"a run named {cfg['run_name']!r} already has checkpoints in {cfg['storage_path']} "
+                             f"(step {previous['step']}): pass --resume to continue it, or --run-name NEW to start over")
+        if previous is None and args.resume:
+            print0(f"--resume: run {cfg['run_name']!r} has no checkpoint in {cfg['storage_path']} yet, starting it")
+        start_file = previous["data_position"]["file_index"] if previous else 0
+        datasets, cfg["stream"] = pretrain_data.build_datasets(
+            source=args.source, data_dir=args.data_dir, tokenizer_dir=cfg["tokenizer_dir"],
+            sequence_len=args.max_seq_len, buffer_docs=args.pack_buffer_docs, start_file=start_file)
+        val_rows = validation_rows(resolve_source(args.source, args.data_dir).val_files, cfg["tokenizer_dir"],
+                                   args.device_batch_size, args.max_seq_len,
+                                   cfg["val_batches_per_worker"] * args.num_workers)
+        if len(val_rows) // args.device_batch_size < args.num_workers:
+            raise ValueError(f"the validation shard holds {len(val_rows) // args.device_batch_size} batch(es) of "
+                             f"{args.device_batch_size} rows, fewer than the {args.num_workers} workers that share "
+                             "them: lower --device-batch-size or --max-seq-len")
+        val_unigram_bpb = unigram_bpb(torch.from_numpy(val_rows[:, 1:]).long(),
+                                      compute_token_bytes(Tokenizer.from_directory(cfg["tokenizer_dir"])))
+        print0(f"validation: {len(val_rows)} rows of {args.max_seq_len} tokens; a unigram model of them (token "
+               f"frequencies) scores {val_unigram_bpb:.4f} bits/byte: the model's val bpb must get below it")
+        core_tasks = None
+        if args.core_metric_every > 0:
+            from nanochat.core_eval import download_eval_bundle, load_core_tasks
+            core_tasks = ray.put(load_core_tasks(download_eval_bundle(), args.core_metric_max_per_task))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"base_train: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
     cpus_per_worker = args.cpus_per_worker
     if cpus_per_worker <= 0:
-        # Logical CPUs only schedule work (torch uses the cores it finds); leave 1.5 for Ray Data,
-        # whose file listing task asks for a whole CPU.
+        # Logical CPUs only schedule work (each worker sets its torch threads from the node's
+        # cores); leave 1.5 for Ray Data, whose file listing task asks for a whole CPU.
         cpus_per_worker = max(0.1, min(1.0, (ray.cluster_resources().get("CPU", 2) - 1.5) / args.num_workers))
-    resources = {"CPU": cpus_per_worker}
+    set_ray_train_env()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=cfg,
+        train_loop_config={"cfg": cfg, "refs": {"val_rows": ray.put(val_rows), "core_tasks": core_tasks}},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=cfg["use_gpu"],
-                                     resources_per_worker=None if cfg["use_gpu"] else resources),
+                                     resources_per_worker=None if cfg["use_gpu"] else {"CPU": cpus_per_worker}),
         run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"],
                              checkpoint_config=CheckpointConfig(num_to_keep=args.keep_last),
-                             failure_config=FailureConfig(max_failures=args.max_failures)),
-        datasets=datasets,
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             logging_config=LoggingConfig(log_level="WARNING")),
+        datasets={"train": datasets["train"]},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
-    exported = export_final_model(result, cfg)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        print(f"base_train: training failed after {args.max_failures} restart(s) ({exc}). Its checkpoints are in "
+              f"{cfg['storage_path']}/{cfg['run_name']}: rerun with --resume to continue from the newest one",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    exported, meta = export_final_model(result, cfg)
     print0(f"final model exported to {exported}")
-    return {"checkpoint_dir": exported, "run_path": result.path, "config": cfg}
+    return {"checkpoint_dir": exported, "run_path": result.path, "config": cfg, "history": meta["history"],
+            "val_bpb": meta["val_bpb"], "val_unigram_bpb": val_unigram_bpb}
 
 
 if __name__ == "__main__":

@@ -1,39 +1,74 @@
 """The pretraining data stream on Ray Data: parquet shards -> tokenized documents -> best-fit
 packed rows of T+1 tokens, streamed into the Ray Train workers.
 
-    read_parquet(columns=['text'])        streaming, one row group at a time, never the whole set
+    read_datasource(ParquetRowGroupDatasource)  a read task per ~1 MB of row groups, in file order
       -> map_batches(tokenize_documents)  CPU tasks: BOS + tokens per document, parallel over the cluster
-      -> map_batches(PackRows)            stateful actor holding the best-fit buffer (nanochat.packing)
-      -> {'tokens': int32 (T+1,), 'file_index': int}   one packed row per record
+      -> map_batches(PackRows)            ONE stateful actor holding the best-fit buffer (nanochat.packing)
+      -> {'tokens': int32 (T+1,), 'file_index': int32}   one packed row per record
 
-Every row starts with BOS, has exactly T+1 tokens and no padding. Each document lands in at most
-one row (the part of a cropped document that does not fit is dropped, as the seed does), and a
-row goes to exactly one worker (`streaming_split`), so within an epoch a document reaches at most
-one worker.
+Why not ray.data.read_parquet: in Ray 2.60 it packs small files into one read task (the whole
+30 MB sample came out as a single block, so nothing streamed and no tokenizing ran in parallel),
+its file partitioner may emit files out of the given order, and its file listing task asks for a
+whole CPU. Read tasks over consecutive row groups of one file (at least READ_TASK_BYTES of text
+each, so a tiny row group does not cost a task of its own; one row group, about 1000 documents, in
+the Hugging Face sets) stream in small units, keep the file order exactly, and need a quarter of a
+CPU. A read task is also the unit of tokenizing and packing (batch_size=None).
 
-Resume: rows carry the index of the shard they came from. A checkpoint records the shard the
-slowest worker had reached; a resumed run starts its stream at that shard (the file list is
-rotated, so every epoch still covers every shard once). At most the shard in progress (and what
-the packer buffered) is seen again; nothing is skipped.
+Every row starts with BOS, has exactly T+1 tokens and no padding. A document lands in at most one
+row (the part of a cropped document that does not fit is dropped, as the seed does), and a row
+goes to exactly one worker (Ray Train's `streaming_split`), so within an epoch a document reaches
+at most one worker. Each epoch re-runs the pipeline over the same files in the same order.
 
-The order of rows is deterministic (Ray Data's preserve_order), so the same flags give the same
-stream, and the validation stream is the same on every run.
+Why one packer: the best-fit choice needs one buffer of candidates, the rows must come out in file
+order for the position labels below to mean anything, and one actor is the only place that sees
+the whole stream and so can tell where it ends. Packing is cheap next to tokenizing (bisections
+on a sorted buffer), so the single actor does not limit throughput; tokenizing scales with CPUs.
+
+End of stream: Ray Data gives a map_batches actor no end-of-input call, so the packer is told how
+many documents the files hold (from the parquet footers, read on the driver) and drains its buffer
+when it has seen them all: per epoch only the last partial row (< T+1 tokens) is lost, instead
+of the whole buffer (buffer_docs documents, which for a small validation shard can be all of it).
+
+Resume: a row carries the index of the shard its newest document came from. A checkpoint records
+the shard the slowest worker had reached; a resumed run starts its stream at that shard (the file
+list is rotated, so every epoch still covers every shard once). What a resume repeats: the part
+of that shard already trained on. What it skips until the next epoch: the documents the packer
+had buffered but not yet emitted when the checkpoint was taken (at most buffer_docs documents, in
+practice mostly long ones, which best-fit places last).
+
+Order is deterministic (Ray Data's preserve_order, set on the driver's DataContext because Ray
+Train takes its ingest options from there), so the same flags give the same stream and the
+validation stream is the same on every run.
 """
 
 import functools
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 from ray.data.extensions import ArrowTensorArray
 
-from nanochat.dataset import resolve_source
-from nanochat.packing import BestFitPacker
+from nanochat.dataset import TEXT_COLUMN, resolve_source
+from nanochat.packing import DEFAULT_MIN_BUFFER_DOCS, BestFitPacker
 from nanochat.tokenizer import Tokenizer
 
-TEXT_COLUMN = "text"
+# Fractional CPUs: on a CPU-only machine the train workers hold most logical CPUs, and a stage that
+# asked for a whole one (the packer actor holds its share for the whole epoch) would starve the rest.
+READ_CPUS = 0.25
+TOKENIZE_CPUS = 0.5
+PACK_CPUS = 0.25
+LOG_EVERY_ROWS = 1000
+# The packer takes documents into its buffer in groups of this many, counted over the stream (the
+# reference loader refills its buffer with tokenizer batches of 128).
+PACK_GROUP_DOCS = 128
+# Uncompressed text per read task: enough work to hide a task's overhead, small enough to stream.
+READ_TASK_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,82 +77,169 @@ def _tokenizer(tokenizer_dir: str) -> Tokenizer:
     return Tokenizer.from_directory(tokenizer_dir)
 
 
-def tokenize_documents(batch: pa.Table, tokenizer_dir: str, file_indices: dict[str, int]) -> pa.Table:
-    """map_batches function (Ray tasks): text -> token ids with BOS prepended, plus shard index."""
+def _read_row_groups(path: str, row_groups: list[int], file_index: int) -> Iterable[pa.Table]:
+    """A read task's work: the texts of some row groups of one file, labelled with its shard's index."""
+    texts = pq.ParquetFile(path).read_row_groups(row_groups, columns=[TEXT_COLUMN]).column(TEXT_COLUMN)
+    return [pa.table({TEXT_COLUMN: texts, "file_index": pa.array(np.full(len(texts), file_index, dtype=np.int32))})]
+
+
+class ParquetRowGroupDatasource(Datasource):
+    """The 'text' column of parquet files, read in the order given, a few row groups per task.
+
+    Only the footers are read on the driver: they say how many row groups and documents there are.
+    Consecutive row groups of a file share a read task until it holds READ_TASK_BYTES of text."""
+
+    def __init__(self, files: list[str], file_indices: list[int], read_task_bytes: int = READ_TASK_BYTES):
+        super().__init__()
+        self.units = []  # (path, row groups, file index, documents, uncompressed bytes)
+        for path, file_index in zip(files, file_indices, strict=True):
+            metadata = pq.read_metadata(path)
+            names = metadata.schema.to_arrow_schema().names
+            if TEXT_COLUMN not in names:
+                raise ValueError(f"{path} has no '{TEXT_COLUMN}' column (its columns: {names}); pretraining "
+                                 f"shards need the documents in a string column named '{TEXT_COLUMN}'")
+            groups, rows, size = [], 0, 0
+            for row_group in range(metadata.num_row_groups):
+                groups.append(row_group)
+                rows += metadata.row_group(row_group).num_rows
+                size += metadata.row_group(row_group).total_byte_size
+                if size >= read_task_bytes or row_group == metadata.num_row_groups - 1:
+                    self.units.append((path, groups, file_index, rows, size))
+                    groups, rows, size = [], 0, 0
+
+    @property
+    def num_documents(self) -> int:
+        return sum(unit[3] for unit in self.units)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(unit[4] for unit in self.units)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        # One task per unit whatever parallelism Ray suggests: the units are what streams, in order.
+        return [ReadTask(functools.partial(_read_row_groups, path, row_groups, file_index),
+                         BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None, input_files=[path]))
+                for path, row_groups, file_index, rows, size in self.units]
+
+
+def tokenize_documents(batch: pa.Table, tokenizer_dir: str) -> pa.Table:
+    """map_batches function (Ray tasks): text -> token ids with BOS prepended; keeps the shard index."""
     tokenizer = _tokenizer(tokenizer_dir)
+    # One thread: the task is given half a CPU, and parallelism comes from running many tasks.
     ids = tokenizer.encode(batch.column(TEXT_COLUMN).to_pylist(), prepend=tokenizer.get_bos_token_id(),
                            num_threads=1)
-    file_index = [file_indices[_normalise(p)] for p in batch.column("path").to_pylist()]
-    return pa.table({"ids": pa.array(ids, type=pa.list_(pa.int32())),
-                     "file_index": pa.array(file_index, type=pa.int32())})
-
-
-def _normalise(path: str) -> str:
-    """Ray Data reports paths without a local filesystem's leading slash variations."""
-    return path.lstrip("/")
+    return pa.table({"ids": pa.array(ids, type=pa.list_(pa.int32())), "file_index": batch.column("file_index")})
 
 
 class PackRows:
     """Stateful map_batches actor: keeps the best-fit buffer between batches and emits full rows.
 
-    Rows are packed only while at least `buffer_docs` documents are buffered, so every best-fit
-    choice has enough candidates; what is still buffered when the stream ends is dropped. A row is
-    labelled with the shard of the newest document read when it was packed: the position a resumed
-    run restarts from (the buffer may still hold up to `buffer_docs` older documents, which a
-    resume skips, and the shard in progress is read again)."""
+    Documents join the buffer in groups of `group_docs`, counted over the whole stream, and after
+    each group rows are made while at least `buffer_docs` documents are buffered, so every
+    best-fit choice has enough candidates. Counting the groups over the stream, not taking Ray's
+    batches as they come, makes the rows depend only on the order of the documents: how Ray Data
+    bundles blocks into batches varies with timing. (Adding documents one at a time would do too,
+    but then the buffer holds little besides the long documents best-fit leaves for last, and
+    cropping at T=256 rose from 0.36 to 0.52 of the tokens on the sample.) When the last of the
+    stream's `documents_in_stream` documents has arrived, the buffer is drained and a summary
+    logged. A row is
+    labelled with the shard of the newest document read when it was packed (see the module's
+    note on resume). Every `log_every_rows` rows (0 = only at the end) a line reports the crop
+    fraction and the tokens/s the pipeline has delivered. The clock starts when the actor is made,
+    which is when the pipeline starts: a rate timed from the first batch would count only the
+    packer, because the stages before it run ahead while the actor starts up.
+    """
 
-    def __init__(self, sequence_len: int, bos_id: int, buffer_docs: int, log_every_rows: int = 0):
+    def __init__(self, sequence_len: int, bos_id: int, buffer_docs: int, documents_in_stream: int,
+                 log_every_rows: int = LOG_EVERY_ROWS, group_docs: int = PACK_GROUP_DOCS):
         self.packer = BestFitPacker(sequence_len, bos_id, min_buffer_docs=buffer_docs)
+        self.group_docs = group_docs
+        self.group: list[np.ndarray] = []  # documents received, not yet in the packer's buffer
+        self.documents_in_stream = documents_in_stream
         self.log_every_rows = log_every_rows
+        self.documents_read = 0
         self.rows_out = 0
         self.started = time.perf_counter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self.packer.add(batch.column("ids").to_numpy(zero_copy_only=False))
-        rows = self.packer.pop_rows()
+        made = [np.empty((0, self.packer.row_capacity), dtype=np.int32)]
+        for doc in batch.column("ids").to_numpy(zero_copy_only=False):
+            self.group.append(doc)
+            if len(self.group) == self.group_docs:
+                made.append(self._add_group())
+        self.documents_read += batch.num_rows
+        end_of_stream = self.documents_read >= self.documents_in_stream
+        if end_of_stream:
+            made.append(self._add_group(drain=True))
+        rows = np.concatenate(made)
         newest_file = batch.column("file_index")[-1].as_py() if batch.num_rows else 0
-        self._maybe_log(len(rows))
+        before, self.rows_out = self.rows_out, self.rows_out + len(rows)
+        if end_of_stream:
+            print(self.log_line("end of stream"), flush=True)
+        elif self.log_every_rows and before // self.log_every_rows != self.rows_out // self.log_every_rows:
+            print(self.log_line(), flush=True)
         # An explicit tensor column: Ray's automatic conversion gives up on empty (0, T+1) batches.
         return pa.table({"tokens": ArrowTensorArray.from_numpy(rows),
                          "file_index": pa.array(np.full(len(rows), newest_file, dtype=np.int32))})
 
-    def _maybe_log(self, new_rows: int) -> None:
-        before, self.rows_out = self.rows_out, self.rows_out + new_rows
-        if self.log_every_rows and before // self.log_every_rows != self.rows_out // self.log_every_rows:
-            seconds = time.perf_counter() - self.started
-            tokens = self.packer.tokens_emitted
-            print(f"packer: {self.rows_out} rows, {tokens / seconds:,.0f} tokens/s, "
-                  f"crop fraction {self.packer.crop_fraction:.3f}", flush=True)
+    def _add_group(self, drain: bool = False) -> np.ndarray:
+        self.packer.add(self.group)
+        self.group = []
+        return self.packer.pop_rows(drain=drain)
+
+    def stats(self) -> dict:
+        """Progress of this stream: documents and tokens in, rows and tokens out, crop fraction, rate."""
+        seconds = time.perf_counter() - self.started
+        return {"documents": self.documents_read, "rows": self.rows_out,
+                "tokens_read": self.packer.tokens_read, "tokens_emitted": self.packer.tokens_emitted,
+                "tokens_cropped": self.packer.tokens_cropped, "crop_fraction": self.packer.crop_fraction,
+                "tokens_per_second": self.packer.tokens_emitted / seconds if seconds > 0 else 0.0}
+
+    def log_line(self, label: str = "") -> str:
+        s = self.stats()
+        return (f"packer{' ' + label if label else ''}: {s['documents']:,}/{self.documents_in_stream:,} documents, "
+                f"{s['rows']:,} rows, {s['tokens_per_second']:,.0f} tokens/s, "
+                f"crop fraction {s['crop_fraction']:.4f}")
 
 
-def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int, buffer_docs: int = 1000,
-                   file_indices: dict[str, int] | None = None, read_concurrency: int | None = None,
-                   tokenize_concurrency: int | None = None, packers: int = 1,
-                   log_every_rows: int = 1000) -> ray.data.Dataset:
-    """A Ray Dataset of packed rows over `files` (in this order)."""
+def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int,
+                   buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS, file_indices: list[int] | None = None,
+                   log_every_rows: int = LOG_EVERY_ROWS) -> ray.data.Dataset:
+    """A Ray Dataset of packed rows over `files`, read in this order. file_indices gives the index
+    each file's rows are labelled with (default: its position in `files`)."""
+    if not files:
+        raise ValueError("no parquet files to read: the split is empty")
+    if sequence_len <= 0:
+        raise ValueError(f"sequence_len must be a positive number of tokens, not {sequence_len}")
+    if buffer_docs <= 0:
+        raise ValueError(f"buffer_docs must be a positive number of documents, not {buffer_docs}")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    file_indices = file_indices or {_normalise(path): i for i, path in enumerate(files)}
+    source = ParquetRowGroupDatasource(files, list(range(len(files))) if file_indices is None else file_indices)
     bos_id = _tokenizer(tokenizer_dir).get_bos_token_id()
-    # Fractional CPUs: on a CPU-only machine the train workers hold most CPUs, and a stage that
-    # asked for a whole one (the packer actor holds its CPU for the whole epoch) could starve the rest.
-    ds = ray.data.read_parquet(files, columns=[TEXT_COLUMN], include_paths=True, shuffle=None,
-                               concurrency=read_concurrency, ray_remote_args={"num_cpus": 0.25})
-    ds = ds.map_batches(tokenize_documents, fn_kwargs={"tokenizer_dir": tokenizer_dir, "file_indices": file_indices},
-                        batch_format="pyarrow", batch_size=256, concurrency=tokenize_concurrency, num_cpus=0.5)
-    ds = ds.map_batches(PackRows, fn_constructor_args=(sequence_len, bos_id, buffer_docs, log_every_rows),
-                        batch_format="pyarrow", batch_size=256, concurrency=packers, num_cpus=0.25)
-    return ds
+    ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=len(source.units))
+    # batch_size=None: one call per read task's block, the unit of tokenizing and packing too.
+    ds = ds.map_batches(tokenize_documents, fn_kwargs={"tokenizer_dir": tokenizer_dir}, batch_format="pyarrow",
+                        batch_size=None, num_cpus=TOKENIZE_CPUS)
+    return ds.map_batches(PackRows, batch_format="pyarrow", batch_size=None, num_cpus=PACK_CPUS,
+                          fn_constructor_args=(sequence_len, bos_id, buffer_docs, source.num_documents,
+                                               log_every_rows),
+                          compute=ray.data.ActorPoolStrategy(size=1))
 
 
 def build_datasets(source: str, tokenizer_dir: str, sequence_len: int, data_dir: str | None = None,
-                   buffer_docs: int = 1000, start_file: int = 0) -> tuple[dict[str, ray.data.Dataset], dict]:
+                   buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS,
+                   start_file: int = 0) -> tuple[dict[str, ray.data.Dataset], dict]:
     """{'train': ..., 'val': ...} for the trainer, and a description of the stream
-    ({'num_train_files', 'start_file'}) that the workers use to track their position."""
+    ({'num_train_files', 'start_file'}) that the workers use to track their position.
+
+    The train stream starts at shard `start_file` (modulo the number of train shards) and labels
+    rows with shard indices in the sorted train file list; the val stream reads the validation
+    shard and labels its rows 0."""
     shards = resolve_source(source, data_dir)
     train_files = shards.train_files
     start_file = start_file % len(train_files)
     rotated = train_files[start_file:] + train_files[:start_file]
-    indices = {_normalise(path): i for i, path in enumerate(train_files)}
+    indices = [(start_file + i) % len(train_files) for i in range(len(train_files))]
     datasets = {
         "train": packed_dataset(rotated, tokenizer_dir, sequence_len, buffer_docs, file_indices=indices),
         "val": packed_dataset(shards.val_files, tokenizer_dir, sequence_len, buffer_docs),

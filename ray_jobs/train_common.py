@@ -1,28 +1,61 @@
 """The Ray Train machinery every trainer shares (base_train, chat_sft, chat_rl).
 
-- building the GPT on the worker's device and wrapping it for compilation;
+- building the GPT on the worker's device, CPU threads per worker, and torch.compile when asked;
+- the device's peak FLOP/s for MFU: the GPU's datasheet number, or on CPU the measured matmul rate;
 - checkpoints through `ray.train.report(checkpoint=...)`: each rank writes its optimizer shard,
   rank 0 the weights, the meta record and the tokenizer copy, in nanochat.checkpoint's layout,
   and Ray merges the ranks' folders into one checkpoint in the run's storage path;
 - restoring from `ray.train.get_checkpoint()` (after `--resume` or a worker failure);
+- the Ray Train settings that keep per-step reports cheap and a worker's output to one line
+  per print;
 - metrics: `ray.util.metrics` gauges for the Ray dashboard / Prometheus, plus optional wandb;
 - the one-line-per-step progress report.
 """
 
+import base64
+import json
+import logging
 import math
 import os
 import tempfile
 import time
 
 import pyarrow.fs
+import ray
 import ray.train
 import torch
 import torch.distributed as dist
 from ray.util import metrics as ray_metrics
 
 from nanochat.checkpoint import find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import print0
+from nanochat.common import peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
+
+# Settings Ray Train 2.60 reads from the environment of its controller and workers; the driver's
+# values are handed on to both (ray.train.v2's ENV_VARS_TO_PROPAGATE), so setting them in the driver
+# before fit() is enough, under `ray job submit` too.
+RAY_TRAIN_ENV = {
+    # The controller takes a worker's report off the worker's one-slot queue once per poll, every
+    # 2 s by default, and the worker's next report waits for the slot: reporting every step would
+    # cap training at one step per poll (measured: 2-3 s per step of a model that steps in 0.2 s).
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+    # Ray Train replaces print() in its workers by a version that prints AND logs through the root
+    # logger, so every line a worker prints shows twice in the driver's output.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def set_ray_train_env() -> None:
+    """Apply RAY_TRAIN_ENV in this (driver) process, keeping any value the user set."""
+    for name, value in RAY_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def quiet_worker_logs() -> None:
+    """Keep a train worker's output to the trainer's own lines: Ray Train 2.60 logs every report
+    ("Reporting training result ...") at INFO through a logger that its LoggingConfig does not
+    reach, and it propagates to the root logger, so raise the root logger to WARNING."""
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 def build_model(model_config: dict, device: torch.device, seed: int) -> GPT:
@@ -37,8 +70,9 @@ def build_model(model_config: dict, device: torch.device, seed: int) -> GPT:
 
 
 def maybe_compile(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    """torch.compile per --compile: 'auto' compiles on CUDA only (on CPU it was measured slower
-    to start and not faster for the tiny models; see bench_train), 'on'/'off' force it."""
+    """torch.compile per --compile: 'auto' compiles on CUDA only (on CPU, bench_train measured it
+    no faster for the small models a CPU trains, and it adds a minute of compilation), 'on'/'off'
+    force it."""
     if mode == "on" or (mode == "auto" and device.type == "cuda"):
         from nanochat.flash_attention import attention_backend
         attention_backend()  # choose the kernel before tracing (see nanochat.flash_attention)
@@ -51,12 +85,64 @@ def world_info() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
-def all_reduce_min(value: int, device: torch.device) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+def configure_cpu_threads() -> int:
+    """Give each CPU train worker its share of its node's cores; returns the thread count.
+
+    Ray starts a worker that asked for a fraction of a CPU with OMP_NUM_THREADS=1, so torch would
+    use one core however many the node has. Logical CPUs in Ray only schedule work; the cores are
+    shared by the workers on the node (the light Ray Data stages run between their matmuls)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    node_cpus = next((node["Resources"].get("CPU", 1) for node in ray.nodes() if node["NodeID"] == node_id), 1)
+    threads = max(1, int(node_cpus) // ray.train.get_context().get_local_world_size())
+    torch.set_num_threads(threads)
+    return threads
+
+
+def measure_matmul_flops(device: torch.device, size: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a square fp32 matmul on `device` with the current thread count: the practical
+    peak a CPU reaches, against which its MFU is reported (CPUs have no datasheet number here)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up: thread pool start, page faults
+    runs, started = 0, time.perf_counter()
+    while True:
+        a @ b
+        runs += 1
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - started
+    return 2 * size ** 3 * runs / elapsed
+
+
+def device_peak_flops(device: torch.device) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) of one device, for MFU."""
+    peak = peak_flops(device)
+    if peak > 0:
+        return peak, "datasheet bf16"
+    if device.type == "cpu":
+        return measure_matmul_flops(device), "measured fp32 matmul"
+    return 0.0, "unknown GPU"
+
+
+def all_reduce(value: float, device: torch.device, op=None) -> float:
+    """A scalar reduced over the ranks (SUM by default); the value itself outside a process group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
+def rng_state() -> str:
+    """torch's CPU generator state as text, for a checkpoint's JSON meta."""
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")
+
+
+def restore_rng_state(state: str) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
 
 
 def report_with_checkpoint(metrics: dict, step: int, model: GPT, optimizer, meta: dict,
@@ -91,8 +177,6 @@ def restore_from_checkpoint(model: GPT, optimizer, device: torch.device) -> dict
 def latest_run_checkpoint_meta(storage_path: str, run_name: str) -> dict | None:
     """The meta record of the newest `step_*` checkpoint of a run in storage (local path or any
     URI pyarrow understands), read by the driver before it builds the datasets of a resumed run."""
-    import json
-
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path) if "://" in storage_path else (
         pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path))
     run_dir = f"{root}/{run_name}"
@@ -143,11 +227,10 @@ class TrainMetrics:
 
 
 class ProgressLine:
-    """One line per step: step/total, loss, tokens/s, MFU, ETA (smoothed over recent steps)."""
+    """One line per step: step/total, loss, tokens/s, MFU, ETA (from the recent step times)."""
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int):
         self.total = total_steps
-        self.start_step = start_step
         self.smooth_loss = None
         self.step_times: list[float] = []
 
@@ -158,10 +241,9 @@ class ProgressLine:
         self.step_times = (self.step_times + [step_seconds])[-20:]
         eta = (self.total - step - 1) * sum(self.step_times) / len(self.step_times)
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-        line = (f"step {step + 1:5d}/{self.total} | loss {loss:.4f} (avg {self.smooth_loss:.4f}) | "
+        return (f"step {step + 1:5d}/{self.total} | loss {loss:.4f} (avg {self.smooth_loss:.4f}) | "
                 f"{step_seconds * 1000:.0f} ms | {tokens_per_second:,.0f} tok/s | MFU {mfu_text} | "
                 f"ETA {format_seconds(eta)}{extra}")
-        return line
 
 
 def format_seconds(seconds: float) -> str:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.training import (best_batch_size, lr_multiplier, muon_momentum, resolve_horizon,
                                weight_decay_at)
 
@@ -82,3 +82,14 @@ def test_bits_per_byte_of_a_uniform_model():
     assert bpb == pytest.approx(2.0)
     with pytest.raises(ValueError, match="no bytes"):
         evaluate_bpb(_UniformModel(vocab), [(y, torch.full_like(y, -1))], num_steps=1, token_bytes=token_bytes)
+
+
+def test_unigram_bits_per_byte():
+    token_bytes = torch.tensor([0, 1, 2, 3], dtype=torch.int32)  # token 0 is special
+    # tokens 1 and 2 each half of the counted targets: 1 bit per token over (1 + 2) / 2 bytes
+    targets = torch.tensor([[0, 1, 2, -1], [2, 1, 0, 0]])
+    assert unigram_bpb(targets, token_bytes) == pytest.approx(4 / 6)
+    # a single repeated token costs nothing: it is certain
+    assert unigram_bpb(torch.tensor([3, 3, 3]), token_bytes) == 0.0
+    with pytest.raises(ValueError, match="no bytes"):
+        unigram_bpb(torch.tensor([0, -1]), token_bytes)

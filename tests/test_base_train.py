@@ -1,0 +1,253 @@
+"""Tests of pretraining on Ray Train (ray_jobs/base_train.py), end to end through `main()`.
+
+A depth-2, width-64 GPT with a ~450-token tokenizer trains on small synthetic parquet shards
+through the session's local Ray (2 CPUs). A Ray Train run costs seconds of start-up, so three
+module-scoped runs (four `main()` calls) serve all the checks:
+
+    two_workers  2 workers, 8 steps, checkpoints at 4 and 8, val bpb at 0 and 8, CORE at 8
+    recovered    1 worker, the same global batch (2 micro-batches); the worker dies at the start
+                 of step 6 and FailureConfig restarts it from the step-4 checkpoint
+    resumed      2 workers; a worker dies at step 6 with no restarts allowed, so the run stops
+                 (its newest checkpoint is step 4); then `--resume` finishes it
+
+Why the runs cannot agree exactly: Ray Data splits the train stream between workers block by
+block, so 1 and 2 workers put different rows into a step's global batch; and a restarted or
+resumed stream starts again at the beginning of the shard the checkpoint was taken in (see
+ray_jobs.pretrain_data), so it trains on some rows twice. Each tolerance below says how much that
+can move the number it checks, and what a broken run would do instead.
+"""
+
+import json
+import math
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanochat.checkpoint import find_last_step, load_model
+from nanochat.core_eval import core_score, evaluate_task, load_core_tasks
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
+from ray_jobs.base_train import main, parse_args, validation_rows, worker_val_batches
+
+STEPS = 8
+SAVE_EVERY = 4
+# A worker dies at the start of step 6: two reports after step 4's checkpoint, so Ray Train's
+# controller has registered that checkpoint (a worker's report waits until the controller has
+# taken its previous one, and the controller handles one poll's reports before the next poll).
+FAIL_AT = SAVE_EVERY + 2
+SEQ_LEN = 64
+DEVICE_BATCH = 4
+EVAL_TOKENS = 2048
+
+SUBJECTS = ["the cat", "a small dog", "the old man", "my sister", "the teacher", "a young bird", "the farmer",
+            "our neighbour", "the captain", "a tired student"]
+VERBS = ["sees", "likes", "finds", "carries", "paints", "follows", "feeds", "watches", "helps", "calls"]
+OBJECTS = ["the red ball", "a green apple", "the river", "an old book", "the white house", "a long road",
+           "the blue sea", "a warm coat", "the tall tree", "a quiet garden"]
+PLACES = ["in the morning", "at night", "near the school", "after lunch", "in the rain", "on the hill"]
+
+CORE_YAML = """\
+icl_tasks:
+-
+  label: tiny_mc
+  dataset_uri: tiny/mc.jsonl
+  num_fewshot: [1]
+  icl_task_type: multiple_choice
+  continuation_delimiter: ' '
+-
+  label: tiny_lm
+  dataset_uri: tiny/lm.jsonl
+  num_fewshot: [0]
+  icl_task_type: language_modeling
+  continuation_delimiter: ' '
+"""
+
+
+def _documents(count: int, seed: int) -> list[str]:
+    """Sentences from a small grammar: learnable in a few steps, varied enough that different
+    rows give different losses."""
+    rng = random.Random(seed)
+    return [" ".join(f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} "
+                     f"{rng.choice(PLACES)}." for _ in range(rng.randint(2, 8))) for _ in range(count)]
+
+
+def _write_core_bundle(bundle_dir: str) -> None:
+    mc = [{"query": f"{SUBJECTS[i].capitalize()} {VERBS[i]}", "choices": [OBJECTS[i], "zzz", "qqq", "xxx"],
+           "gold": 0} for i in range(8)]
+    lm = [{"context": f"{SUBJECTS[i].capitalize()} {VERBS[i]}", "continuation": OBJECTS[i]} for i in range(8)]
+    os.makedirs(os.path.join(bundle_dir, "eval_data", "tiny"))
+    with open(os.path.join(bundle_dir, "core.yaml"), "w") as f:
+        f.write(CORE_YAML)
+    with open(os.path.join(bundle_dir, "eval_meta_data.csv"), "w") as f:
+        f.write("Eval Task,Random baseline\ntiny_mc,25\ntiny_lm,0\n")
+    for name, rows in (("mc", mc), ("lm", lm)):
+        with open(os.path.join(bundle_dir, "eval_data", "tiny", f"{name}.jsonl"), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Shards, the tokenizer under the session's base dir, a tiny CORE bundle, the common flags."""
+    work = tmp_path_factory.mktemp("base_train")
+    shards = work / "shards"
+    shards.mkdir()
+    # 12 train shards of 30 documents (about 20 rows of 65 tokens each), then the val shard of 60
+    # (about 40 rows, of which 32 are evaluated).
+    for index in range(13):
+        documents = _documents(60 if index == 12 else 30, seed=index)
+        pq.write_table(pa.table({"text": documents}), str(shards / f"shard_{index:05d}.parquet"))
+    Tokenizer.train_from_iterator(iter(_documents(300, seed=100)), 512).save(get_tokenizer_dir())
+    bundle = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "eval_bundle")
+    if not os.path.exists(bundle):
+        _write_core_bundle(bundle)
+    flags = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", str(SEQ_LEN),
+             "--window-pattern", "L", "--device-batch-size", str(DEVICE_BATCH), "--total-batch-size", "512",
+             "--num-iterations", str(STEPS), "--source", "local", "--data-dir", str(shards),
+             "--pack-buffer-docs", "16", "--eval-every", str(STEPS), "--eval-tokens", str(EVAL_TOKENS),
+             "--sample-every", "-1", "--save-every", str(SAVE_EVERY), "--storage-path", str(work / "runs"),
+             # sqrt(512 / 2**19) scales the default learning rates by 1/32: too small to move in 8
+             # steps. These are 8x the defaults.
+             "--matrix-lr", "0.16", "--embedding-lr", "1.6", "--unembedding-lr", "0.032", "--scalar-lr", "4"]
+    return {"work": work, "shards": shards, "flags": flags}
+
+
+@pytest.fixture(scope="module")
+def two_workers(ray_local, setup):
+    return main(setup["flags"] + ["--num-workers", "2", "--run-name", "two_workers", "--model-tag", "bt_two",
+                                  "--core-metric-every", str(STEPS), "--core-metric-max-per-task", "8"])
+
+
+@pytest.fixture(scope="module")
+def recovered(ray_local, setup):
+    return main(setup["flags"] + ["--num-workers", "1", "--run-name", "recovered", "--model-tag", "bt_recovered",
+                                  "--fail-at-step", str(FAIL_AT), "--max-failures", "1"])
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_local, setup):
+    flags = setup["flags"] + ["--num-workers", "2", "--run-name", "resumed", "--model-tag", "bt_resumed"]
+    with pytest.raises(SystemExit) as stopped:
+        main(flags + ["--fail-at-step", str(FAIL_AT), "--max-failures", "0"])
+    assert stopped.value.code == 1
+    return main(flags + ["--resume"])
+
+
+def _losses(history: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in history if "loss" in r}
+
+
+def _val_bpb(history: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["val_bpb"] for r in history if "val_bpb" in r}
+
+
+def _val_rows(setup: dict, batch_size: int, num_batches: int):
+    val_shard = str(sorted(setup["shards"].iterdir())[-1])
+    return validation_rows([val_shard], get_tokenizer_dir(), batch_size, SEQ_LEN, num_batches)
+
+
+def test_two_workers_train_and_the_loss_falls(two_workers):
+    history = two_workers["history"]
+    losses = _losses(history)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    # The first step sees the initial weights, whose near-zero lm_head predicts a uniform
+    # distribution: the loss is ln(vocab) to a few thousandths.
+    vocab = two_workers["config"]["model_config"]["vocab_size"]
+    assert losses[1] == pytest.approx(math.log(vocab), abs=0.01)
+    # the grammar has few words: 8 steps take more than a nat off (measured: 1.6)
+    assert losses[STEPS] < losses[1] - 1.0
+    val = _val_bpb(history)
+    assert set(val) == {0, STEPS} and val[STEPS] < val[0] - 0.3
+    assert two_workers["val_bpb"] == val[STEPS]
+    assert 0 < two_workers["val_unigram_bpb"] < val[0]  # word frequencies beat the untrained model
+    steps = [r for r in history if "loss" in r]
+    assert all(r["tokens_per_second"] > 0 and 0 <= r["data_wait_seconds"] < r["step_seconds"] for r in steps)
+
+
+def test_one_and_two_workers_agree_over_the_first_steps(two_workers, recovered):
+    # The 1-worker run's steps 1-4 come before its worker died. Both runs start from the same
+    # weights with the same global batch size and schedule; only the rows in a step's batch
+    # differ (Ray Data deals the stream to the workers in blocks). Tolerances:
+    # - step 1 is computed on the initial weights, whose near-zero lm_head predicts a uniform
+    #   distribution on any rows: the loss is ln(vocab) to ~1e-3 (measured spread: 1e-3);
+    # - steps 2-4: 0.04 nats, 4 standard deviations of the step-4 loss between runs that share
+    #   no rows at all (0.010, measured with a plain loop on this config and data over 5 disjoint
+    #   row sets; runs that deal the same rows differently spread less, 0.003). A learning rate
+    #   off by 2x, e.g. scaled with the number of workers, moves the step-4 loss by 0.3-0.65.
+    one, two = _losses(recovered["history"]), _losses(two_workers["history"])
+    assert one[1] == pytest.approx(two[1], abs=0.005)
+    for step in range(2, SAVE_EVERY + 1):
+        assert one[step] == pytest.approx(two[step], abs=0.04), (step, one, two)
+    assert two[1] - two[SAVE_EVERY] > 0.3  # the compared steps do move
+
+
+def test_killed_worker_is_replaced_and_the_run_completes(recovered, two_workers):
+    history = recovered["history"]
+    restores = [r for r in history if r.get("restored_from_checkpoint")]
+    assert [r["step"] for r in restores] == [SAVE_EVERY]
+    assert sorted(_losses(history)) == list(range(1, STEPS + 1))
+    assert find_last_step(recovered["checkpoint_dir"]) == STEPS
+    # it learned as much as the uninterrupted 2-worker run (the resume test explains the 3%)
+    assert _val_bpb(history)[STEPS] == pytest.approx(_val_bpb(two_workers["history"])[STEPS], rel=0.03)
+
+
+def test_stopped_run_resumes_to_the_loss_of_an_uninterrupted_run(resumed, two_workers):
+    history = resumed["history"]
+    assert [r["step"] for r in history if r.get("restored_from_checkpoint")] == [SAVE_EVERY]
+    assert sorted(_losses(history)) == list(range(1, STEPS + 1))
+    assert find_last_step(resumed["checkpoint_dir"]) == STEPS
+    # Val bpb is measured on fixed rows, so it carries no evaluation noise: what differs is the
+    # rows the two runs trained on (dealt differently between the workers, and the resumed
+    # stream repeats what its checkpoint's shard had already given). Measured with a plain loop
+    # on this config and data: runs on entirely different rows end within 1.6% of each other and
+    # a correct resume that repeats a shard within 0.1%, while a resume that restarts the LR
+    # schedule ends 6% away and one that loses the weights 27%. Tolerance: 3%. (Losing the
+    # optimizer state moves it by only 0.7% here; tests/test_optim.py checks that round trip.)
+    assert _val_bpb(history)[STEPS] == pytest.approx(_val_bpb(two_workers["history"])[STEPS], rel=0.03)
+
+
+def test_checkpoint_loads_and_gives_the_trainers_val_bpb_and_core(two_workers, setup):
+    model, tokenizer, meta = load_model("base", "cpu", model_tag="bt_two")
+    assert meta["step"] == STEPS and meta["val_bpb"] == two_workers["val_bpb"]
+    per_worker = two_workers["config"]["val_batches_per_worker"]
+    assert per_worker == EVAL_TOKENS // (2 * DEVICE_BATCH * SEQ_LEN)
+    rows = _val_rows(setup, DEVICE_BATCH, 2 * per_worker)
+    batches = worker_val_batches(rows, DEVICE_BATCH, 0, 1, "cpu")
+    bpb = evaluate_bpb(model, batches, len(batches), compute_token_bytes(tokenizer))
+    # the same rows and weights; only the order of the fp32 sums differs (two ranks, then summed)
+    assert bpb == pytest.approx(two_workers["val_bpb"], rel=1e-5)
+
+    tasks = load_core_tasks(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "eval_bundle"), 8)
+    expected = core_score(tasks, {t.label: evaluate_task(model, tokenizer, t.data, "cpu", t.meta) for t in tasks})
+    core = [r["core_metric"] for r in two_workers["history"] if "core_metric" in r]
+    assert core == [pytest.approx(expected["core_metric"], abs=1e-9)]
+
+
+def test_a_run_with_checkpoints_needs_resume(two_workers, setup, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(setup["flags"] + ["--num-workers", "2", "--run-name", "two_workers"])
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err
+    assert "already has checkpoints" in message and "--resume" in message
+
+
+def test_a_batch_that_does_not_divide_says_how_to_fix_it(ray_local, setup, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(setup["flags"] + ["--num-workers", "2", "--total-batch-size", "500", "--run-name", "bad_batch"])
+    assert exit_info.value.code == 1
+    assert "--total-batch-size or --device-batch-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--depth", "0"], "--depth must be at least 1"),
+    (["--warmdown-ratio", "1.5"], "--warmdown-ratio must lie in [0, 1]"),
+    (["--core-metric-max-per-task", "0"], "--core-metric-max-per-task must be a positive number"),
+    (["--max-failures", "-1"], "--max-failures must be 0 or more"),
+])
+def test_bad_flags_are_refused_with_the_reason(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
