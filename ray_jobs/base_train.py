@@ -34,7 +34,6 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0
 from nanochat.dataset import SOURCES, resolve_source
 from nanochat.gpt import GPT, config_from_depth
@@ -44,10 +43,10 @@ from nanochat.training import lr_multiplier, muon_momentum, resolve_horizon, wei
 from ray_jobs import pretrain_data
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, InMemoryModel, evaluate_core_on_actors, packed_batches
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, all_reduce, build_model,
-                                   configure_cpu_threads, device_peak_flops, latest_run_checkpoint_meta,
-                                   maybe_compile, quiet_worker_logs, report_with_checkpoint,
-                                   restore_from_checkpoint, restore_rng_state, rng_state, set_ray_train_env,
-                                   world_info)
+                                   configure_cpu_threads, device_peak_flops, export_final_model,
+                                   latest_run_checkpoint_meta, maybe_compile, quiet_worker_logs,
+                                   report_with_checkpoint, restore_from_checkpoint, restore_rng_state, rng_state,
+                                   set_ray_train_env, world_info)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -103,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the model (auto = on CUDA only)")
+                   help="torch.compile the model (auto = on CUDA, and on CPU when a C++ compiler is installed)")
     # output
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--run", default=None, help="wandb run name (off by default)")
@@ -283,7 +282,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         print0(f"MFU against {peak / 1e12:.3g} TFLOP/s per worker ({peak_source})" if peak > 0 else "MFU: n/a")
     metrics = TrainMetrics(cfg["run_name"], "nanochat_base", args.run, cfg) if rank == 0 else None
-    progress = ProgressLine(num_steps)
+    progress = ProgressLine(num_steps, start_step)
 
     stream = cfg["stream"]
     train_iter = _train_batches(ray.train.get_dataset_shard("train"), args.device_batch_size, device, stream,
@@ -371,18 +370,6 @@ def train_loop_per_worker(config: dict) -> None:
         metrics.close()
 
 
-def export_final_model(result: ray.train.Result, cfg: dict) -> tuple[str, dict]:
-    """Copy the run's final checkpoint into <base>/base_checkpoints/<model_tag>/ for later stages;
-    returns the folder and the checkpoint's meta."""
-    with result.checkpoint.as_directory() as folder:
-        step = find_last_step(folder)
-        model_state, _, meta = load_checkpoint(folder, step, "cpu")
-    target = checkpoint_dir("base", cfg["model_tag"])
-    keep = {k: v for k, v in meta.items() if k not in ("format", "step", "model_file", "tokenizer")}
-    save_checkpoint(target, step, model_state, keep, tokenizer_dir=cfg["tokenizer_dir"])
-    return target, meta
-
-
 def main(argv=None) -> dict:
     """Train; returns {'checkpoint_dir', 'run_path', 'config', 'history', 'val_bpb', 'val_unigram_bpb'}."""
     args = parse_args(argv)
@@ -423,7 +410,7 @@ def main(argv=None) -> dict:
     cpus_per_worker = args.cpus_per_worker
     if cpus_per_worker <= 0:
         # Logical CPUs only schedule work (each worker sets its torch threads from the node's
-        # cores); leave 1.5 for Ray Data, whose file listing task asks for a whole CPU.
+        # cores); leave 1.5 for Ray Data's read, tokenize and pack stages and a CORE eval actor.
         cpus_per_worker = max(0.1, min(1.0, (ray.cluster_resources().get("CPU", 2) - 1.5) / args.num_workers))
     set_ray_train_env()
     trainer = TorchTrainer(
@@ -445,8 +432,15 @@ def main(argv=None) -> dict:
               f"{cfg['storage_path']}/{cfg['run_name']}: rerun with --resume to continue from the newest one",
               file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    exported, meta = export_final_model(result, cfg)
+    exported = export_final_model(result, cfg)
     print0(f"final model exported to {exported}")
+    meta = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])  # the final checkpoint's
+    from nanochat.report import Report, stage_history
+    history = stage_history(meta["history"])
+    Report().log_stage("base_train", source="base", history=history,
+                       config={**cfg["args"], "parameters": cfg["param_counts"]["total"], **cfg["horizon"]},
+                       timings={"train_s": history[-1]["time"]} if history else {},
+                       metrics={"val_bpb": meta["val_bpb"], "val_unigram_bpb": val_unigram_bpb})
     return {"checkpoint_dir": exported, "run_path": result.path, "config": cfg, "history": meta["history"],
             "val_bpb": meta["val_bpb"], "val_unigram_bpb": val_unigram_bpb}
 

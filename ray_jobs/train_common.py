@@ -5,7 +5,8 @@
 - checkpoints through `ray.train.report(checkpoint=...)`: each rank writes its optimizer shard,
   rank 0 the weights, the meta record and the tokenizer copy, in nanochat.checkpoint's layout,
   and Ray merges the ranks' folders into one checkpoint in the run's storage path;
-- restoring from `ray.train.get_checkpoint()` (after `--resume` or a worker failure);
+- restoring from `ray.train.get_checkpoint()` (after `--resume` or a worker failure), and
+  exporting a run's final checkpoint to the base dir for the next stage;
 - the Ray Train settings that keep per-step reports cheap and a worker's output to one line
   per print;
 - metrics: `ray.util.metrics` gauges for the Ray dashboard / Prometheus, plus optional wandb;
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 
@@ -27,7 +29,7 @@ import torch
 import torch.distributed as dist
 from ray.util import metrics as ray_metrics
 
-from nanochat.checkpoint import find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
 
@@ -70,10 +72,14 @@ def build_model(model_config: dict, device: torch.device, seed: int) -> GPT:
 
 
 def maybe_compile(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    """torch.compile per --compile: 'auto' compiles on CUDA only (on CPU, bench_train measured it
-    no faster for the small models a CPU trains, and it adds a minute of compilation), 'on'/'off'
-    force it."""
-    if mode == "on" or (mode == "auto" and device.type == "cuda"):
+    """torch.compile per --compile ('on', 'off', or 'auto').
+
+    'auto' compiles on CUDA, and on CPU when a C++ compiler is installed (Inductor generates C++
+    there): bench_train measured the compiled d2 model 1.9x faster per step than eager on 2 CPUs,
+    for about 20 s of compilation on a cold cache (a few seconds once Inductor's cache holds it),
+    so it pays from about 100 steps. Evaluation and sampling use the eager model (their shapes vary)."""
+    compiler_found = any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+    if mode == "on" or (mode == "auto" and (device.type == "cuda" or compiler_found)):
         from nanochat.flash_attention import attention_backend
         attention_backend()  # choose the kernel before tracing (see nanochat.flash_attention)
         return torch.compile(model, dynamic=False)
@@ -174,6 +180,19 @@ def restore_from_checkpoint(model: GPT, optimizer, device: torch.device) -> dict
     return meta
 
 
+def export_final_model(result: ray.train.Result, cfg: dict) -> str:
+    """Copy a run's final checkpoint into <base>/<phase dir>/<model_tag>/ (nanochat.checkpoint's
+    layout, phase cfg['phase'], 'base' by default), where the later stages look for it; returns
+    that folder. The optimizer shards stay in the run's storage: later stages start their own."""
+    with result.checkpoint.as_directory() as folder:
+        step = find_last_step(folder)
+        model_state, _, meta = load_checkpoint(folder, step, "cpu")
+    target = checkpoint_dir(cfg.get("phase", "base"), cfg["model_tag"])
+    keep = {k: v for k, v in meta.items() if k not in ("format", "step", "model_file", "tokenizer")}
+    save_checkpoint(target, step, model_state, keep, tokenizer_dir=cfg["tokenizer_dir"])
+    return target
+
+
 def latest_run_checkpoint_meta(storage_path: str, run_name: str) -> dict | None:
     """The meta record of the newest `step_*` checkpoint of a run in storage (local path or any
     URI pyarrow understands), read by the driver before it builds the datasets of a resumed run."""
@@ -227,10 +246,13 @@ class TrainMetrics:
 
 
 class ProgressLine:
-    """One line per step: step/total, loss, tokens/s, MFU, ETA (from the recent step times)."""
+    """One line per step: step/total, loss, tokens/s, MFU, ETA (from the recent step times; the
+    first step of a started or restarted run, which compiles and waits for the data pipeline,
+    counts only until there are others)."""
 
-    def __init__(self, total_steps: int):
+    def __init__(self, total_steps: int, start_step: int = 0):
         self.total = total_steps
+        self.start_step = start_step
         self.smooth_loss = None
         self.step_times: list[float] = []
 
@@ -238,6 +260,8 @@ class ProgressLine:
                mfu: float | None, extra: str = "") -> str:
         beta = 0.9
         self.smooth_loss = loss if self.smooth_loss is None else beta * self.smooth_loss + (1 - beta) * loss
+        if step == self.start_step + 1 and self.step_times:
+            self.step_times = []  # drop the warm-up step
         self.step_times = (self.step_times + [step_seconds])[-20:]
         eta = (self.total - step - 1) * sum(self.step_times) / len(self.step_times)
         mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"

@@ -5,8 +5,9 @@ through the session's local Ray (2 CPUs). A Ray Train run costs seconds of start
 module-scoped runs (four `main()` calls) serve all the checks:
 
     two_workers  2 workers, 8 steps, checkpoints at 4 and 8, val bpb at 0 and 8, CORE at 8
-    recovered    1 worker, the same global batch (2 micro-batches); the worker dies at the start
-                 of step 6 and FailureConfig restarts it from the step-4 checkpoint
+    recovered    1 worker, the same global batch (2 micro-batches), the default --compile auto
+                 (compiled where a C++ compiler is installed); the worker dies at the start of
+                 step 6 and FailureConfig restarts it from the step-4 checkpoint
     resumed      2 workers; a worker dies at step 6 with no restarts allowed, so the run stops
                  (its newest checkpoint is step 4); then `--resume` finishes it
 
@@ -108,6 +109,7 @@ def setup(tmp_path_factory):
              "--num-iterations", str(STEPS), "--source", "local", "--data-dir", str(shards),
              "--pack-buffer-docs", "16", "--eval-every", str(STEPS), "--eval-tokens", str(EVAL_TOKENS),
              "--sample-every", "-1", "--save-every", str(SAVE_EVERY), "--storage-path", str(work / "runs"),
+             "--compile", "off",  # 8 steps: compiling costs more than it saves (the 1-worker run compiles)
              # sqrt(512 / 2**19) scales the default learning rates by 1/32: too small to move in 8
              # steps. These are 8x the defaults.
              "--matrix-lr", "0.16", "--embedding-lr", "1.6", "--unembedding-lr", "0.032", "--scalar-lr", "4"]
@@ -123,7 +125,7 @@ def two_workers(ray_local, setup):
 @pytest.fixture(scope="module")
 def recovered(ray_local, setup):
     return main(setup["flags"] + ["--num-workers", "1", "--run-name", "recovered", "--model-tag", "bt_recovered",
-                                  "--fail-at-step", str(FAIL_AT), "--max-failures", "1"])
+                                  "--fail-at-step", str(FAIL_AT), "--max-failures", "1", "--compile", "auto"])
 
 
 @pytest.fixture(scope="module")

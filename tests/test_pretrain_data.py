@@ -1,8 +1,10 @@
 """The Ray Data pretraining stream (ray_jobs.pretrain_data): the packing invariants after the data
 has gone through Ray (BOS first, exact length, every token from a real document), no document
-reaching two workers within an epoch, the stream going on over epochs, a validation stream that
-is the same on every build, resume from a given shard with monotone position labels, and the
-packer's end-of-stream drain and its log of crop fraction and tokens/s.
+reaching two workers within an epoch, the stream going on over epochs with the same rows, a
+validation stream that is the same on every build, resume from a given shard with monotone
+position labels; and, without Ray, the read tasks (every row group once, in file order), the
+packer's rows not depending on how Ray batches documents, its end-of-stream drain and its log of
+crop fraction and tokens/s.
 
 Documents are identified by construction: the test copies a small `sample` build into a `local`
 source whose every text starts with a unique tag "[doc NNNNN]", so any piece of a row can be
