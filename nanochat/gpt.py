@@ -7,6 +7,7 @@
   L = full) tiled over the layers, the last layer always full;
 - value embeddings (ResFormer) on alternating layers, mixed into the values through an
   input-dependent gate;
+- QK norm followed by a fixed gain of 1.2 on q and k;
 - ReLU^2 MLP of 4x width;
 - per-layer learnable residual scales (resid_lambdas) and skip weights from the normalized
   input embedding (x0_lambdas);
@@ -33,7 +34,9 @@ from nanochat.flash_attention import flash_attn_func, flash_attn_with_kvcache
 LOGIT_SOFTCAP = 15.0
 VOCAB_PAD_MULTIPLE = 64
 VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of its input
-ROPE_BASE = 10000.0
+ROPE_BASE = 100000.0
+QK_GAIN = 1.2  # q and k are scaled by this after their norm: sharper attention at init
+VE_GATE_RANGE = 3.0  # the value-embedding gate lies in (0, VE_GATE_RANGE)
 ROTARY_HEADROOM = 10  # rotary tables cover 10x the training context, for long generations
 
 
@@ -125,12 +128,13 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if value_embedding is not None:
-            # ResFormer: mix the token's value embedding into the values; the gate (in (0, 2), 1 at
-            # init because ve_gate starts at zero) lets each head decide how much to take.
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            # ResFormer: mix the token's value embedding into the values; the gate (in (0, 3), a
+            # little over 1.5 at init because ve_gate starts small and positive) lets each head
+            # decide how much to take.
+            gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)
+        q, k = norm(q) * QK_GAIN, norm(k) * QK_GAIN
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
         else:
@@ -215,26 +219,32 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialise every parameter (deterministic under torch.manual_seed).
+        """Initialise every parameter (deterministic under torch.manual_seed), as the nanochat
+        reference does today.
 
-        Input-side matrices get uniform(-a, a) with a = sqrt(3/n_embd) (std 1/sqrt(n_embd)); output
-        projections start at zero so every block starts as the identity; the lm_head starts tiny so
-        the initial loss is close to ln(vocab)."""
-        n_embd = self.config.n_embd
+        Input-side matrices get uniform(-a, a) with a = sqrt(3/n_embd) (std 1/sqrt(n_embd)), the
+        MLP's input 0.4x that; output projections start at zero so every block starts as the
+        identity; the lm_head starts tiny so the initial loss is close to ln(vocab). The residual
+        scales fall from 1.15 at the first layer to 1.05 at the last, the x0 skip weights from
+        0.20 to 0.05."""
+        n_embd, n_layer = self.config.n_embd, self.config.n_layer
         bound = math.sqrt(3.0 / n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
         for embedding in self.value_embeds.values():
             nn.init.uniform_(embedding.weight, -bound, bound)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        depth_frac = torch.arange(n_layer, dtype=torch.float32) / max(n_layer - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
         self.init_buffers()
 
     # ---------------------------------------------------------------- bookkeeping
@@ -272,8 +282,10 @@ class GPT(nn.Module):
         return 6 * self.num_scaling_params() + attention
 
     def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
-                        scalar_lr: float = 0.5, weight_decay: float = 0.0, adam_betas=(0.8, 0.95)):
-        """MuonAdamW over this model: 2-D block matrices in Muon, everything else in AdamW.
+                        scalar_lr: float = 0.5, weight_decay: float = 0.0):
+        """MuonAdamW over this model: 2-D block matrices in Muon, everything else in AdamW, with
+        the reference's per-group AdamW betas and weight decays (value embeddings at half the
+        embedding learning rate).
 
         AdamW learning rates were tuned for a 768-wide model and scale as 1/sqrt(d_model/768).
         In a distributed run (torch.distributed initialised, world > 1) the distributed variant
@@ -282,18 +294,20 @@ class GPT(nn.Module):
 
         dmodel_lr_scale = (self.config.n_embd / 768) ** -0.5
         print0(f"AdamW learning rates scaled by 1/sqrt({self.config.n_embd}/768) = {dmodel_lr_scale:.4f}")
-        adamw = dict(kind="adamw", betas=tuple(adam_betas), eps=1e-10, weight_decay=0.0)
+        adamw = dict(kind="adamw", eps=1e-10)
         groups = [
-            dict(params=[self.lm_head.weight], lr=unembedding_lr * dmodel_lr_scale, **adamw),
-            dict(params=[self.transformer.wte.weight], lr=embedding_lr * dmodel_lr_scale, **adamw),
-            dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, **adamw),
-            dict(params=[self.x0_lambdas], lr=scalar_lr, **adamw),
+            dict(params=[self.lm_head.weight], lr=unembedding_lr * dmodel_lr_scale, betas=(0.8, 0.96),
+                 weight_decay=0.01, **adamw),
+            dict(params=[self.transformer.wte.weight], lr=embedding_lr * dmodel_lr_scale, betas=(0.8, 0.995),
+                 weight_decay=0.001, **adamw),
+            dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05, **adamw),
+            dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0, **adamw),
             dict(kind="muon", params=list(self.transformer.h.parameters()), lr=matrix_lr, momentum=0.95,
-                 ns_steps=5, weight_decay=weight_decay),
+                 ns_steps=5, beta2=0.9, weight_decay=weight_decay),
         ]
         if len(self.value_embeds):
-            groups.insert(2, dict(params=list(self.value_embeds.parameters()),
-                                  lr=embedding_lr * dmodel_lr_scale, **adamw))
+            groups.insert(2, dict(params=list(self.value_embeds.parameters()), lr=0.5 * embedding_lr * dmodel_lr_scale,
+                                  betas=(0.8, 0.995), weight_decay=0.01, **adamw))
         distributed = get_dist_info()[0]
         return (DistMuonAdamW if distributed else MuonAdamW)(groups)
 

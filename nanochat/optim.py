@@ -1,12 +1,21 @@
 """MuonAdamW: one optimizer that trains the GPT's matrices with Muon and everything else with AdamW.
 
-Why two rules: Muon (momentum, then orthogonalize the update by a Newton-Schulz iteration)
+Why two rules: Muon (momentum, then orthogonalize the update by a polynomial iteration)
 trains the hidden 2-D weight matrices faster than Adam, but it is the wrong tool for
 embeddings, the lm_head and scalar gains, which keep AdamW. The trainer builds one optimizer
 over parameter groups tagged with `kind='muon'` or `kind='adamw'`:
 
     adamw group: params, lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0
-    muon group:  params (2-D, any mix of shapes), lr, momentum=0.95, ns_steps=5, weight_decay=0.0
+    muon group:  params (2-D, any mix of shapes), lr, momentum=0.95, ns_steps=5, beta2=0.9,
+                 weight_decay=0.0
+
+The Muon step, as the nanochat reference takes it today: Nesterov momentum; row equilibration
+(every row rescaled to the mean row norm, so the spectrum is better conditioned); Polar Express
+orthogonalization (arXiv:2505.16932); the Frobenius norm reset to that of an exactly
+semi-orthogonal matrix; NorMuon variance reduction (arXiv:2510.05491: each row, or each column
+of a wide matrix, divided by the root of a running mean of its squared update, then the whole
+update rescaled back to its norm; `beta2` is that running mean's decay); and cautious weight
+decay, which only decays the entries whose update points the same way as the weight.
 
 Every group also gets `initial_lr` (the lr it was built with), because the trainer sets
 `group['lr'] = group['initial_lr'] * schedule(step)` and, for muon groups, `group['momentum']`
@@ -28,14 +37,22 @@ from torch import Tensor
 
 from nanochat.common import COMPUTE_DTYPE, get_dist_info
 
-# Quintic Newton-Schulz coefficients (a, b, c) for s -> a*s + b*s^3 + c*s^5, the Muon choice:
-# the slope at zero (a) is as large as possible so that small singular values grow fast, at the
-# price of not converging exactly to 1: after 5 steps every singular value that started in
-# [0.005, 1] lands in about [0.68, 1.16], which trains as well as an exact orthogonalization.
-NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel, Persson, Musco, Gower, arXiv:2505.16932): one quintic s -> a*s + b*s^3 + c*s^5
+# per iteration, each chosen for the interval the previous ones leave the singular values in, so
+# that 5 iterations bring every singular value of a Frobenius-normalized matrix close to 1
+# (these are the paper's coefficients for 5 iterations, safety factor 2e-2, cushion 2). Further
+# iterations repeat the last quintic, which keeps values near 1 there.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.01  # the input is divided by 1.01 x its norm: the coefficients assume s <= 1
 
 ADAMW_DEFAULTS = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
-MUON_DEFAULTS = {"momentum": 0.95, "ns_steps": 5, "weight_decay": 0.0}
+MUON_DEFAULTS = {"momentum": 0.95, "ns_steps": 5, "beta2": 0.9, "weight_decay": 0.0}
 GROUP_DEFAULTS = {"adamw": ADAMW_DEFAULTS, "muon": MUON_DEFAULTS}
 
 # Older torch names the single-tensor collectives reduce_scatter_tensor / all_gather_into_tensor;
@@ -46,33 +63,41 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
-def orthogonalize_newton_schulz(matrices: Tensor, steps: int = 5) -> Tensor:
-    """Approximately orthogonalize a matrix or a stack of matrices (..., rows, cols).
+def orthogonalize(matrices: Tensor, steps: int = 5) -> Tensor:
+    """Approximately orthogonalize a matrix or a stack of matrices (..., rows, cols) by Polar Express.
 
-    Returns U S' V^T for the SVD U S V^T of each matrix, with S' = f^steps(S / ||X||_F) where f is
-    the quintic above, so the singular values end near 1 (roughly in [0.68, 1.16]). Runs in bf16
-    on CUDA when the compute dtype is bf16 (the iteration is stable there and bf16 matmuls are
-    fast), else in fp32; the result has the input's dtype.
+    Returns U S' V^T for the SVD U S V^T of each matrix, with S' = p(S / (1.01 ||X||_F)) for the
+    composition p of the quintics above, so the singular values end close to 1. Runs in bf16 on
+    CUDA when the compute dtype is bf16 (the iteration is stable there and bf16 matmuls are fast),
+    else in fp32; the result has the input's dtype.
     """
     if matrices.dim() < 2:
-        raise ValueError(f"orthogonalize_newton_schulz needs a matrix or a stack of matrices, "
+        raise ValueError(f"orthogonalize needs a matrix or a stack of matrices, "
                          f"got a tensor of shape {tuple(matrices.shape)}")
     x = matrices.float()
     # Iterate on the wide orientation so the Gram matrix x @ x^T is the smaller of the two.
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    # Dividing by the Frobenius norm puts every singular value in [0, 1], where f is designed to work.
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_SAFETY + 1e-6)
     if x.is_cuda and COMPUTE_DTYPE == torch.bfloat16:
         x = x.bfloat16()
-    a, b, c = NEWTON_SCHULZ_COEFFS
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * (gram @ gram)) @ x
     if tall:
         x = x.mT
     return x.to(matrices.dtype)
+
+
+def equilibrate_rows(matrices: Tensor) -> Tensor:
+    """Rescale every row of each matrix (..., rows, cols) to the matrix's mean row norm (RMS over
+    rows), which keeps its Frobenius norm and evens out the spectrum before orthogonalization."""
+    x = matrices.float()
+    mean_row_norm = x.norm(dim=(-2, -1), keepdim=True) / x.size(-2) ** 0.5
+    row_norms = x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return (x * (mean_row_norm / row_norms)).to(matrices.dtype)
 
 
 def _bucket_by_shape(params: list[Tensor]) -> list[list[Tensor]]:
@@ -87,21 +112,44 @@ def _bucket_by_shape(params: list[Tensor]) -> list[list[Tensor]]:
     return list(buckets.values())
 
 
-def _muon_update_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+def _normuon_(update: Tensor, second_moments: Tensor, beta2: float) -> Tensor:
+    """NorMuon variance reduction of a stack of orthogonalized updates (K, rows, cols), in place on
+    `second_moments` (K, rows, 1) for tall or square matrices, (K, 1, cols) for wide ones: the
+    running mean of each row's (column's) mean squared entry. Every row (column) is divided by
+    the root of its running mean; the result is rescaled to the update's Frobenius norm."""
+    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
+    second_moments.lerp_(update.square().mean(dim=reduce_dim, keepdim=True), 1.0 - beta2)
+    normalized = update * second_moments.clamp_min(1e-10).rsqrt()
+    norm_ratio = update.norm(dim=(-2, -1), keepdim=True) / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    return normalized * norm_ratio
+
+
+def _muon_update_(params: list[Tensor], grads: list[Tensor], buffers: list[tuple[Tensor, Tensor]],
                   group: dict) -> None:
-    """One Muon step, in place, for same-shaped matrices `params` with (averaged) `grads`."""
+    """One Muon step, in place, for same-shaped matrices `params` with (averaged) `grads`;
+    `buffers` holds each matrix's (momentum, second moment) state."""
     momentum, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+    momentum_buffers = [m for m, _ in buffers]
     # Nesterov momentum in lerp form: buf <- m*buf + (1-m)*g, then step along (1-m)*g + m*buf.
     torch._foreach_lerp_(momentum_buffers, grads, 1.0 - momentum)
     nesterov = torch._foreach_lerp(grads, momentum_buffers, momentum)
-    update = orthogonalize_newton_schulz(torch.stack(nesterov), group["ns_steps"])
-    # An orthogonalized (rows, cols) update has RMS entry 1/sqrt(max(rows, cols)); the factor
-    # keeps the per-entry step size of tall matrices comparable to that of wide ones.
+    update = orthogonalize(equilibrate_rows(torch.stack(nesterov)), group["ns_steps"]).float()
     rows, cols = params[0].shape
-    shape_scale = max(1.0, rows / cols) ** 0.5
-    if wd != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * wd)
-    torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr * shape_scale)
+    # Reset the norm to sqrt(min(rows, cols)), an exactly semi-orthogonal matrix's, which the
+    # iteration only approaches.
+    update = update * (min(rows, cols) ** 0.5 / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
+    second_moments = torch.stack([v for _, v in buffers]).float()
+    update = _normuon_(update, second_moments, group["beta2"])
+    torch._foreach_copy_([v for _, v in buffers], list(second_moments.unbind(0)))
+    # An orthogonalized (rows, cols) update has RMS entry 1/sqrt(max(rows, cols)); the factor
+    # keeps the per-entry step size of tall matrices comparable to that of wide ones. It scales
+    # the weight decay too.
+    step = lr * max(1.0, rows / cols) ** 0.5
+    weights = torch.stack(params).float()
+    # Cautious weight decay: only where the update and the weight agree in sign.
+    decay = weights * ((update * weights) >= 0) if wd != 0.0 else 0.0
+    weights.sub_(step * update + step * wd * decay)
+    torch._foreach_copy_(params, list(weights.unbind(0)))
 
 
 def _adamw_update_(param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
@@ -142,6 +190,8 @@ def _check_muon_group(group: dict) -> None:
                              f"handles 2-D matrices; put it in an 'adamw' group instead")
     if not 0.0 <= group["momentum"] < 1.0:
         raise ValueError(f"muon 'momentum' must be in [0, 1), got {group['momentum']!r}")
+    if not 0.0 <= group["beta2"] < 1.0:
+        raise ValueError(f"muon 'beta2' must be in [0, 1), got {group['beta2']!r}")
     ns_steps = group["ns_steps"]
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
         raise ValueError(f"muon 'ns_steps' must be a positive int (5 is the usual), got {ns_steps!r}")
@@ -160,7 +210,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     param_groups: a list of dicts, each with 'kind' ('muon' or 'adamw'), 'params' and 'lr'; the
     other keys default as in the module docstring. Parameters whose .grad is None are skipped.
-    Muon keeps one momentum buffer per matrix in `self.state[p]['momentum_buffer']`; AdamW keeps
+    Muon keeps a momentum buffer and a per-row (per-column if wide) second moment per matrix in
+    `self.state[p]['momentum_buffer']` and `['second_momentum_buffer']`; AdamW keeps
     'step', 'exp_avg' and 'exp_avg_sq' per param.
     """
 
@@ -197,13 +248,18 @@ class MuonAdamW(torch.optim.Optimizer):
         group["initial_lr"] = group["lr"]
         super().add_param_group(group)
 
-    def _momentum_buffers(self, params: list[Tensor]) -> list[Tensor]:
+    def _muon_buffers(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """Each matrix's (momentum, second moment) Muon state, created as zeros on first use; the
+        second moment is one value per row, or per column for a wide matrix."""
         buffers = []
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            buffers.append(state["momentum_buffer"])
+            if "second_momentum_buffer" not in state:
+                rows, cols = p.shape
+                state["second_momentum_buffer"] = p.new_zeros((rows, 1) if rows >= cols else (1, cols))
+            buffers.append((state["momentum_buffer"], state["second_momentum_buffer"]))
         return buffers
 
     @torch.no_grad()
@@ -219,7 +275,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     _adamw_update_(p, p.grad, self.state[p], group)
             else:
                 for bucket in _bucket_by_shape(params):
-                    _muon_update_(bucket, [p.grad for p in bucket], self._momentum_buffers(bucket), group)
+                    _muon_update_(bucket, [p.grad for p in bucket], self._muon_buffers(bucket), group)
         return loss
 
 
@@ -329,7 +385,7 @@ class DistMuonAdamW(MuonAdamW):
             reduction.wait()
             if owned:
                 owned_grads = list(grad_chunk[:len(owned)].div_(world_size).unbind(0))
-                _muon_update_(owned, owned_grads, self._momentum_buffers(owned), group)
+                _muon_update_(owned, owned_grads, self._muon_buffers(owned), group)
                 # The reduced gradients are used up: reuse their buffer to send the updated matrices.
                 grad_chunk[:len(owned)].copy_(torch.stack(owned))
             # The stacked gradients are used up too: reuse them to receive every rank's matrices.

@@ -64,20 +64,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     # horizon (precedence: num-iterations, target-flops, target-param-data-ratio)
     p.add_argument("--num-iterations", type=int, default=-1)
     p.add_argument("--target-flops", type=float, default=-1.0)
-    p.add_argument("--target-param-data-ratio", type=float, default=20.0)
+    p.add_argument("--target-param-data-ratio", type=float, default=12.0)
     # batch
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per worker per micro-step")
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step; -1 = derived from depth")
     # optimisation (learning rates are the values at 2**19 tokens per step; they are scaled by
     # sqrt(total batch / 2**19), and the AdamW ones also by 1/sqrt(width / 768))
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--embedding-lr", type=float, default=0.3)
+    p.add_argument("--unembedding-lr", type=float, default=0.008)
     p.add_argument("--matrix-lr", type=float, default=0.02)
     p.add_argument("--scalar-lr", type=float, default=0.5)
-    p.add_argument("--weight-decay", type=float, default=0.2)
-    p.add_argument("--warmup-ratio", type=float, default=0.0)
-    p.add_argument("--warmdown-ratio", type=float, default=0.4)
-    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.28,
+                   help="Muon weight decay at depth 12 and 2**19 tokens per step; rescaled for this run's batch and horizon")
+    p.add_argument("--warmup-steps", type=int, default=40, help="LR warmup steps")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="LR warmup as a fraction of the run (overrides --warmup-steps)")
+    p.add_argument("--warmdown-ratio", type=float, default=0.65)
+    p.add_argument("--final-lr-frac", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=42)
     # evaluation
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
@@ -115,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.max_failures < 0:
         p.error(f"--max-failures must be 0 or more, got {args.max_failures}")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be 0 or more, got {args.warmup_steps}")
     if args.core_metric_max_per_task == 0 or args.core_metric_max_per_task < -1:
         p.error(f"--core-metric-max-per-task must be a positive number of examples or -1 for all, "
                 f"got {args.core_metric_max_per_task}")
@@ -334,12 +338,14 @@ def train_loop_per_worker(config: dict) -> None:
         if args.fail_at_step == step and not meta and rank == world - 1:
             os._exit(1)  # injected worker death (tests): FailureConfig must bring the run back
         t0 = time.perf_counter()
-        lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac,
+                            args.warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
-                group["weight_decay"] = weight_decay_at(step, num_steps, args.weight_decay)
+                group["momentum"] = muon_momentum(step, num_steps, args.warmdown_ratio)
+                group["weight_decay"] = weight_decay_at(step, num_steps,
+                                                        args.weight_decay * horizon["weight_decay_scale"])
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
             loss = train_model(x, y)
