@@ -1,15 +1,19 @@
 """Tiny fixtures' building blocks shared by the test files: a short chat-like training text for
-small tokenizers, and a depth-2, width-64 GPT whose every weight is random.
+small tokenizers, a depth-2, width-64 GPT whose every weight is random, and that GPT saved as a
+checkpoint with a tokenizer trained on the text.
 
 The model's default init zeroes the output projections, which makes every block the identity
 and would hide bugs in attention or the cache; random weights make every layer change the output.
 """
 
+import dataclasses
 import math
 
 import torch
 
+from nanochat.checkpoint import checkpoint_dir, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 
 CHAT_TEXT = [
     "The quick brown fox jumps over the lazy dog. " * 20,
@@ -36,3 +40,16 @@ def random_gpt(vocab_size: int, window_pattern: str = "SL", sequence_len: int = 
         model.resid_lambdas.uniform_(0.7, 1.3)
         model.x0_lambdas.uniform_(0.0, 0.5)
     return model.eval()
+
+
+def save_tiny_checkpoint(source: str, model_tag: str, tokenizer_dir: str, *, step: int = 0, sequence_len: int = 32,
+                         meta: dict | None = None):
+    """random_gpt saved as step `step` of the `source` checkpoint `model_tag` (base, sft or rl) in
+    the session's NANOCHAT_BASE_DIR, with a 300-token tokenizer trained on CHAT_TEXT saved into
+    `tokenizer_dir` and copied along; `meta` adds to the checkpoint's meta. Returns (model, tokenizer)."""
+    tokenizer = Tokenizer.train_from_iterator(iter(CHAT_TEXT), vocab_size=300)
+    tokenizer.save(tokenizer_dir)
+    model = random_gpt(tokenizer.get_vocab_size(), sequence_len=sequence_len)
+    save_checkpoint(checkpoint_dir(source, model_tag), step, model.state_dict(),
+                    {"model_config": dataclasses.asdict(model.config), **(meta or {})}, tokenizer_dir=tokenizer_dir)
+    return model, tokenizer
