@@ -1,0 +1,411 @@
+"""Tests of RL: the pure parts (nanochat/rl.py), the rollout fleet on a 3-node cluster, and the
+whole job (ray_jobs/chat_rl.py) with a tiny model.
+
+- pure: advantages are rewards minus the group mean; the batch masks the prompt, the tool output
+  and the padding with -1; the loss is the token-normalised policy gradient, and a step on it makes
+  a rewarded completion likelier; a fixed test policy (answers scripted per sample) is scored by
+  the arithmetic task's reward, right and wrong answers as they should be.
+- cluster: `ray.cluster_utils.Cluster` with three 1-CPU nodes on this machine. The cluster needs a
+  driver of its own and this process may already be connected to the session's `ray_local`, so
+  its checks run in a subprocess (`python -m tests.test_chat_rl OUT.json`, the code at the end of
+  this file) that writes what it saw to a JSON file; the tests assert on that. Checked: the
+  rollout workers land on three nodes; after a sync every worker's weights are bit-identical to
+  the learner's; a worker holding older weights has its rollouts rejected and sampled again; a
+  node removed in the middle of a step costs its worker, which is replaced, and the step
+  completes with the same groups an undisturbed step gives; the workers' rewards are the task's.
+- job: main() on the session's local Ray (two learner ranks, two rollout workers), two RL steps on
+  a task a random model half passes, then --resume for a third; checkpoints, export, history and
+  the report section. The cluster subprocess is started first and runs meanwhile.
+"""
+
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from nanochat.engine import Engine
+from nanochat.rl import (group_advantages, group_seed, pass_at_k, policy_gradient_loss, rollout_rows, rows_to_batch,
+                         sample_group, trained_tokens)
+from nanochat.tasks import Arithmetic, Task
+from nanochat.tasks.common import extract_final_answer, last_assistant_text
+from nanochat.tokenizer import Tokenizer
+from tests.tiny import CHAT_TEXT, random_gpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_TAG = "chat_rl_test_d2"
+SEQUENCE_LEN = 256
+
+
+class EvenLength(Task):
+    """A generative task that a random model passes about half the time: the reward is 1 when the
+    answer has an even number of characters."""
+
+    eval_type = "generative"
+
+    def __init__(self, size: int = 16, **view):
+        super().__init__(**view)
+        self.size = size
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def get_example(self, index: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"Say something, number {index}."},
+                             {"role": "assistant", "content": "ok"}]}
+
+    def evaluate(self, conversation: dict, answer: str) -> bool:
+        return len(answer) % 2 == 0
+
+
+def _tiny_tokenizer() -> Tokenizer:
+    return Tokenizer.train_from_iterator(iter(CHAT_TEXT), 300)
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_advantages_are_rewards_minus_the_group_mean():
+    assert group_advantages([1.0, 0.0, 0.0, 1.0]) == [0.5, -0.5, -0.5, 0.5]
+    assert group_advantages([1.0, 0.0, 0.0, 0.0]) == [0.75, -0.25, -0.25, -0.25]
+    assert group_advantages([1.0, 1.0]) == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        group_advantages([])
+
+
+def test_batch_masks_prompt_tool_output_and_padding_and_skips_groups_that_teach_nothing():
+    # prompt [5, 6]; the first completion has a forced tool output token (8, mask 0) in the middle
+    groups = [{"sequences": [[5, 6, 7, 8, 9], [5, 6, 9]], "masks": [[0, 0, 1, 0, 1], [0, 0, 1]], "rewards": [1.0, 0.0]},
+              {"sequences": [[5, 1, 2]], "masks": [[0, 1, 0]], "rewards": [1.0]}]  # one sample: advantage 0
+    rows = rollout_rows(groups)
+    assert [advantage for _, _, advantage in rows] == [0.5, -0.5]
+    assert len(rollout_rows(groups, skip_zero_advantage=False)) == 3
+    inputs, targets, advantages = rows_to_batch(rows, pad_id=99)
+    assert inputs.tolist() == [[5, 6, 7, 8], [5, 6, 9, 99]]
+    # target t is token t+1, kept only where that token was sampled; the short row's padding is -1
+    assert targets.tolist() == [[-1, 7, -1, 9], [-1, 9, -1, -1]]
+    assert advantages.tolist() == [0.5, -0.5]
+    # the step's token count covers every group, also those whose rows are skipped
+    assert trained_tokens(groups) == 2 + 1 + 1
+
+
+def test_loss_is_the_token_normalised_policy_gradient_and_a_step_favours_the_rewarded_completion():
+    model = random_gpt(64, sequence_len=16, seed=1).train()
+    rows = [([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], 1.0), ([1, 2, 6, 7], [0, 0, 1, 1], -1.0)]
+    inputs, targets, advantages = rows_to_batch(rows, pad_id=0)
+    loss = policy_gradient_loss(model, inputs, targets, advantages, normalizer=5.0)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(inputs), dim=-1)
+        expected = 0.0
+        for row, (tokens, mask, advantage) in enumerate(rows):
+            for t in range(1, len(tokens)):
+                if mask[t]:
+                    expected -= advantage * float(logp[row, t - 1, tokens[t]])
+    assert math.isclose(float(loss.detach()), expected / 5.0, rel_tol=1e-5)
+
+    def logprob_of(row):
+        with torch.no_grad():
+            return -float(model(inputs[row:row + 1], targets[row:row + 1], loss_reduction="sum"))
+
+    before = [logprob_of(0), logprob_of(1)]
+    loss.backward()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                parameter -= 0.05 * parameter.grad
+    assert logprob_of(0) > before[0]  # rewarded: likelier
+    assert logprob_of(1) < before[1]  # below the mean: less likely
+
+
+class ScriptedPolicy:
+    """A fixed test policy: sample i of the prompt answers with texts[i]."""
+
+    def __init__(self, tokenizer, texts: list[str]):
+        self.tokenizer, self.texts = tokenizer, texts
+
+    def generate_batch(self, tokens, num_samples, **kwargs):
+        sequences = [list(tokens) + self.tokenizer.encode(text) for text in self.texts[:num_samples]]
+        masks = [[0] * len(tokens) + [1] * (len(s) - len(tokens)) for s in sequences]
+        return sequences, masks
+
+
+def test_rewards_of_a_fixed_test_policy_are_the_tasks_answers_checked():
+    tokenizer = _tiny_tokenizer()
+    task = Arithmetic("test", size=3)
+    groups = []
+    for index in range(len(task)):
+        right = extract_final_answer(last_assistant_text(task[index]))
+        texts = [f"It is {right}.\n#### {right}", f"#### {int(right) + 1}", "I do not know.", f"#### {right}"]
+        group = sample_group(ScriptedPolicy(tokenizer, texts), task, index, num_samples=4, max_new_tokens=32,
+                             temperature=1.0, top_k=None, seed=0)
+        groups.append(group)
+        assert group["rewards"] == [1.0, 0.0, 0.0, 1.0]
+        assert group_advantages(group["rewards"]) == [0.5, -0.5, -0.5, 0.5]
+        assert group["prompt_len"] == len(tokenizer.render_for_completion(task[index]))
+        assert group["generated_tokens"] == sum(len(tokenizer.encode(text)) for text in texts)
+    assert pass_at_k(groups) == {"pass@1": 0.5, "pass@k": 1.0, "k": 4}
+
+
+def test_group_seeds_differ_by_step_and_prompt():
+    seeds = {group_seed(42, step, index) for step in range(50) for index in range(50)}
+    assert len(seeds) == 2500
+    assert group_seed(42, 3, 7) == group_seed(42, 3, 7)
+
+
+# ---------------------------------------------------------------- the job
+
+
+@pytest.fixture(scope="module")
+def cluster_driver(tmp_path_factory):
+    """The subprocess that runs the 3-node cluster checks: (process, path of its JSON report).
+    Started before the job's runs (rl_runs asks for it) so that the two overlap."""
+    folder = tmp_path_factory.mktemp("chat_rl_cluster")
+    out, log = folder / "report.json", folder / "driver.log"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "1", "PYTHONPATH": REPO}
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.test_chat_rl", str(out)], cwd=REPO, env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    yield proc, out, log
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def rl_runs(ray_local, cluster_driver, tmp_path_factory):
+    """Two RL steps from a tiny random 'SFT' checkpoint on EvenLength, with two learner ranks and two
+    rollout workers, then --resume to step 3."""
+    from ray_jobs import chat_rl
+
+    tokenizer = _tiny_tokenizer()
+    tokenizer_dir = str(tmp_path_factory.mktemp("chat_rl_tokenizer"))
+    tokenizer.save(tokenizer_dir)
+    model = random_gpt(tokenizer.get_vocab_size(), sequence_len=SEQUENCE_LEN, seed=2)
+    save_checkpoint(checkpoint_dir("sft", MODEL_TAG), 5, model.state_dict(), {"model_config": model.config_dict()},
+                    tokenizer_dir=tokenizer_dir)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(chat_rl, "rl_tasks", lambda name: {"train": EvenLength(16), "test": EvenLength(8)})
+    flags = ["--model-tag", MODEL_TAG, "--task", "arithmetic", "--examples-per-step", "4", "--num-samples", "4",
+             "--max-new-tokens", "12", "--eval-every", "2", "--eval-examples", "4", "--eval-k", "2",
+             "--num-workers", "2", "--num-rollout-workers", "2", "--rollout-cpus", "0.25", "--cpus-per-worker", "0.5",
+             "--save-every", "1", "--init-lr-frac", "1.0", "--run-name", "rl_test", "--max-failures", "0"]
+    try:
+        first = chat_rl.main(flags + ["--num-steps", "2"])
+        first_weights, _, first_meta = load_checkpoint(checkpoint_dir("rl", MODEL_TAG), 2, "cpu")
+        resumed = chat_rl.main(flags + ["--num-steps", "3", "--resume"])
+    finally:
+        patch.undo()
+    return {"first": first, "first_weights": first_weights, "resumed": resumed, "source": model.state_dict()}
+
+
+def test_rl_job_steps_reports_and_exports(rl_runs):
+    first = rl_runs["first"]
+    steps = [entry for entry in first["history"] if "reward" in entry]
+    assert [entry["step"] for entry in steps] == [0, 1]
+    for entry in steps:
+        assert 0.0 <= entry["reward"] <= 1.0
+        assert entry["version_lag"] == 0 and entry["stale_rejected"] == 0
+        for key in ("rollout_seconds", "sync_seconds", "update_seconds", "rollout_tokens_per_second"):
+            assert entry[key] > 0
+    evals = [entry for entry in first["history"] if "pass_at_k" in entry]
+    assert [entry["step"] for entry in evals] == [0, 2]
+    assert first["pass@k"] == evals[-1]["pass_at_k"] and first["mean_reward"] == steps[-1]["reward"]
+    # the learner did learn something: the exported weights moved away from the SFT ones
+    changed = [not torch.equal(rl_runs["first_weights"][name], tensor) for name, tensor in rl_runs["source"].items()]
+    assert any(changed)
+
+
+def test_rl_job_records_its_stage_with_the_reward_history(rl_runs):
+    from nanochat.report import Report
+
+    section = next(s for s in Report().sections() if s["stage"] == "chat_rl")
+    assert section["source"] == "rl"
+    rewards = [(entry["step"], entry["reward"]) for entry in section["history"] if "reward" in entry]
+    assert [step for step, _ in rewards] == [0, 1, 2]  # the resumed run's section holds the whole run
+    assert set(section["metrics"]) >= {"mean_reward", "pass@k"}
+    assert all(section["timings"][key] > 0 for key in ("wall_s", "rollout_s", "update_s", "sync_s"))
+
+
+def test_rl_job_resumes_from_its_checkpoint(rl_runs):
+    resumed = rl_runs["resumed"]
+    restored = [entry for entry in resumed["history"] if entry.get("restored_from_checkpoint")]
+    assert [entry["step"] for entry in restored] == [2]
+    assert [entry["step"] for entry in resumed["history"] if "reward" in entry] == [0, 1, 2]
+    weights, _, meta = load_checkpoint(checkpoint_dir("rl", MODEL_TAG), 3, "cpu")
+    assert meta["step"] == 3
+    assert any(not torch.equal(weights[name], tensor) for name, tensor in rl_runs["first_weights"].items())
+
+
+def test_bad_flags_are_refused_with_the_reason(capsys):
+    from ray_jobs.chat_rl import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--num-samples", "1"])
+    assert "advantages are rewards minus the mean" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--temperature", "0"])
+    assert "RL needs sampled completions" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 3-node cluster (subprocess)
+
+
+@pytest.fixture(scope="module")
+def cluster_report(cluster_driver):
+    proc, out, log = cluster_driver
+    try:
+        proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0 and out.exists(), f"cluster driver failed:\n{log.read_text()[-6000:]}"
+    return json.loads(out.read_text())
+
+
+def test_rollout_workers_land_on_three_nodes(cluster_report):
+    assert cluster_report["num_nodes"] == 3
+    assert len(set(cluster_report["worker_nodes"])) == 3
+
+
+def test_weights_after_a_sync_are_bit_identical_to_the_learners(cluster_report):
+    assert cluster_report["bit_identical"] == [True, True, True]
+    # and the sync really changed them: the published weights differ from the first ones
+    assert cluster_report["second_weights_differ"]
+
+
+def test_rollouts_of_stale_weights_are_rejected_and_sampled_again(cluster_report):
+    stale = cluster_report["stale"]
+    assert stale["stale_rejected"] >= 1
+    assert stale["versions"] == [2] * stale["num_groups"]
+    # every group, the rejected ones included, is what the current weights sample
+    assert stale["equal_to_local_current_policy"]
+
+
+def test_a_node_removed_in_the_middle_of_a_step_costs_a_worker_and_the_step_completes(cluster_report):
+    removal = cluster_report["node_removal"]
+    assert removal["done_before_removal"] < removal["num_groups"]
+    assert removal["replaced"] >= 1
+    assert removal["completed"] == removal["num_groups"]
+    assert removal["versions"] == [removal["version"]] * removal["num_groups"]
+    # the prompts of the lost worker were sampled elsewhere with their own seeds: same groups
+    assert removal["same_as_undisturbed_step"]
+    assert removal["step_after_removal_completed"]
+    assert len(removal["worker_nodes_after"]) == 3 and removal["removed_node"] not in removal["worker_nodes_after"]
+    assert set(removal["worker_nodes_after"]) <= set(removal["alive_nodes"])
+
+
+def test_rewards_computed_on_the_workers_are_the_tasks(cluster_report):
+    rewards = cluster_report["rewards"]
+    assert rewards["worker"] == rewards["recomputed"]
+    assert 0 < sum(rewards["worker"]) < len(rewards["worker"])  # a mix, so the check can fail
+
+
+# ---------------------------------------------------------------- the cluster driver
+
+
+def _cluster_checks(out_path: str) -> None:
+    """Run in a subprocess: a 3-node cluster, a fleet of 3 rollout workers, and the checks."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ray_jobs.chat_rl import RolloutFleet
+
+    class FleetThatLosesANode(RolloutFleet):
+        """Calls `remove` (once) when the second group of a run has come back."""
+        remove = None
+
+        def _pump(self):
+            super()._pump()
+            if self.remove is not None and len(self._results) >= 2:
+                self.done_before_removal = len(self._results)
+                remove, self.remove = self.remove, None
+                remove()
+
+    torch.set_num_threads(1)
+    report = {}
+    # Cluster records its address in /tmp/ray for a later bare ray.init() to find; other Ray users
+    # of this machine could then join it by mistake. This driver passes the address explicitly.
+    ray._private.utils.write_ray_address = lambda *args, **kwargs: None
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    fleet = None
+    try:
+        report["num_nodes"] = len([n for n in ray.nodes() if n["Alive"]])
+        tokenizer = _tiny_tokenizer()
+        task = EvenLength(24)
+        model = random_gpt(tokenizer.get_vocab_size(), sequence_len=SEQUENCE_LEN, seed=2)
+        sampling = {"max_new_tokens": 32, "temperature": 1.0, "top_k": None}
+        shared = ray.put({"tokenizer": tokenizer, "tasks": {"train": task}})
+        fleet = FleetThatLosesANode(3, (model.config_dict(), shared, sampling), num_cpus=0.3, num_gpus=0,
+                                    start_timeout_s=120, stall_timeout_s=120)
+        report["worker_nodes"] = fleet.nodes
+
+        def local_groups(weights, jobs):
+            local = random_gpt(tokenizer.get_vocab_size(), sequence_len=SEQUENCE_LEN)
+            local.load_state_dict(weights)
+            engine = Engine(local, tokenizer)
+            return [sample_group(engine, task, index, n, sampling["max_new_tokens"], 1.0, None, seed)
+                    for _, index, n, seed in jobs]
+
+        # weights: publish version 1, then version 2 (other weights), compare bit for bit
+        first = {k: v.clone() for k, v in model.state_dict().items()}
+        fleet.publish(first, 1)
+        fleet.sync()
+        second = random_gpt(tokenizer.get_vocab_size(), sequence_len=SEQUENCE_LEN, seed=3).state_dict()
+        report["second_weights_differ"] = any(not torch.equal(first[k], second[k]) for k in first)
+        fleet.publish(second, 2)
+        fleet.sync()
+        held = ray.get([slot.actor.state_dict.remote() for slot in fleet.slots])
+        report["bit_identical"] = [set(h) == set(second) and all(torch.equal(h[k], second[k])
+                                                                 and h[k].dtype == second[k].dtype for k in second)
+                                   for h in held]
+
+        # stale: worker 0 goes back to version 1 behind the fleet's back (a late load, say)
+        ray.get(fleet.slots[0].actor.load_weights.remote(1, [ray.put(first)]))
+        jobs = [("train", i, 4, group_seed(7, 0, i)) for i in range(6)]
+        groups = fleet.run(jobs)
+        expected = local_groups(second, jobs)
+        report["stale"] = {"stale_rejected": fleet.stats["stale_rejected"], "num_groups": len(groups),
+                           "versions": [g["version"] for g in groups],
+                           "equal_to_local_current_policy": all(g["sequences"] == e["sequences"]
+                                                                and g["rewards"] == e["rewards"]
+                                                                for g, e in zip(groups, expected))}
+        report["rewards"] = {"worker": [r for g in groups for r in g["rewards"]],
+                             "recomputed": [float(task.reward(task[g["index"]], tokenizer.decode(s[g["prompt_len"]:])))
+                                            for g in groups for s in g["sequences"]]}
+
+        # node removal in the middle of a step: the fleet's loop removes it after the second group
+        jobs = [("train", i, 4, group_seed(7, 1, i)) for i in range(12)]
+        undisturbed = fleet.run(jobs)
+        victim = next(n for n in nodes if n.node_id in fleet.nodes)
+        fleet.remove = functools.partial(cluster.remove_node, victim)
+        groups = fleet.run(jobs)
+        after = fleet.run([("train", i, 4, group_seed(7, 2, i)) for i in range(6)])
+        report["node_removal"] = {
+            "num_groups": len(jobs), "completed": len(groups), "done_before_removal": fleet.done_before_removal,
+            "replaced": fleet.stats["replaced"], "version": fleet.version, "versions": [g["version"] for g in groups],
+            "same_as_undisturbed_step": all(g["sequences"] == u["sequences"] and g["rewards"] == u["rewards"]
+                                            for g, u in zip(groups, undisturbed)),
+            "step_after_removal_completed": len(after) == 6,
+            # the replacement starts in the bundle Ray moved to a live node
+            "worker_nodes_after": ray.get([slot.actor.node_id.remote() for slot in fleet.slots], timeout=90),
+            "removed_node": victim.node_id,
+            "alive_nodes": [n["NodeID"] for n in ray.nodes() if n["Alive"]]}
+    finally:
+        if fleet is not None:
+            fleet.stop()
+        ray.shutdown()
+        cluster.shutdown()
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+if __name__ == "__main__":
+    _cluster_checks(sys.argv[1])
