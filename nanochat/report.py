@@ -8,6 +8,9 @@ Every stage calls, from one process (its job driver or rank 0):
 
 which writes `<base>/report/stage-base_train-base.json` under a temporary name and renames it into
 place, so a crash never leaves half a section and a rerun of a stage replaces its old section.
+A trainer's per-step records (Unix time at the end of each step) become such a history with
+`stage_history(records)`. The pipeline driver (ray_jobs.speedrun) then adds each stage's wall time,
+job start-up included, with `Report().record_wall_time(stage, seconds)`.
 Keeping one file per stage, rather than one growing file, lets stages run as separate Ray jobs
 (and resume with `--from`) without sharing any state but the base dir.
 
@@ -15,8 +18,8 @@ Keeping one file per stage, rather than one growing file, lets stages run as sep
 system (git commit, torch and Ray versions, CPU, GPU, date). `Report().write_report()` then
 assembles `<base>/report/report.md`:
 
-- the metrics table: CORE, val bpb, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee
-  and ChatCORE, one row for each metric some stage measured, one column per model (base, sft,
+- the metrics table: CORE, val bpb, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee,
+  Arithmetic and ChatCORE, one row for each metric some stage measured, one column per model (base, sft,
   rl), '-' where a model was not run or not measured;
 - PNG plots, linked from the markdown: training loss and val bpb against step and against wall
   time, and the RL mean reward against step, drawn from the histories the stages recorded;
@@ -58,6 +61,7 @@ TABLE_METRICS = (
     ("GSM8K", "gsm8k"),
     ("HumanEval", "humaneval"),
     ("SpellingBee", "spellingbee"),
+    ("Arithmetic", "arithmetic"),  # the offline task of the tiny preset
     ("ChatCORE", "chatcore"),
 )
 
@@ -79,6 +83,26 @@ _REPORT_FILE = "report.md"
 def normalize_metric_name(name: str) -> str:
     """'ARC-Easy', 'arc_easy' and 'arc easy' all become 'arceasy'."""
     return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def stage_history(records: list[dict], keys: tuple[str, ...] = ("loss", "val_bpb", "reward")) -> list[dict]:
+    """A trainer's records -> the report's history: {'step', 'time', and whichever of `keys` the
+    record has}, 'time' in seconds since the first step began.
+
+    A training record carries 'time' (Unix time at the end of its step) and 'step_seconds'; a record
+    without a time (an evaluation) takes the time of the record before it. Records with none of
+    `keys` (e.g. a 'restored_from_checkpoint' marker) are left out."""
+    history, start, elapsed = [], None, 0.0
+    for record in records:
+        timestamp = record.get("time")
+        if isinstance(timestamp, (int, float)):
+            if start is None:
+                start = timestamp - record.get("step_seconds", 0.0)
+            elapsed = timestamp - start
+        values = {key: record[key] for key in keys if isinstance(record.get(key), (int, float))}
+        if "step" in record and values:
+            history.append({"step": record["step"], "time": elapsed, **values})
+    return history
 
 
 def _jsonable(value):
@@ -221,6 +245,22 @@ class Report:
         atomic_write_bytes(path, _json_bytes(section))
         return path
 
+    def record_wall_time(self, stage: str, seconds: float) -> None:
+        """Set timings['wall_s'] of the newest section of `stage` (which its driver logged), or log a
+        section with only that timing when the stage's driver logged none."""
+        newest = None
+        for path in glob.glob(os.path.join(self.dir, f"stage-{stage}.json")) + \
+                glob.glob(os.path.join(self.dir, f"stage-{stage}-*.json")):
+            section = self._read_json(path)
+            if section["stage"] == stage and (newest is None or section["logged_at"] > newest[1]["logged_at"]):
+                newest = (path, section)
+        if newest is None:
+            self.log_stage(stage, timings={"wall_s": float(seconds)})
+            return
+        path, section = newest
+        section["timings"]["wall_s"] = float(seconds)
+        atomic_write_bytes(path, _json_bytes(section))
+
     # ------------------------------------------------------------------ reading
 
     def _read_json(self, path: str):
@@ -321,9 +361,12 @@ class Report:
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         else:
             lines.append("No evaluation metrics were recorded.")
-        walls = [s["timings"]["wall_s"] for s in sections if "wall_s" in s["timings"]]
+        walls = [(s["stage"] + (f" ({s['source']})" if s["source"] else ""), s["timings"]["wall_s"])
+                 for s in sections if "wall_s" in s["timings"]]
         if walls:
-            lines += ["", f"Total wall time of the stages: {format_duration(sum(walls))}"]
+            lines += ["", "| Stage | wall time |", "|---|---|"]
+            lines += [f"| {name} | {format_duration(seconds)} |" for name, seconds in walls]
+            lines += ["", f"Total wall time of the stages: {format_duration(sum(s for _, s in walls))}"]
 
         lines += ["", "## Plots", ""]
         drawn = [(filename, title, x_key) for filename, key, x_key, title in PLOTS

@@ -39,6 +39,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.packing import BestFitPacker
+from nanochat.report import Report
 from nanochat.tokenizer import compute_token_bytes
 
 EVAL_MODES = ("core", "bpb", "sample")
@@ -327,6 +328,13 @@ def main(argv=None) -> dict:
     out_path = os.path.join(get_base_dir(), "base_eval", f"{model_tag}_{step}.json")
     atomic_write_bytes(out_path, json.dumps(results, indent=2).encode("utf-8"))
     print(f"results written to {out_path}", flush=True)
+    metrics = {f"{split}_bpb": bpb for split, bpb in results.get("bpb", {}).items()}
+    if "core" in results:
+        # per-task names prefixed, so CORE's arc_easy is not taken for the chat eval's ARC-Easy in the table
+        metrics = {"CORE": results["core"]["core_metric"], **metrics,
+                   **{f"CORE {label} (centered)": value for label, value in results["core"]["centered_results"].items()}}
+    Report().log_stage("base_eval", source="base", config={**vars(args), "model_tag": model_tag, "step": step},
+                       metrics=metrics)
     return results
 
 

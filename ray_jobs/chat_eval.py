@@ -30,6 +30,7 @@ from ray.util import ActorPool
 from nanochat.checkpoint import PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model, find_last_step
 from nanochat.common import atomic_write_bytes, get_base_dir
 from nanochat.chat_eval import ModelAnswerer, Sampling, chatcore, score_problems, summarize
+from nanochat.report import Report
 from nanochat.tasks import Task, get_task
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel
 
@@ -228,6 +229,8 @@ def main(argv=None) -> dict:
     out_path = os.path.join(get_base_dir(), "chat_eval", f"{args.source}_{model_tag}_{step}.json")
     atomic_write_bytes(out_path, json.dumps(results, indent=2).encode("utf-8"))
     print(f"results written to {out_path}", flush=True)
+    Report().log_stage("chat_eval", source=args.source, config=config, timings={"eval_s": results["wall_s"]},
+                       metrics={**{name: r["accuracy"] for name, r in task_results.items()}, "ChatCORE": score})
     return results
 
 

@@ -20,6 +20,7 @@ import ray
 
 from nanochat.dataset import (HF_DATASETS, build_sample_shards, default_data_dir, download_shard,
                               shard_filename)
+from nanochat.report import Report
 
 DEFAULT_NUM_TRAIN_SHARDS = 8
 
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> list[str]:
         print(f"  {key}: {value}")
 
     if args.source == "sample":
-        return build_sample_shards(dest_dir, args.max_bytes)
+        paths = build_sample_shards(dest_dir, args.max_bytes)
+        log_report(args, dest_dir, paths)
+        return paths
 
     indices = shard_indices(args.source, args.num_shards)
     present = {i for i in indices if os.path.exists(os.path.join(dest_dir, shard_filename(i)))}
@@ -134,7 +137,14 @@ def main(argv: list[str] | None = None) -> list[str]:
                          + "\n  ".join(failures))
     paths = sorted(fetched + [os.path.join(dest_dir, shard_filename(i)) for i in sorted(present)])
     print(f"done: {len(paths)} shards in {dest_dir}", flush=True)
+    log_report(args, dest_dir, paths)
     return paths
+
+
+def log_report(args: argparse.Namespace, dest_dir: str, paths: list[str]) -> None:
+    """The data section of the report card: what was fetched and how much of it is on disk."""
+    Report().log_stage("data", config={**vars(args), "data_dir": dest_dir},
+                       metrics={"shards": len(paths), "bytes_on_disk": sum(os.path.getsize(p) for p in paths)})
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import tiktoken
 
 from nanochat.common import print0
 from nanochat.dataset import SOURCES, iter_text, resolve_source
+from nanochat.report import Report
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 
 # Column title -> tiktoken encoding name.
@@ -91,6 +92,9 @@ def main(argv=None) -> dict:
     for split, row in results.items():
         print0(f"{split:<8}{row['bytes']:>14,}{row['tokens']:>14,}{row['ratio']:>10.3f}"
                + "".join(f"{row[title]:>10.3f}" for title in baselines))
+    Report().log_stage("tok_eval", config=vars(args), metrics={
+        f"{split} bytes/token" + ("" if column == "ratio" else f" ({column})"): value
+        for split, row in results.items() for column, value in row.items() if column not in ("bytes", "tokens")})
     return results
 
 

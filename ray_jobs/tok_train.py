@@ -17,6 +17,7 @@ import time
 
 from nanochat.common import print0
 from nanochat.dataset import SOURCES, iter_text, resolve_source
+from nanochat.report import Report
 from nanochat.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
@@ -104,6 +105,8 @@ def main(argv=None) -> dict:
     regular = token_bytes[token_bytes > 0].float()
     print0(f"token bytes over the {regular.numel():,} regular tokens: min {int(regular.min())}, "
            f"max {int(regular.max())}, mean {regular.mean():.2f}")
+    Report().log_stage("tokenizer", config=vars(args), timings={"train_s": train_time},
+                       metrics={"vocab_size": vocab_size, "train_docs": texts.num_docs, "train_chars": texts.num_chars})
     return {"tokenizer_path": tokenizer_path, "token_bytes_path": token_bytes_path, "vocab_size": vocab_size,
             "train_time": train_time, "num_docs": texts.num_docs, "num_chars": texts.num_chars}
 

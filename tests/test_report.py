@@ -13,7 +13,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from nanochat.report import Report, format_duration, normalize_metric_name
+from nanochat.report import Report, format_duration, normalize_metric_name, stage_history
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -39,7 +39,7 @@ def _log_pipeline_without_rl(report: Report) -> None:
     report.log_stage("chat_sft", source="sft", timings={"wall_s": 60.0}, history=_history(20, 3.0, 0.5))
     report.log_stage("chat_eval", source="sft", timings={"wall_s": 20.0},
                      metrics={"ARC-Easy": 0.38757, "arc_challenge": 0.28, "MMLU": 0.31, "GSM8K": 0.045,
-                              "SpellingBee": 0.5, "ChatCORE metric": 0.1})
+                              "SpellingBee": 0.5, "arithmetic": 0.73, "ChatCORE metric": 0.1})
 
 
 def _table_row(markdown: str, label: str) -> list[str]:
@@ -80,6 +80,7 @@ def test_report_has_the_metrics_table_with_dashes_for_missing_models(tmp_path):
     assert _table_row(markdown, "MMLU") == ["-", "0.3100", "-"]
     assert _table_row(markdown, "GSM8K") == ["-", "0.0450", "-"]
     assert _table_row(markdown, "SpellingBee") == ["-", "0.5000", "-"]
+    assert _table_row(markdown, "Arithmetic") == ["-", "0.7300", "-"]
     # "ChatCORE metric" is not the ChatCORE row: only spelling variants of a name match.
     assert "| ChatCORE |" not in markdown
     # No stage ran HumanEval: its row is left out rather than shown empty.
@@ -188,3 +189,31 @@ def test_helpers():
     assert normalize_metric_name("ARC-Easy") == normalize_metric_name("arc_easy") == "arceasy"
     assert format_duration(42.5) == "42.5s"
     assert format_duration(3725) == "1h 02m 05s"
+
+
+def test_stage_history_turns_trainer_records_into_seconds_since_the_start():
+    records = [{"step": 0, "val_bpb": 3.0},  # the evaluation before the first step
+               {"step": 1, "loss": 9.0, "time": 1000.5, "step_seconds": 0.5, "mfu": 0.01},
+               {"step": 2, "loss": 8.0, "time": 1001.0, "step_seconds": 0.5},
+               {"step": 2, "val_bpb": 2.5},  # an evaluation after step 2: step 2's time
+               {"step": 2, "restored_from_checkpoint": True},
+               {"step": 3, "loss": 7.0, "time": 1011.0, "step_seconds": 0.5}]
+    assert stage_history(records) == [
+        {"step": 0, "time": 0.0, "val_bpb": 3.0}, {"step": 1, "time": 0.5, "loss": 9.0},
+        {"step": 2, "time": 1.0, "loss": 8.0}, {"step": 2, "time": 1.0, "val_bpb": 2.5},
+        {"step": 3, "time": 11.0, "loss": 7.0}]
+
+
+def test_record_wall_time_sets_the_newest_section_of_a_stage_or_logs_one(tmp_path):
+    report = Report(str(tmp_path))
+    report.log_stage("chat_eval", source="sft", timings={"eval_s": 3.0}, metrics={"GSM8K": 0.1})
+    report.log_stage("chat_eval", source="rl", metrics={"GSM8K": 0.2})
+    report.record_wall_time("chat_eval", 42.0)
+    report.record_wall_time("data", 7.0)
+    by_name = {(s["stage"], s["source"]): s for s in report.sections()}
+    assert by_name[("chat_eval", "rl")]["timings"] == {"wall_s": 42.0}
+    assert by_name[("chat_eval", "sft")]["timings"] == {"eval_s": 3.0}
+    assert by_name[("data", None)]["timings"] == {"wall_s": 7.0}
+    markdown = open(report.write_report()).read()
+    assert _table_row(markdown, "chat_eval (rl)") == ["42.0s"]
+    assert "Total wall time of the stages: 49.0s" in markdown

@@ -1,17 +1,20 @@
 """Tests of the pipeline driver: stage order per preset, --from, skipping finished and missing
-stages, and stopping at the first failing stage with its error."""
+stages, stopping at the first failing stage with its error, and the report card it keeps."""
 
+import os
 import sys
 import types
 
 import pytest
 
+from nanochat.report import Report
 from ray_jobs import speedrun
 
 
 def test_presets_list_the_stages_in_order():
     names = [s.name for s in speedrun.preset_stages("tiny", with_rl=True)]
-    assert names == ["data", "tokenizer", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval", "chat_rl"]
+    assert names == ["data", "tokenizer", "tok_eval", "base_train", "base_eval", "chat_sft", "chat_eval", "chat_rl",
+                     "chat_eval_rl"]
     assert "chat_rl" not in [s.name for s in speedrun.preset_stages("d20", with_rl=False)]
     base_train = next(s for s in speedrun.preset_stages("d26", with_rl=False) if s.name == "base_train")
     assert base_train.flags[:2] == ["--depth", "26"]
@@ -69,3 +72,56 @@ def test_run_inline_turns_a_nonzero_exit_into_an_error(monkeypatch):
                         lambda name, run_name, alter_sys: (_ for _ in ()).throw(SystemExit(2)))
     with pytest.raises(RuntimeError, match="exited with status 2"):
         speedrun.run_inline(speedrun.Stage("x", module.__name__))
+
+
+def test_a_full_run_starts_a_fresh_report_and_writes_it_also_after_a_failure(monkeypatch, tmp_path, capsys):
+    """Every stage run from the first: the old report goes, each stage gets its wall time, and
+    report.md is written although the last stage failed."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    old = Report()
+    old.log_stage("base_eval", source="base", metrics={"CORE": 0.5})  # a previous run's section
+    stages = [speedrun.Stage("data", "m_data"), speedrun.Stage("base_train", "m_train"),
+              speedrun.Stage("chat_eval", "m_eval"), speedrun.Stage("chat_eval_rl", "m_eval", report_as="chat_eval")]
+    monkeypatch.setattr(speedrun, "preset_stages", lambda preset, with_rl: stages)
+    monkeypatch.setattr(speedrun.Stage, "is_built", lambda self: True)
+
+    def fake_run_inline(stage):
+        if stage.name == "base_train":  # the driver logs its own section, as the real one does
+            Report().log_stage("base_train", source="base", metrics={"val_bpb": 1.25},
+                               history=[{"step": 1, "time": 0.5, "loss": 9.0}])
+        if stage.name == "chat_eval":
+            raise RuntimeError("stage chat_eval exited with status 1")
+
+    monkeypatch.setattr(speedrun, "run_inline", fake_run_inline)
+    assert speedrun.main(["--inline"]) == 1
+    out = capsys.readouterr().out
+    report_md = os.path.join(str(tmp_path), "report", "report.md")
+    assert f"report of the stages that finished: {report_md}" in out
+    sections = {s["stage"]: s for s in Report().sections()}
+    assert sorted(sections) == ["base_train", "data"]  # the old base_eval section is gone, chat_eval failed
+    assert sections["base_train"]["metrics"] == {"val_bpb": 1.25}
+    assert all(0 <= s["timings"]["wall_s"] < 5 for s in sections.values())
+    markdown = open(report_md).read()
+    assert "| val bpb | 1.2500 | - | - |" in markdown and "| base_train (base) |" in markdown
+
+    # Resuming at the failed stage keeps the sections of the stages before it; a stage that logs
+    # under another name (chat_eval of the RL model) gets its wall time in that section.
+    def log_eval(stage):
+        Report().log_stage("chat_eval", source="rl" if stage.name == "chat_eval_rl" else "sft", metrics={"GSM8K": 0.1})
+
+    monkeypatch.setattr(speedrun, "run_inline", log_eval)
+    assert speedrun.main(["--inline", "--from", "chat_eval"]) == 0
+    assert sorted((s["stage"], s["source"]) for s in Report().sections()) == [
+        ("base_train", "base"), ("chat_eval", "rl"), ("chat_eval", "sft"), ("data", None)]
+    assert all("wall_s" in s["timings"] for s in Report().sections())
+    assert "pipeline finished; report: " + report_md in capsys.readouterr().out
+
+
+def test_the_tiny_preset_trains_the_depth_2_recipe_and_d26_the_seed_settings():
+    tiny = {s.name: s for s in speedrun.preset_stages("tiny", with_rl=False)}
+    flags = tiny["base_train"].flags
+    assert flags[flags.index("--depth") + 1] == "2" and flags[flags.index("--source") + 1] == "sample"
+    assert all(s.flags[s.flags.index("--model-tag") + 1] == "tiny" for s in tiny.values() if "--model-tag" in s.flags)
+    d26 = {s.name: s for s in speedrun.preset_stages("d26", with_rl=False)}
+    assert d26["data"].flags == ["--source", "fineweb-edu", "-n", "450"]
+    assert d26["base_train"].flags[d26["base_train"].flags.index("--device-batch-size") + 1] == "16"
