@@ -141,9 +141,12 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _git_commit() -> str:
-    """The commit of the checkout this code runs from, with '(dirty)' when it has changes; 'n/a'
-    outside a git checkout (a job's uploaded working dir has no .git)."""
+def git_commit() -> str:
+    """The commit of the checkout this code runs from, with '(dirty)' when it has changes. A Ray
+    job's uploaded working dir has no .git, so there the submitter's answer comes in
+    $NANOCHAT_GIT_COMMIT (ray_jobs.speedrun passes it on to every job); 'n/a' when neither knows."""
+    if os.environ.get("NANOCHAT_GIT_COMMIT"):
+        return os.environ["NANOCHAT_GIT_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
@@ -184,7 +187,7 @@ def system_info() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "host": socket.gethostname(),
         "platform": platform.platform(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",

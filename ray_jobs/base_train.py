@@ -31,22 +31,20 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0
 from nanochat.dataset import SOURCES, resolve_source
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
+from nanochat.report import Report, stage_history
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.training import lr_multiplier, muon_momentum, resolve_horizon, weight_decay_at
 from ray_jobs import pretrain_data
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, InMemoryModel, evaluate_core_on_actors, packed_batches
-from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, all_reduce, build_model,
-                                   configure_cpu_threads, device_peak_flops, export_final_model,
-                                   latest_run_checkpoint_meta, maybe_compile, quiet_worker_logs,
-                                   report_with_checkpoint, restore_from_checkpoint, restore_rng_state, rng_state,
-                                   set_ray_train_env, world_info)
+from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
+                                   device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
+                                   maybe_compile, previous_run, report_with_checkpoint, restore_from_checkpoint,
+                                   restore_rng_state, rng_state, start_worker)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -97,17 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--cpus-per-worker", type=float, default=-1.0,
                    help="CPUs per CPU-only train worker; -1 = share the CPUs, leaving 1.5 for Ray Data")
-    p.add_argument("--storage-path", default=None, help="checkpoint storage: folder or URI (s3://...)")
-    p.add_argument("--run-name", default=None, help="Ray Train run name (default base_<model-tag>)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in storage")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
+    add_run_flags(p, "base")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto = on CUDA, and on CPU when a C++ compiler is installed)")
     # output
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
-    p.add_argument("--run", default=None, help="wandb run name (off by default)")
     p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for tests
     args = p.parse_args(argv)
     positive = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "eval_tokens",
@@ -254,13 +246,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg, refs = config["cfg"], config["refs"]
     args = argparse.Namespace(**cfg["args"])
     horizon = cfg["horizon"]
-    quiet_worker_logs()
-    rank, world = world_info()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        print0(f"CPU workers: {configure_cpu_threads()} torch threads each")
+    rank, world, device = start_worker()
     torch.set_float32_matmul_precision("high")
 
     model = build_model(cfg["model_config"], device, seed=args.seed)
@@ -268,7 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale,
                                       matrix_lr=args.matrix_lr * scale, scalar_lr=args.scalar_lr * scale,
                                       weight_decay=args.weight_decay)
-    meta = restore_from_checkpoint(model, optimizer, device)
+    meta = restore_from_checkpoint(model, optimizer, device, cfg["resume_from"])
     start_step = meta["step"] if meta else 0
     history = meta["history"] if meta else []  # every report of the run so far (rank 0 keeps it)
     if meta:
@@ -384,12 +370,7 @@ def main(argv=None) -> dict:
     try:
         cfg = resolve_config(args)
         print_config(cfg)
-        previous = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])
-        if previous is not None and not args.resume:
-            raise ValueError(f"a run named {cfg['run_name']!r} already has checkpoints in {cfg['storage_path']} "
-                             f"(step {previous['step']}): pass --resume to continue it, or --run-name NEW to start over")
-        if previous is None and args.resume:
-            print0(f"--resume: run {cfg['run_name']!r} has no checkpoint in {cfg['storage_path']} yet, starting it")
+        previous = previous_run(cfg, args)
         start_file = previous["data_position"]["file_index"] if previous else 0
         datasets, cfg["stream"] = pretrain_data.build_datasets(
             source=args.source, data_dir=args.data_dir, tokenizer_dir=cfg["tokenizer_dir"],
@@ -418,30 +399,14 @@ def main(argv=None) -> dict:
         # Logical CPUs only schedule work (each worker sets its torch threads from the node's
         # cores); leave 1.5 for Ray Data's read, tokenize and pack stages and a CORE eval actor.
         cpus_per_worker = max(0.1, min(1.0, (ray.cluster_resources().get("CPU", 2) - 1.5) / args.num_workers))
-    set_ray_train_env()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "refs": {"val_rows": ray.put(val_rows), "core_tasks": core_tasks}},
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=cfg["use_gpu"],
-                                     resources_per_worker=None if cfg["use_gpu"] else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"],
-                             checkpoint_config=CheckpointConfig(num_to_keep=args.keep_last),
-                             failure_config=FailureConfig(max_failures=args.max_failures),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": datasets["train"]},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        print(f"base_train: training failed after {args.max_failures} restart(s) ({exc}). Its checkpoints are in "
-              f"{cfg['storage_path']}/{cfg['run_name']}: rerun with --resume to continue from the newest one",
-              file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    result = fit_trainer("base_train", train_loop_per_worker,
+                         {"cfg": cfg, "refs": {"val_rows": ray.put(val_rows), "core_tasks": core_tasks}}, cfg, args,
+                         None if cfg["use_gpu"] else {"CPU": cpus_per_worker},
+                         datasets={"train": datasets["train"]},
+                         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     exported = export_final_model(result, cfg)
     print0(f"final model exported to {exported}")
     meta = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])  # the final checkpoint's
-    from nanochat.report import Report, stage_history
     history = stage_history(meta["history"])
     Report().log_stage("base_train", source="base", history=history,
                        config={**cfg["args"], "parameters": cfg["param_counts"]["total"], **cfg["horizon"]},

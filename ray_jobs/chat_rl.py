@@ -40,8 +40,6 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.exceptions import RayError, RayTaskError
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -56,9 +54,9 @@ from nanochat.rl import (group_seed, pass_at_k, policy_gradient_loss, rollout_ro
 from nanochat.tasks import get_task
 from nanochat.tasks.common import DatasetDownloadError
 from nanochat.tokenizer import Tokenizer
-from ray_jobs.train_common import (ProgressLine, TrainMetrics, all_reduce, build_model, configure_cpu_threads,
-                                   export_final_model, latest_run_checkpoint_meta, quiet_worker_logs,
-                                   report_with_checkpoint, restore_from_checkpoint, set_ray_train_env, world_info)
+from ray_jobs.train_common import (ProgressLine, TrainMetrics, add_run_flags, all_reduce, build_model,
+                                   export_final_model, fit_trainer, latest_run_checkpoint_meta, previous_run,
+                                   report_with_checkpoint, restore_from_checkpoint, start_worker)
 
 RL_TASKS = ("gsm8k", "arithmetic")
 # Sizes of the generated task's splits (the real sets are used whole).
@@ -300,13 +298,7 @@ def _evaluate(fleet: RolloutFleet, args, num_test: int) -> dict:
 def train_loop_per_worker(config: dict) -> None:
     cfg, shared = config["cfg"], config["shared"]
     args = argparse.Namespace(**cfg["args"])
-    quiet_worker_logs()
-    rank, world = world_info()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        print0(f"CPU learner workers: {configure_cpu_threads()} torch threads each")
+    rank, world, device = start_worker('learner workers')
 
     model = build_model(cfg["model_config"], device, seed=args.seed)
     source_state, _, _ = load_checkpoint(cfg["source_checkpoint_dir"], cfg["source_step"], device)
@@ -316,7 +308,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * frac, embedding_lr=args.embedding_lr * frac,
                                       matrix_lr=args.matrix_lr * frac, scalar_lr=args.scalar_lr * frac,
                                       weight_decay=args.weight_decay)
-    meta = restore_from_checkpoint(model, optimizer, device)
+    meta = restore_from_checkpoint(model, optimizer, device, cfg["resume_from"])
     start_step = meta["step"] if meta else 0
     history = meta["history"] if meta else []
     if meta:
@@ -466,13 +458,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rollout-cpus", type=float, default=-1.0,
                    help="CPUs per rollout actor (-1 = 1 with GPUs, else a share of the CPUs the learner leaves)")
     p.add_argument("--rollout-gpus", type=float, default=-1.0, help="GPUs per rollout actor (-1 = 1 with GPUs, else 0)")
-    p.add_argument("--storage-path", default=None, help="checkpoint storage: folder or URI (s3://...)")
-    p.add_argument("--run-name", default=None, help="Ray Train run name (default rl_<model-tag>)")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    p.add_argument("--max-failures", type=int, default=3, help="learner failures survived by restarting")
-    p.add_argument("--run", default=None, help="wandb run name (off by default)")
+    add_run_flags(p, "rl", save_every=60)
     args = p.parse_args(argv)
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples", "eval_k",
                  "num_workers", "keep_last"):
@@ -548,35 +534,13 @@ def main(argv=None) -> dict:
     started = time.time()
     try:
         cfg, shared = resolve_config(args)
+        print0("resolved config: " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("args", "model_config")))
+        previous_run(cfg, args)
     except (CheckpointError, DatasetDownloadError, ValueError) as exc:
         print(f"chat_rl: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    print0("resolved config: " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("args", "model_config")))
-    previous = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])
-    if previous is not None and not args.resume:
-        print(f"chat_rl: a run named {cfg['run_name']!r} already has checkpoints in {cfg['storage_path']} (step "
-              f"{previous['step']}): pass --resume to continue it, or --run-name NEW to start over",
-              file=sys.stderr, flush=True)
-        raise SystemExit(1)
-    set_ray_train_env()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "shared": ray.put(shared)},
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=cfg["use_gpu"],
-                                     resources_per_worker={"GPU": args.gpus_per_worker} if cfg["use_gpu"]
-                                     else {"CPU": args.cpus_per_worker}),
-        run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"],
-                             checkpoint_config=CheckpointConfig(num_to_keep=args.keep_last),
-                             failure_config=FailureConfig(max_failures=args.max_failures),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        print(f"chat_rl: training failed after {args.max_failures} restart(s) ({exc}). Its checkpoints are in "
-              f"{cfg['storage_path']}/{cfg['run_name']}: rerun with --resume to continue from the newest one",
-              file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    result = fit_trainer("chat_rl", train_loop_per_worker, {"cfg": cfg, "shared": ray.put(shared)}, cfg, args,
+                         {"GPU": args.gpus_per_worker} if cfg["use_gpu"] else {"CPU": args.cpus_per_worker})
     exported = export_final_model(result, {**cfg, "phase": "rl"})
     print0(f"final model exported to {exported}")
     meta = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])

@@ -31,8 +31,6 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from nanochat.chat_packing import pack_conversations
 from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_largest_model, find_last_step, load_checkpoint
@@ -41,10 +39,10 @@ from nanochat.report import Report
 from nanochat.tasks import TaskMixture, get_task
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier
-from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, all_reduce, build_model,
-                                   configure_cpu_threads, device_peak_flops, export_final_model, latest_run_checkpoint_meta,
-                                   maybe_compile, quiet_worker_logs, report_with_checkpoint,
-                                   restore_from_checkpoint, set_ray_train_env, world_info)
+from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
+                                   device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
+                                   maybe_compile, previous_run, report_with_checkpoint, restore_from_checkpoint,
+                                   start_worker)
 
 # (task name, split, keyword arguments, copies): copies > 1 oversample small sets.
 MIXTURES = {
@@ -101,15 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--cpus-per-worker", type=float, default=-1.0,
                    help="CPUs per CPU-only train worker; -1 = the cluster's CPUs shared out, at most 1 each")
-    p.add_argument("--storage-path", default=None, help="checkpoint storage: folder or URI (s3://...)")
-    p.add_argument("--run-name", default=None, help="Ray Train run name (default sft_<model-tag>)")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in storage")
-    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
+    add_run_flags(p, "sft")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto = on CUDA, and on CPU when a C++ compiler is installed)")
-    p.add_argument("--run", default=None, help="wandb run name (off by default)")
     p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for tests
     args = p.parse_args(argv)
     for name in ("num_workers", "keep_last", "eval_tokens"):
@@ -172,13 +164,7 @@ def _val_loss(model, val_batches, device: torch.device) -> float:
 def train_loop_per_worker(config: dict) -> None:
     cfg, refs = config["cfg"], config["refs"]
     args = argparse.Namespace(**cfg["args"])
-    quiet_worker_logs()
-    rank, world = world_info()
-    device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        print0(f"CPU workers: {configure_cpu_threads()} torch threads each")
+    rank, world, device = start_worker()
     torch.set_float32_matmul_precision("high")
 
     model = build_model(cfg["model_config"], device, seed=args.seed)
@@ -187,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
     del base_state
     lrs = {name: cfg["lrs"][name] * cfg["lr_batch_scale"] * args.init_lr_frac for name in INHERITED_LRS}
     optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
-    meta = restore_from_checkpoint(model, optimizer, device)
+    meta = restore_from_checkpoint(model, optimizer, device, cfg["resume_from"])
     start_step = meta["step"] if meta else 0
     history = meta["history"] if meta else []  # every record of the run so far (rank 0 keeps it)
     if meta:
@@ -352,12 +338,7 @@ def main(argv=None) -> dict:
         cfg, val_rows = resolve_config(args)
         print0("resolved config: " + ", ".join(f"{k}={v}" for k, v in cfg.items() if k not in ("args", "model_config")))
         print0(f"validation: {len(val_rows)} packed rows, {cfg['val_batches']} batch(es) per worker per eval")
-        previous = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])
-        if previous is not None and not args.resume:
-            raise ValueError(f"a run named {cfg['run_name']!r} already has checkpoints in {cfg['storage_path']} "
-                             f"(step {previous['step']}): pass --resume to continue it, or --run-name NEW to start over")
-        if previous is None and args.resume:
-            print0(f"--resume: run {cfg['run_name']!r} has no checkpoint in {cfg['storage_path']} yet, starting it")
+        previous_run(cfg, args)
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"chat_sft: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
@@ -365,24 +346,8 @@ def main(argv=None) -> dict:
     cpus_per_worker = args.cpus_per_worker
     if cpus_per_worker <= 0:
         cpus_per_worker = max(0.1, min(1.0, ray.cluster_resources().get("CPU", 1) / args.num_workers))
-    set_ray_train_env()
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "refs": {"val_rows": ray.put(val_rows)}},
-        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=cfg["use_gpu"],
-                                     resources_per_worker=None if cfg["use_gpu"] else {"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"],
-                             checkpoint_config=CheckpointConfig(num_to_keep=args.keep_last),
-                             failure_config=FailureConfig(max_failures=args.max_failures),
-                             logging_config=LoggingConfig(log_level="WARNING")),
-    )
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:
-        print(f"chat_sft: training failed after {args.max_failures} restart(s) ({exc}). Its checkpoints are in "
-              f"{cfg['storage_path']}/{cfg['run_name']}: rerun with --resume to continue from the newest one",
-              file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
+    result = fit_trainer("chat_sft", train_loop_per_worker, {"cfg": cfg, "refs": {"val_rows": ray.put(val_rows)}},
+                         cfg, args, None if cfg["use_gpu"] else {"CPU": cpus_per_worker})
     exported = export_final_model(result, {**cfg, "phase": "sft"})
     print0(f"final model exported to {exported}")
 

@@ -126,6 +126,24 @@ def stop_head(ray_port: int) -> int:
     return len(processes)
 
 
+def take_down_chat_app(ray_port: int) -> None:
+    """Delete the chat app a previous demo left running on this cluster, if any: its replicas hold
+    CPUs that the pipeline's stages would otherwise wait for forever on a small machine. The demo
+    deploys it again once the pipeline is done."""
+    import ray
+    from ray import serve
+
+    from serve.app import APP_NAME
+
+    ray.init(address=f"{HOST}:{ray_port}", log_to_driver=False)
+    try:
+        if APP_NAME in serve.status().applications:
+            print("[demo] taking the running chat app down while the pipeline runs", flush=True)
+            serve.delete(APP_NAME)
+    finally:
+        ray.shutdown()
+
+
 def deploy_chat_app(ray_port: int, serve_port: int) -> str:
     """Deploy the Serve chat app of the newest SFT checkpoint on the cluster, wait until it
     answers, and return its URL. The app outlives this process (Serve runs detached)."""
@@ -169,6 +187,7 @@ def main(argv=None) -> int:
         start_local_head(args.ray_port, args.dashboard_port, args.temp_dir)
     else:
         print(f"[demo] using the Ray cluster already running at {dashboard}", flush=True)
+        take_down_chat_app(args.ray_port)
 
     flags = ["--preset", "tiny", "--address", dashboard] + (["--fresh"] if args.fresh else [])
     print(f"[demo] ray job submit --address {dashboard} --working-dir . -- "

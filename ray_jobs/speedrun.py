@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from nanochat.common import get_base_dir
-from nanochat.report import Report
+from nanochat.report import Report, git_commit
 
 
 # The tiny preset's settings, tuned on 2 CPUs: a depth-2 model (300 steps) that learns the sample
@@ -140,7 +140,7 @@ def run_as_job(stage: Stage, address: str, working_dir: str) -> None:
                 runtime_env={"working_dir": working_dir,
                              "excludes": [".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache",
                                           ".ruff_cache", ".hypothesis"],
-                             "env_vars": {"NANOCHAT_BASE_DIR": get_base_dir()}},
+                             "env_vars": {"NANOCHAT_BASE_DIR": get_base_dir(), "NANOCHAT_GIT_COMMIT": git_commit()}},
             )
             break
         except RuntimeError as exc:

@@ -17,8 +17,10 @@ import base64
 import json
 import logging
 import math
+import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -27,6 +29,8 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from ray.util import metrics as ray_metrics
 
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
@@ -58,6 +62,73 @@ def quiet_worker_logs() -> None:
     ("Reporting training result ...") at INFO through a logger that its LoggingConfig does not
     reach, and it propagates to the root logger, so raise the root logger to WARNING."""
     logging.getLogger().setLevel(logging.WARNING)
+
+
+def add_run_flags(p: argparse.ArgumentParser, stage: str, save_every: int = -1) -> None:
+    """The flags every trainer takes for its Ray Train run: where checkpoints go and how many stay,
+    resume and restarts, and the optional wandb run. The run name defaults to <stage>_<model-tag>."""
+    p.add_argument("--storage-path", default=None, help="checkpoint storage: folder or URI (s3://...)")
+    p.add_argument("--run-name", default=None, help=f"Ray Train run name (default {stage}_<model-tag>)")
+    p.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (-1 = only at the end)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept in storage")
+    p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
+    p.add_argument("--run", default=None, help="wandb run name (off by default)")
+
+
+def previous_run(cfg: dict, args: argparse.Namespace) -> dict | None:
+    """The meta record of the newest checkpoint of this run, or None for a new run; its path goes
+    into cfg['resume_from'] for the workers (restore_from_checkpoint). A run that already has
+    checkpoints must be asked for with --resume (ValueError otherwise), so that a forgotten
+    --run-name never mixes two runs."""
+    found = latest_run_checkpoint(cfg["storage_path"], cfg["run_name"])
+    cfg["resume_from"], previous = found if found else (None, None)
+    if previous is not None and not args.resume:
+        raise ValueError(f"a run named {cfg['run_name']!r} already has checkpoints in {cfg['storage_path']} "
+                         f"(step {previous['step']}): pass --resume to continue it, or --run-name NEW to start over")
+    if previous is None and args.resume:
+        print0(f"--resume: run {cfg['run_name']!r} has no checkpoint in {cfg['storage_path']} yet, starting it")
+    return previous
+
+
+def fit_trainer(stage: str, train_loop, loop_config: dict, cfg: dict, args: argparse.Namespace,
+                resources_per_worker: dict | None, **trainer_kwargs) -> ray.train.Result:
+    """Run a trainer's `TorchTrainer` with the settings all trainers share (RAY_TRAIN_ENV, the run's
+    name and storage, keep the last --keep-last checkpoints, --max-failures restarts, quiet logs);
+    `trainer_kwargs` go to the TorchTrainer (datasets). A run that fails beyond its restarts ends
+    the process with one line that says where its checkpoints are and how to resume."""
+    set_ray_train_env()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=cfg["use_gpu"],
+                                     resources_per_worker=resources_per_worker),
+        run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"],
+                             checkpoint_config=CheckpointConfig(num_to_keep=args.keep_last),
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             logging_config=LoggingConfig(log_level="WARNING")),
+        **trainer_kwargs,
+    )
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        print(f"{stage}: training failed after {args.max_failures} restart(s) ({exc}). Its checkpoints are in "
+              f"{cfg['storage_path']}/{cfg['run_name']}: rerun with --resume to continue from the newest one",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def start_worker(label: str = "workers") -> tuple[int, int, torch.device]:
+    """The start of every train_loop_per_worker: quiet logs, this worker's (rank, world size) and
+    device; on CUDA the device is made current, on CPU the torch threads are set (and said once)."""
+    quiet_worker_logs()
+    rank, world = world_info()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        print0(f"CPU {label}: {configure_cpu_threads()} torch threads each")
+    return rank, world, device
 
 
 def build_model(model_config: dict, device: torch.device, seed: int) -> GPT:
@@ -106,21 +177,20 @@ def configure_cpu_threads() -> int:
 
 def measure_matmul_flops(device: torch.device, size: int = 1024, seconds: float = 0.5) -> float:
     """FLOP/s of a square fp32 matmul on `device` with the current thread count: the practical
-    peak a CPU reaches, against which its MFU is reported (CPUs have no datasheet number here)."""
+    peak a CPU reaches, against which its MFU is reported (CPUs have no datasheet number here).
+    The fastest of the matmuls timed over `seconds` counts, not their mean: on a shared machine
+    the mean takes in whatever else ran meanwhile, and a peak measured low puts MFU above 100%."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     a @ b  # warm-up: thread pool start, page faults
-    runs, started = 0, time.perf_counter()
-    while True:
+    fastest, started = math.inf, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        begin = time.perf_counter()
         a @ b
-        runs += 1
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds:
-            break
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - started
-    return 2 * size ** 3 * runs / elapsed
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fastest = min(fastest, time.perf_counter() - begin)
+    return 2 * size ** 3 / fastest
 
 
 def device_peak_flops(device: torch.device) -> tuple[float, str]:
@@ -164,12 +234,21 @@ def report_with_checkpoint(metrics: dict, step: int, model: GPT, optimizer, meta
                          checkpoint_dir_name=f"step_{step:06d}")
 
 
-def restore_from_checkpoint(model: GPT, optimizer, device: torch.device) -> dict | None:
-    """Load weights and this rank's optimizer shard from the checkpoint Ray Train hands to the
-    worker (the latest one of the run), and return its meta; None on a fresh start."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+def restore_from_checkpoint(model: GPT, optimizer, device: torch.device, resume_from: str | None) -> dict | None:
+    """Load weights and this rank's optimizer shard from the newest checkpoint of the run, and
+    return its meta; None on a fresh start.
+
+    Two places may hold it: the checkpoint Ray Train hands a restarted worker, and `resume_from`,
+    the newest `step_*` folder the driver found in storage when the run started (previous_run).
+    Both are needed: Ray registers a checkpoint only when its controller takes the report, so a
+    worker that dies right after reporting leaves a checkpoint in storage that Ray's own record
+    of the run lacks. The one with the higher step wins."""
+    candidates = [checkpoint for checkpoint in (ray.train.get_checkpoint(),
+                                                ray.train.Checkpoint(resume_from) if resume_from else None)
+                  if checkpoint is not None]
+    if not candidates:
         return None
+    checkpoint = max(candidates, key=lambda c: int(os.path.basename(c.path.rstrip("/")).removeprefix("step_")))
     rank, _ = world_info()
     with checkpoint.as_directory() as folder:
         step = find_last_step(folder)
@@ -193,9 +272,9 @@ def export_final_model(result: ray.train.Result, cfg: dict) -> str:
     return target
 
 
-def latest_run_checkpoint_meta(storage_path: str, run_name: str) -> dict | None:
-    """The meta record of the newest `step_*` checkpoint of a run in storage (local path or any
-    URI pyarrow understands), read by the driver before it builds the datasets of a resumed run."""
+def latest_run_checkpoint(storage_path: str, run_name: str) -> tuple[str, dict] | None:
+    """(path, meta record) of the newest complete `step_*` checkpoint of a run in storage (local
+    path or any URI pyarrow understands), or None; the path is a URI where the storage is one."""
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path) if "://" in storage_path else (
         pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path))
     run_dir = f"{root}/{run_name}"
@@ -206,10 +285,18 @@ def latest_run_checkpoint_meta(storage_path: str, run_name: str) -> dict | None:
         meta_file = f"{run_dir}/{name}/meta_{name.removeprefix('step_')}.json"
         try:
             with filesystem.open_input_stream(meta_file) as stream:
-                return json.loads(stream.read())
+                meta = json.loads(stream.read())
         except (FileNotFoundError, OSError):
             continue  # a checkpoint whose upload did not finish: try the one before
+        path = f"{storage_path.rstrip('/')}/{run_name}/{name}" if "://" in storage_path else f"{run_dir}/{name}"
+        return path, meta
     return None
+
+
+def latest_run_checkpoint_meta(storage_path: str, run_name: str) -> dict | None:
+    """The meta record of the newest checkpoint of a run in storage (latest_run_checkpoint), or None."""
+    found = latest_run_checkpoint(storage_path, run_name)
+    return found[1] if found else None
 
 
 class TrainMetrics:
