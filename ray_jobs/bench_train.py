@@ -9,7 +9,7 @@ One run measures, on the same model config and the same data (the `sample` sourc
 - (b) ray_jobs.base_train through Ray Train with 1 worker: the Ray Data stream, the per-step
   `ray.train.report`, gauges and the progress line included. Its step time is the wall time
   between the stamps of consecutive step reports, so everything between two steps counts;
-- torch.compile on CPU (the trainer's `--compile auto` compiles on CUDA only): the plain loop
+- torch.compile on CPU (the evidence for `--compile auto` compiling there): the plain loop
   steps an eager and a compiled copy of the model in turn, on the same batches, so both see the
   same machine load.
 
@@ -98,13 +98,14 @@ def plain_loop(args, tokenizer: Tokenizer, train_files: list[str], variants: tup
             t_data = time.perf_counter()
             step_batches.append(next(batches))
             waited += time.perf_counter() - t_data
-        lrm = lr_multiplier(step, args.steps, recipe.warmup_ratio, recipe.warmdown_ratio, recipe.final_lr_frac)
+        lrm = lr_multiplier(step, args.steps, recipe.warmup_ratio, recipe.warmdown_ratio, recipe.final_lr_frac,
+                            recipe.warmup_steps)
         for run in runs.values():
             t0 = time.perf_counter()
             for group in run["optimizer"].param_groups:
                 group["lr"] = group["initial_lr"] * lrm
                 if group["kind"] == "muon":
-                    group["momentum"] = muon_momentum(step)
+                    group["momentum"] = muon_momentum(step, args.steps, recipe.warmdown_ratio)
                     group["weight_decay"] = weight_decay_at(step, args.steps, recipe.weight_decay)
             for x, y in step_batches:
                 loss = run["forward"](x, y)
