@@ -43,8 +43,8 @@ from ray_jobs import pretrain_data
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, InMemoryModel, evaluate_core_on_actors, packed_batches
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
-                                   maybe_compile, previous_run, report_with_checkpoint, restore_from_checkpoint,
-                                   restore_rng_state, rng_state, start_worker)
+                                   maybe_compile, previous_run, report_step, report_with_checkpoint,
+                                   restore_from_checkpoint, restore_rng_state, rng_state, start_worker)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -352,12 +352,7 @@ def train_loop_per_worker(config: dict) -> None:
                   "time": time.time()}
         if mfu is not None:
             record["mfu"] = mfu
-        if rank == 0:
-            history.append(record)
-            metrics.publish(step + 1, {k: v for k, v in record.items() if k != "time"})
-            print0(progress.update(step, train_loss, dt, tokens_per_second, mfu,
-                                   extra=f" | data wait {100 * waited / dt:.1f}%"))
-        ray.train.report(record)
+        report_step(record, history, metrics, progress)
     if metrics is not None:
         metrics.close()
 

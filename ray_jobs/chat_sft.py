@@ -41,8 +41,8 @@ from nanochat.tokenizer import Tokenizer
 from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
-                                   maybe_compile, previous_run, report_with_checkpoint, restore_from_checkpoint,
-                                   start_worker)
+                                   maybe_compile, previous_run, report_step, report_with_checkpoint,
+                                   restore_from_checkpoint, start_worker)
 
 # (task name, split, keyword arguments, copies): copies > 1 oversample small sets.
 MIXTURES = {
@@ -250,12 +250,7 @@ def train_loop_per_worker(config: dict) -> None:
                   "assistant_tokens": tokens, "step_seconds": dt, "data_wait_seconds": waited, "time": time.time()}
         if mfu is not None:
             record["mfu"] = mfu
-        if rank == 0:
-            history.append(record)
-            metrics.publish(step + 1, {k: v for k, v in record.items() if k != "time"})
-            print0(progress.update(step, train_loss, dt, tokens_per_second, mfu,
-                                   extra=f" | data wait {100 * waited / dt:.1f}%"))
-        ray.train.report(record)
+        report_step(record, history, metrics, progress)
     if metrics is not None:
         metrics.close()
 

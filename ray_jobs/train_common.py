@@ -357,6 +357,20 @@ class ProgressLine:
                 f"ETA {format_seconds(eta)}{extra}")
 
 
+def report_step(record: dict, history: list, metrics: TrainMetrics | None, progress: ProgressLine) -> None:
+    """The end of a training step on every rank. `record` holds step, loss, step_seconds,
+    tokens_per_second, data_wait_seconds and, where known, mfu. Rank 0 (the rank that holds
+    `metrics`) keeps it in the run's history, publishes it as gauges and prints the progress line;
+    every rank reports it to Ray Train (each report is a barrier across the workers)."""
+    if metrics is not None:
+        history.append(record)
+        metrics.publish(record["step"], {k: v for k, v in record.items() if k != "time"})
+        wait_share = record["data_wait_seconds"] / record["step_seconds"]
+        print0(progress.update(record["step"] - 1, record["loss"], record["step_seconds"], record["tokens_per_second"],
+                               record.get("mfu"), extra=f" | data wait {100 * wait_share:.1f}%"))
+    ray.train.report(record)
+
+
 def format_seconds(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
