@@ -17,7 +17,8 @@ defines it. The semantics follow Flash Attention so that the fast kernels are dr
 
 The backend is chosen once per process, on first use, and logged once on the "nanochat" logger.
 Choosing lazily keeps CPU-only processes (data workers) from probing for GPU kernels. The choice
-itself is kept out of torch.compile; under fullgraph=True call attention_backend() first.
+itself is kept out of torch.compile: `GPT.__init__` makes it, so a model is never traced before
+its process has chosen (a choice inside the trace would break the graph at every layer).
 Set NANOCHAT_ATTENTION=sdpa to force the PyTorch fallback (for comparisons and debugging), or
 fa3/fa2 to insist on a kernel and fail loudly where it cannot load.
 """

@@ -151,9 +151,7 @@ def maybe_compile(model: torch.nn.Module, mode: str, device: torch.device) -> to
     so it pays from about 100 steps. Evaluation and sampling use the eager model (their shapes vary)."""
     compiler_found = any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))
     if mode == "on" or (mode == "auto" and (device.type == "cuda" or compiler_found)):
-        from nanochat.flash_attention import attention_backend
-        attention_backend()  # choose the kernel before tracing (see nanochat.flash_attention)
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=False)  # GPT() has chosen its attention kernel already
     return model
 
 
