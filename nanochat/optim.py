@@ -82,10 +82,17 @@ def orthogonalize(matrices: Tensor, steps: int = 5) -> Tensor:
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_SAFETY + 1e-6)
     if x.is_cuda and COMPUTE_DTYPE == torch.bfloat16:
         x = x.bfloat16()
+    batch_shape = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])  # baddbmm wants exactly one batch dimension
     for i in range(steps):
         a, b, c = POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)]
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        gram = torch.bmm(x, x.mT)
+        # a*x + (b*gram + c*gram@gram) @ x as two fused multiply-adds: the scaling and the sums
+        # happen inside the matmul kernels, not as five separate passes over the matrices
+        # (which took a third of the optimizer step on CPU).
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, polynomial, x, beta=a)
+    x = x.reshape(*batch_shape, *x.shape[-2:])
     if tall:
         x = x.mT
     return x.to(matrices.dtype)

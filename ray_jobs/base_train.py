@@ -254,7 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale,
                                       matrix_lr=args.matrix_lr * scale, scalar_lr=args.scalar_lr * scale,
                                       weight_decay=args.weight_decay)
-    meta = restore_from_checkpoint(model, optimizer, device, cfg["resume_from"])
+    meta = restore_from_checkpoint(model, optimizer, device, cfg)
     start_step = meta["step"] if meta else 0
     history = meta["history"] if meta else []  # every report of the run so far (rank 0 keeps it)
     if meta:

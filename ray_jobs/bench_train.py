@@ -1,32 +1,41 @@
-"""Benchmark: what pretraining on Ray Train costs against a plain PyTorch loop on the same machine.
+"""Benchmark: what pretraining on Ray Train costs against a plain PyTorch loop on the same machine,
+and how the plain loop over our core compares with the reference nanochat's own base_train.
 
-    python -m ray_jobs.bench_train [--depth 2 --max-seq-len 256 --device-batch-size 8 --steps 40 ...]
+    python -m ray_jobs.bench_train                          # depth 4, T=256, 4096 tokens/step: ~6 min
+    python -m ray_jobs.bench_train --reference /path/to/karpathy-nanochat --reference-python /venv/bin/python
 
 One run measures, on the same model config and the same data (the `sample` source by default):
 
 - (a) a plain single-process loop over the nanochat core: GPT + MuonAdamW + the trainer's default
-  schedule, batches packed in the same process (base_eval.packed_batches), no Ray anywhere;
-- (b) ray_jobs.base_train through Ray Train with 1 worker: the Ray Data stream, the per-step
-  `ray.train.report`, gauges and the progress line included. Its step time is the wall time
-  between the stamps of consecutive step reports, so everything between two steps counts;
-- torch.compile on CPU (the evidence for `--compile auto` compiling there): the plain loop
-  steps an eager and a compiled copy of the model in turn, on the same batches, so both see the
-  same machine load.
+  schedule, batches packed in the same process (base_eval.packed_batches), no Ray anywhere. It
+  steps a torch.compile'd copy and an eager copy in turn, on the same batches, so both see the
+  same machine load; it runs before AND after the Ray runs, and the ratios use the mean;
+- (b) ray_jobs.base_train through Ray Train with 1 worker, compiled (what users run) and eager:
+  the Ray Data stream, the reports, gauges and the progress line included. Its step time is the
+  wall time between the stamps of consecutive steps in the run's history, so everything between
+  two steps counts;
+- (c) with --reference, the reference's scripts.base_train on the same shards, tokenizer and
+  settings (its own venv through --reference-python), run as a subprocess between the two plain
+  passes; its step time is the median of the `dt` it prints.
 
-It prints one table: tokens/s of each, the ratio (b)/(a) (target >= 0.95), the share of step time
-spent waiting for data (target <= 2%), and the achieved FLOP/s (GPT.estimate_flops per token)
-against the FLOP/s of a plain fp32 matmul measured here with as many threads. Rates come from the
-median step time after `--skip-steps` warm-up steps (allocator, thread pools, compilation): the
-machines here are shared, and a median ignores the steps another process slowed down. For the
-same reason the plain loop runs before AND after the Ray run, the ratio uses their mean, and the
-load average is printed with every phase.
+It prints one table: tokens/s of each, ratios against the plain loop, the share of step time
+spent waiting for data, and the achieved FLOP/s (GPT.estimate_flops per token) against the FLOP/s
+of a plain fp32 matmul measured here with as many threads. Rates come from the median step time
+after `--skip-steps` warm-up steps (allocator, thread pools, compilation): the machines here are
+shared, and a median ignores the steps another process slowed down. The load average is printed
+with every phase. The run ends with one `RESULT <name> <value> target <op> <number> PASS|FAIL`
+line per target.
 """
 
 import argparse
 import itertools
 import math
 import os
+import pickle
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -35,7 +44,7 @@ import torch
 
 from nanochat.dataset import resolve_source
 from nanochat.gpt import GPT, config_from_depth
-from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier, muon_momentum, weight_decay_at
 from ray_jobs import base_train
 from ray_jobs.base_eval import packed_batches
@@ -43,25 +52,32 @@ from ray_jobs.train_common import measure_matmul_flops
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Plain PyTorch loop vs base_train on Ray Train (1 worker)")
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--aspect-ratio", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=32)
+    p = argparse.ArgumentParser(description="Plain PyTorch loop vs base_train on Ray Train (1 worker), "
+                                            "optionally vs the reference nanochat")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--aspect-ratio", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--window-pattern", default="L")
-    p.add_argument("--device-batch-size", type=int, default=8)
+    p.add_argument("--device-batch-size", type=int, default=16)
     p.add_argument("--total-batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per loop, warm-up included")
     p.add_argument("--skip-steps", type=int, default=8, help="warm-up steps left out of the timing")
     p.add_argument("--source", default="sample")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--compile", choices=["on", "off"], default="on",
-                   help="also step a torch.compile'd copy in the plain loop")
+                   help="on: the compiled loops are the main comparison, eager a second line; off: eager only")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="a checkout of karpathy/nanochat to run on the same data and settings")
+    p.add_argument("--reference-python", default=None, metavar="PYTHON",
+                   help="the interpreter of the reference's environment (default: this one)")
     args = p.parse_args(argv)
     if args.steps <= args.skip_steps + 2:
         p.error(f"--steps ({args.steps}) must exceed --skip-steps ({args.skip_steps}) by at least 3")
     if args.total_batch_size % (args.device_batch_size * args.max_seq_len):
         p.error("--total-batch-size must be a multiple of --device-batch-size * --max-seq-len")
+    if args.reference and not os.path.isfile(os.path.join(args.reference, "scripts", "base_train.py")):
+        p.error(f"--reference {args.reference} is not a nanochat checkout (no scripts/base_train.py in it)")
     return args
 
 
@@ -125,16 +141,16 @@ def plain_loop(args, tokenizer: Tokenizer, train_files: list[str], variants: tup
     return results
 
 
-def ray_loop(args, storage: str) -> dict:
+def ray_loop(args, storage: str, compile_mode: str) -> dict:
     """base_train with 1 worker on the same config; a step's time is the wall time between the
-    stamps of its report and the previous step's."""
+    stamps of its record and the previous step's in the run's history."""
     flags = ["--depth", str(args.depth), "--aspect-ratio", str(args.aspect_ratio), "--head-dim", str(args.head_dim),
              "--max-seq-len", str(args.max_seq_len), "--window-pattern", args.window_pattern,
              "--device-batch-size", str(args.device_batch_size), "--total-batch-size", str(args.total_batch_size),
              "--num-iterations", str(args.steps), "--num-workers", "1", "--source", args.source,
              "--eval-every", "-1", "--eval-tokens", str(args.device_batch_size * args.max_seq_len),
-             "--sample-every", "-1", "--compile", "off", "--storage-path", storage, "--run-name", "bench",
-             "--model-tag", "bench"]
+             "--sample-every", "-1", "--compile", compile_mode, "--storage-path", storage,
+             "--run-name", f"bench_{compile_mode}", "--model-tag", "bench"]
     if args.data_dir:
         flags += ["--data-dir", args.data_dir]
     result = base_train.main(flags)
@@ -147,10 +163,55 @@ def ray_loop(args, storage: str) -> dict:
             "outside_step_share": 1 - inside / median}
 
 
+def reference_base_dir(folder: str, tokenizer: Tokenizer, train_files: list[str], val_files: list[str]) -> str:
+    """A NANOCHAT_BASE_DIR for the reference holding our shards (linked, same order, the last one
+    validation) under the name its current loader reads, and our tokenizer in its format (a pickled
+    tiktoken Encoding with the same merges) with the token byte lengths."""
+    data_dir = os.path.join(folder, "base_data_climbmix")
+    tokenizer_dir = os.path.join(folder, "tokenizer")
+    os.makedirs(data_dir)
+    os.makedirs(tokenizer_dir)
+    for index, path in enumerate(train_files + val_files[-1:]):
+        os.symlink(os.path.abspath(path), os.path.join(data_dir, f"shard_{index:05d}.parquet"))
+    with open(os.path.join(tokenizer_dir, "tokenizer.pkl"), "wb") as f:
+        pickle.dump(tokenizer.encoding, f)
+    torch.save(compute_token_bytes(tokenizer), os.path.join(tokenizer_dir, "token_bytes.pt"))
+    return folder
+
+
+def reference_loop(args, tokenizer: Tokenizer, train_files: list[str], val_files: list[str]) -> dict:
+    """The reference's base_train on the same settings, fp32 on CPU; its step time is the median
+    of the `dt` of the steps after --skip-steps."""
+    with tempfile.TemporaryDirectory(prefix="bench_train_reference_") as folder:
+        env = {**os.environ, "NANOCHAT_BASE_DIR": reference_base_dir(folder, tokenizer, train_files, val_files),
+               "NANOCHAT_DTYPE": "float32", "PYTHONPATH": os.path.abspath(args.reference)}
+        command = [args.reference_python or sys.executable, "-m", "scripts.base_train", "--device-type=cpu",
+                   f"--depth={args.depth}", f"--aspect-ratio={args.aspect_ratio}", f"--head-dim={args.head_dim}",
+                   f"--max-seq-len={args.max_seq_len}", f"--window-pattern={args.window_pattern}",
+                   f"--device-batch-size={args.device_batch_size}", f"--total-batch-size={args.total_batch_size}",
+                   f"--num-iterations={args.steps}", "--eval-every=-1", "--core-metric-every=-1", "--sample-every=-1"]
+        run = subprocess.run(command, cwd=args.reference, env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"the reference's base_train failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    step_ms = [float(ms) for ms in re.findall(r"dt: ([0-9.]+)ms", run.stdout)][args.skip_steps:]
+    if len(step_ms) < 3:
+        raise RuntimeError(f"the reference's base_train printed {len(step_ms)} timed steps; its output ends:\n"
+                           f"{run.stdout[-2000:]}")
+    median = statistics.median(step_ms) / 1000
+    return {"tokens_per_second": args.total_batch_size / median, "median_step_ms": 1000 * median,
+            "data_wait_share": float("nan")}
+
+
+def result_line(name: str, value: float, op: str, target: float) -> str:
+    """The benchmark's machine-readable verdict on one target."""
+    passed = value >= target if op == ">=" else value <= target
+    return f"RESULT {name} {value:.3f} target {op} {target} {'PASS' if passed else 'FAIL'}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     tokenizer = Tokenizer.from_directory(get_tokenizer_dir())
-    train_files = resolve_source(args.source, args.data_dir).train_files
+    shards = resolve_source(args.source, args.data_dir)
     config = config_from_depth(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len,
                                tokenizer.get_vocab_size(), args.window_pattern)
     with torch.device("meta"):
@@ -158,41 +219,54 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()
     print(f"bench_train: {config}, {args.total_batch_size} tokens/step, {args.steps} steps "
           f"({args.skip_steps} untimed), {threads} torch threads, {flops_per_token:.3g} FLOP/token", flush=True)
-    variants = ("eager", "compiled") if args.compile == "on" else ("eager",)
+    variants = ("compiled", "eager") if args.compile == "on" else ("eager",)
 
-    print(f"plain loop, before the Ray run ({_load()})", flush=True)
+    print(f"plain loop, before the Ray runs ({_load()})", flush=True)
     matmul_before = measure_matmul_flops(torch.device("cpu"), seconds=2.0)
-    before = plain_loop(args, tokenizer, train_files, variants)
+    before = plain_loop(args, tokenizer, shards.train_files, variants)
+    reference = None
+    if args.reference:
+        print(f"the reference's base_train ({_load()})", flush=True)
+        reference = reference_loop(args, tokenizer, shards.train_files, shards.val_files)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
-    print(f"base_train on Ray Train, 1 worker ({_load()})", flush=True)
+    on_ray = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as storage:
-        on_ray = ray_loop(args, storage)
-    print(f"plain loop, after the Ray run ({_load()})", flush=True)
-    after = plain_loop(args, tokenizer, train_files, ("eager",))
+        for variant in variants:
+            print(f"base_train on Ray Train, 1 worker, {variant} ({_load()})", flush=True)
+            on_ray[variant] = ray_loop(args, storage, "on" if variant == "compiled" else "off")
+    print(f"plain loop, after the Ray runs ({_load()})", flush=True)
+    after = plain_loop(args, tokenizer, shards.train_files, variants)
     matmul_flops = (matmul_before + measure_matmul_flops(torch.device("cpu"), seconds=2.0)) / 2
 
-    results = {"plain (before)": before["eager"], "ray train, 1 worker": on_ray, "plain (after)": after["eager"]}
-    if "compiled" in before:
-        results["plain, torch.compile"] = before["compiled"]
-    plain = (before["eager"]["tokens_per_second"] + after["eager"]["tokens_per_second"]) / 2
+    plain = {variant: (before[variant]["tokens_per_second"] + after[variant]["tokens_per_second"]) / 2
+             for variant in variants}
+    rows = []
+    for variant in variants:
+        rows += [(f"plain {variant} (before)", before[variant], variant), (f"plain {variant} (after)", after[variant], variant),
+                 (f"ray train {variant}", on_ray[variant], variant)]
+    if reference is not None:
+        rows.append(("reference base_train", reference, variants[0]))
     print(f"\nmatmul measured here: {matmul_flops / 1e9:.1f} GFLOP/s (fp32, {threads} threads; mean of before and after)")
-    print(f"{'loop':<24}{'tokens/s':>10}{'vs plain':>10}{'step ms':>9}{'data wait':>11}{'GFLOP/s':>9}{'of matmul':>11}")
-    for name, r in results.items():
+    print(f"{'loop':<26}{'tokens/s':>10}{'vs plain':>10}{'step ms':>9}{'data wait':>11}{'GFLOP/s':>9}{'of matmul':>11}")
+    for name, r, variant in rows:
         achieved = flops_per_token * r["tokens_per_second"]
-        print(f"{name:<24}{r['tokens_per_second']:>10,.0f}{r['tokens_per_second'] / plain:>9.3f}x"
+        print(f"{name:<26}{r['tokens_per_second']:>10,.0f}{r['tokens_per_second'] / plain[variant]:>9.3f}x"
               f"{r['median_step_ms']:>9.0f}{100 * r['data_wait_share']:>10.2f}%{achieved / 1e9:>9.2f}"
               f"{100 * achieved / matmul_flops:>10.1f}%")
-    print(f"\nray / plain: {on_ray['tokens_per_second'] / plain:.3f} (target >= 0.95); "
-          f"ray data wait: {100 * on_ray['data_wait_share']:.2f}% of step time (target <= 2%); "
-          f"between steps (report, gauges, logging): {100 * on_ray['outside_step_share']:.2f}% of a step's wall time")
-    if "compiled" in before:
-        eager, compiled = before["eager"], before["compiled"]
-        print(f"torch.compile on CPU, paired with eager on the same batches: "
-              f"{compiled['tokens_per_second'] / eager['tokens_per_second']:.3f}x the eager tokens/s, after "
-              f"{compiled['warmup_seconds']:.0f}s of warm-up steps (compilation) against {eager['warmup_seconds']:.0f}s")
+    main_variant = variants[0]
+    print(f"\nbetween steps on Ray (reports, gauges, logging): "
+          f"{100 * on_ray[main_variant]['outside_step_share']:.2f}% of a step's wall time")
+    ratios = {f"ray_vs_plain_{variant}": on_ray[variant]["tokens_per_second"] / plain[variant] for variant in variants}
+    print(result_line(f"ray_vs_plain_{main_variant}", ratios[f"ray_vs_plain_{main_variant}"], ">=", 0.95))
+    print(result_line("ray_data_wait_percent", 100 * on_ray[main_variant]["data_wait_share"], "<=", 2))
+    if reference is not None:
+        ratios["plain_vs_reference"] = plain[main_variant] / reference["tokens_per_second"]
+        print(result_line(f"plain_{main_variant}_vs_reference", ratios["plain_vs_reference"], ">=", 1.05))
+        ratios["ray_vs_reference"] = on_ray[main_variant]["tokens_per_second"] / reference["tokens_per_second"]
+        print(result_line(f"ray_{main_variant}_vs_reference", ratios["ray_vs_reference"], ">=", 1.0))
     return {"matmul_flops": matmul_flops, "flops_per_token": flops_per_token, "plain_tokens_per_second": plain,
-            "results": results}
+            "ray": on_ray, "reference": reference, "ratios": ratios}
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
     del base_state
     lrs = {name: cfg["lrs"][name] * cfg["lr_batch_scale"] * args.init_lr_frac for name in INHERITED_LRS}
     optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
-    meta = restore_from_checkpoint(model, optimizer, device, cfg["resume_from"])
+    meta = restore_from_checkpoint(model, optimizer, device, cfg)
     start_step = meta["step"] if meta else 0
     history = meta["history"] if meta else []  # every record of the run so far (rank 0 keeps it)
     if meta:

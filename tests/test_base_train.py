@@ -35,9 +35,9 @@ from ray_jobs.base_train import main, parse_args, validation_rows, worker_val_ba
 
 STEPS = 8
 SAVE_EVERY = 4
-# A worker dies at the start of step 6: two reports after step 4's checkpoint, so Ray Train's
-# controller has registered that checkpoint (a worker's report waits until the controller has
-# taken its previous one, and the controller handles one poll's reports before the next poll).
+# A worker dies at the start of step 6, two steps after step 4's checkpoint: too soon for Ray
+# Train's controller to have taken that report for sure, so the restarted workers must find the
+# checkpoint in storage themselves (train_common.restore_from_checkpoint).
 FAIL_AT = SAVE_EVERY + 2
 SEQ_LEN = 64
 DEVICE_BATCH = 4
