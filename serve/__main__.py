@@ -27,8 +27,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per replica")
-    parser.add_argument("--replica-gpus", type=float, help="GPUs per replica (default: 1 if the cluster has GPUs)")
+    parser.add_argument("--replica-gpus", type=float,
+                        help="GPUs per replica (default: 1 if the cluster has or its autoscaler can add GPUs)")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
+    parser.add_argument("--max-queued-requests", type=int, default=64,
+                        help="requests waiting for a model replica, per ingress replica; more get HTTP 503")
+    parser.add_argument("--ingress-min-replicas", type=int, default=2, help="HTTP ingress replicas (no CPU each)")
+    parser.add_argument("--ingress-max-replicas", type=int, default=4)
+    parser.add_argument("--ingress-max-queued-requests", type=int, default=128,
+                        help="requests waiting for an ingress replica, per Serve proxy; more get HTTP 503")
+    parser.add_argument("--retry-after-s", type=int, default=2, help="the Retry-After header of an overload's 503s")
     parser.add_argument("--device", help="cuda, mps or cpu (default: the best the replica's node has)")
     parser.add_argument("--temperature", type=float, default=0.8, help="default for requests that set none")
     parser.add_argument("--top-k", type=int, default=50, help="default for requests that set none (0 = all)")
@@ -52,7 +60,11 @@ def main(argv=None) -> int:
         app_args = ChatAppArgs(source=args.source, model_tag=model_tag, step=step, device=args.device,
                                max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
                                max_replicas=args.max_replicas, replica_gpus=args.replica_gpus,
-                               replica_cpus=args.replica_cpus, temperature=args.temperature, top_k=args.top_k,
+                               replica_cpus=args.replica_cpus, max_queued_requests=args.max_queued_requests,
+                               ingress_min_replicas=args.ingress_min_replicas,
+                               ingress_max_replicas=args.ingress_max_replicas,
+                               ingress_max_queued_requests=args.ingress_max_queued_requests,
+                               retry_after_s=args.retry_after_s, temperature=args.temperature, top_k=args.top_k,
                                max_tokens=args.max_tokens)
     except ValidationError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -51,14 +51,17 @@ ROLES = ("system", "user", "assistant")
 
 class RequestError(Exception):
     """A request the service refuses: `field` names the offending part of the body (such as
-    'temperature' or 'messages[3].content'), `limit` states the bound it broke."""
+    'temperature' or 'messages[3].content'), `limit` states the bound it broke. `retry_after_s`
+    is set when the service is only busy: the answer then carries a Retry-After header."""
 
-    def __init__(self, field: str, message: str, limit: str | None = None, status: int = 400):
+    def __init__(self, field: str, message: str, limit: str | None = None, status: int = 400,
+                 retry_after_s: int | None = None):
         super().__init__(message)
         self.field = field
         self.message = message
         self.limit = limit
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 def error_body(message: str, field: str | None = None, limit: str | None = None,

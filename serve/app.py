@@ -13,6 +13,19 @@ held a whole GPU until it finished. Here:
   `stream=True`. When a client goes away, the ingress cancels its model call and the replica
   cancels the scheduler request, which frees the batch row at the next step.
 
+Overload is refused fast instead of queued without end. Both deployments have a bounded queue
+(`max_queued_requests`): the ChatModel handle of each ingress replica raises BackPressureError when
+its queue is full, which the ingress answers with HTTP 503, a Retry-After header and an
+OpenAI-style JSON error; when every ingress replica is busy and the Serve proxy's own queue for the
+ingress is full, the proxy itself answers 503 with the same Retry-After header (its body is Serve's
+plain text "Request dropped due to backpressure ..."). The ingress runs as several replicas
+(num_cpus=0, spread over the nodes by Serve), so one failing does not take the service down.
+
+The checkpoint (tag and step) is resolved once, by `build_app` on the machine that builds the
+app, and bound to ChatModel: a replica that autoscaling or a restart starts later loads the same
+weights as the running ones, even when a newer step has been saved since. /v1/models and /stats
+(per replica) say which tag and step is served.
+
 Text is made in the replica (it has the tokenizer): the stream between the two deployments
 carries small dict events, `start` (prompt size) or `rejected` (the prompt does not fit the
 context), then `text` pieces, then `end` (finish reason and token count).
@@ -34,7 +47,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.util.metrics import Counter, Gauge, Histogram
 
@@ -81,15 +94,16 @@ def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> 
 class ChatModel:
     """One model, one continuous-batching scheduler: every ongoing request is a row of its batch."""
 
-    def __init__(self, source: str = "sft", model_tag: str | None = None, step: int | None = None,
-                 max_batch_size: int = 8, device: str | None = None):
+    def __init__(self, source: str, model_tag: str, step: int, max_batch_size: int = 8, device: str | None = None):
+        """`model_tag` and `step` are resolved by build_app, never here: every replica, whenever it
+        starts, loads the same checkpoint."""
         # torch and the model are imported here so that the ingress process never loads them.
         from nanochat.checkpoint import build_model, checkpoint_dir
         from nanochat.common import autodetect_device_type
         from nanochat.scheduler import Scheduler
         from nanochat.tokenizer import get_tokenizer
 
-        self.model_tag, self.step = resolve_checkpoint(source, model_tag, step)
+        self.model_tag, self.step = model_tag, step
         self.device = device or autodetect_device_type()
         model, tokenizer, _ = build_model(checkpoint_dir(source, self.model_tag), self.step, self.device)
         # A checkpoint normally carries its tokenizer; an old one falls back to the project's.
@@ -124,7 +138,7 @@ class ChatModel:
         return dict(self.info)
 
     def stats(self) -> dict:
-        return {"replica": self.replica_id, **self.scheduler.stats()}
+        return {"replica": self.replica_id, "model_tag": self.model_tag, "step": self.step, **self.scheduler.stats()}
 
     def check_health(self) -> None:
         """Serve calls this periodically; a replica whose decode loop died is replaced."""
@@ -242,9 +256,11 @@ fastapi_app = FastAPI(title="nanochat", description="Chat with a nanochat model 
 class ChatAPI:
     """The HTTP face of the service; it holds no model, only a handle to the ChatModel replicas."""
 
-    def __init__(self, model: DeploymentHandle, defaults: dict | None = None):
+    def __init__(self, model: DeploymentHandle, defaults: dict | None = None, retry_after_s: int = 2):
         self.model = model
         self.defaults = ServingDefaults(**(defaults or {}))
+        self.retry_after_s = retry_after_s
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         with open(UI_PATH, encoding="utf-8") as f:
             self.ui_html = f.read()
         self._model_info: dict | None = None
@@ -274,18 +290,27 @@ class ChatAPI:
             raise RequestError(field or "body", message, status=422) from None
 
     def _refuse(self, endpoint: str, error: RequestError) -> JSONResponse:
-        status = {400: "rejected", 422: "malformed"}.get(error.status, "unavailable")
+        if error.retry_after_s is not None:
+            status = "overloaded"
+        else:
+            status = {400: "rejected", 422: "malformed"}.get(error.status, "unavailable")
         self._count(endpoint, status)
         error_type = "invalid_request_error" if error.status < 500 else "server_error"
-        return JSONResponse(error_body(error.message, error.field, error.limit, error_type), status_code=error.status)
+        headers = None if error.retry_after_s is None else {"Retry-After": str(error.retry_after_s)}
+        return JSONResponse(error_body(error.message, error.field, error.limit, error_type), status_code=error.status,
+                            headers=headers)
 
     async def _open(self, settings: GenerationSettings) -> ModelStream:
         """Start generating; returns once the replica has accepted the request. A refusal by the
-        replica becomes a RequestError (400); a replica that died first is retried."""
+        replica becomes a RequestError (400); a full queue of this handle (every replica busy and
+        max_queued_requests waiting) a 503 with Retry-After; a replica that died first is retried."""
         for attempt in range(1, OPEN_ATTEMPTS + 1):
             response = self.model.generate.options(stream=True).remote(settings.to_dict())
             try:
                 first = await anext(response)
+            except BackPressureError:
+                raise RequestError("model", "every model replica is busy and the queue is full; try again in "
+                                   f"{self.retry_after_s} s", status=503, retry_after_s=self.retry_after_s) from None
             except REPLICA_FAILURES as failure:
                 logger.warning(f"a ChatModel replica failed before answering (try {attempt}): {failure!r}")
                 continue
@@ -469,7 +494,8 @@ class ChatAPI:
 
     @fastapi_app.get("/stats")
     async def stats(self) -> dict:
-        """Replicas, and summed over them: requests decoding, requests queued, tokens/s."""
+        """Replicas, and summed over them: requests decoding, requests queued, tokens/s; per
+        replica also the checkpoint it serves; and which ingress replica answered."""
         replicas = await self._replica_states()
         per_replica = await self.model.broadcast("stats").results_async(timeout_s=STATS_TIMEOUT_S,
                                                                         return_exceptions=True)
@@ -481,6 +507,7 @@ class ChatAPI:
             "queue_depth": sum(stats["queued"] for stats in per_replica),
             "tokens_per_second": sum(stats["tokens_per_second"] for stats in per_replica),
             "per_replica": per_replica,
+            "ingress_replica": self.replica_id,
         }
 
 
@@ -506,24 +533,52 @@ class ChatAppArgs(BaseModel):
     look_back_period_s: float | None = Field(default=None, gt=0)
     # How often Serve checks that each replica is alive and its decode loop runs; a dead one is replaced.
     health_check_period_s: float = Field(default=10.0, gt=0)
-    replica_gpus: float | None = Field(default=None, ge=0)  # None: 1 if the cluster has GPUs, else 0
+    # None: 1 if the cluster has GPUs now or its autoscaler can add GPU nodes (then Serve waits for
+    # one), else 0. Set it on a cluster whose config the autoscaler does not publish.
+    replica_gpus: float | None = Field(default=None, ge=0)
     replica_cpus: float = Field(default=1.0, ge=0)
-    ingress_max_ongoing_requests: int = Field(default=256, ge=1)
+    # Requests that wait for a ChatModel replica, per ingress replica (each has its own handle);
+    # one more gets HTTP 503 with Retry-After at once.
+    max_queued_requests: int = Field(default=64, ge=1)
+    # The ingress (num_cpus=0) autoscales on open streams; 2 or more keep the service up when one
+    # fails. Serve spreads the replicas over the nodes: for one per proxy node, set
+    # ingress_min_replicas to the number of nodes behind the load balancer.
+    ingress_min_replicas: int = Field(default=2, ge=1)
+    ingress_max_replicas: int = Field(default=4, ge=1)
+    ingress_max_ongoing_requests: int = Field(default=256, ge=1)  # open streams per ingress replica
+    # Requests that wait for an ingress replica, per Serve proxy; the proxy answers one more with 503.
+    ingress_max_queued_requests: int = Field(default=128, ge=1)
+    retry_after_s: int = Field(default=2, ge=0)  # the Retry-After of an overload's 503s
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_k: int = Field(default=50, ge=0, le=200)
     max_tokens: int = Field(default=512, ge=1, le=4096)
 
 
+def cluster_can_have_gpus() -> bool:
+    """Whether the cluster has GPUs, or its autoscaler may add nodes that have them. On an
+    autoscaling cluster with no GPU node up yet, ray.cluster_resources() shows none; the
+    autoscaler's config (the most of each resource its node types can provide) shows them."""
+    if not ray.is_initialized():
+        return False
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return True
+    most = ray._private.state.state.get_max_resources_from_cluster_config()
+    return bool(most and most.get("GPU", 0) > 0)
+
+
 def replica_resources(args: ChatAppArgs) -> dict:
-    """ray_actor_options of a ChatModel replica: one GPU on a GPU cluster, CPUs otherwise."""
+    """ray_actor_options of a ChatModel replica: one GPU on a cluster that has or can have GPUs,
+    CPUs otherwise."""
     gpus = args.replica_gpus
     if gpus is None:
-        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = 1 if cluster_can_have_gpus() else 0
     return {"num_gpus": gpus, "num_cpus": args.replica_cpus}
 
 
 def build_app(args: ChatAppArgs) -> serve.Application:
-    """The application builder (import path `serve.app:build_app`)."""
+    """The application builder (import path `serve.app:build_app`). It resolves the checkpoint
+    here, once (CheckpointNotFoundError when there is none), and binds its tag and step."""
+    model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)
     autoscaling = {
         "min_replicas": args.min_replicas,
         "initial_replicas": args.min_replicas or 1,
@@ -536,10 +591,21 @@ def build_app(args: ChatAppArgs) -> serve.Application:
         autoscaling["metrics_interval_s"] = args.metrics_interval_s
     if args.look_back_period_s is not None:
         autoscaling["look_back_period_s"] = args.look_back_period_s
+    backpressure = {"status_code": 503, "retry_after_s": args.retry_after_s}
     model = ChatModel.options(max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
+                              max_queued_requests=args.max_queued_requests, backpressure_config=backpressure,
                               autoscaling_config=autoscaling, ray_actor_options=replica_resources(args),
                               health_check_period_s=args.health_check_period_s)
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-    ingress = ChatAPI.options(max_ongoing_requests=args.ingress_max_ongoing_requests)
-    return ingress.bind(model.bind(args.source, args.model_tag, args.step, args.max_batch_size, args.device),
-                        defaults)
+    ingress_autoscaling = {
+        "min_replicas": args.ingress_min_replicas,
+        "initial_replicas": args.ingress_min_replicas,
+        "max_replicas": max(args.ingress_max_replicas, args.ingress_min_replicas),
+        # Streams are long: scale out when the replicas are half full on average.
+        "target_ongoing_requests": max(1, args.ingress_max_ongoing_requests // 2),
+    }
+    ingress = ChatAPI.options(max_ongoing_requests=args.ingress_max_ongoing_requests,
+                              max_queued_requests=args.ingress_max_queued_requests, backpressure_config=backpressure,
+                              autoscaling_config=ingress_autoscaling)
+    return ingress.bind(model.bind(args.source, model_tag, step, args.max_batch_size, args.device), defaults,
+                        args.retry_after_s)

@@ -19,8 +19,8 @@ from tests.tiny import CHAT_TEXT, random_gpt
 SERVE_PORT_ENV = "NANOCHAT_TEST_SERVE_PORT"
 
 
-def save_tiny_chat_checkpoint(model_tag: str, tokenizer_dir: str, sequence_len: int = 256):
-    """tests.tiny's random depth-2 GPT saved as sft checkpoint `model_tag` (step 1) with its
+def save_tiny_chat_checkpoint(model_tag: str, tokenizer_dir: str, sequence_len: int = 256, step: int = 1):
+    """tests.tiny's random depth-2 GPT saved as sft checkpoint `model_tag` (at `step`) with its
     tokenizer, under the session's NANOCHAT_BASE_DIR where the Serve replicas look for it.
 
     Only tokens of letters, digits and spaces keep their random lm_head rows; every other token,
@@ -33,7 +33,7 @@ def save_tiny_chat_checkpoint(model_tag: str, tokenizer_dir: str, sequence_len: 
             if token >= tokenizer.get_bos_token_id() or not re.fullmatch(r"[A-Za-z0-9 ]+", tokenizer.decode([token])):
                 model.lm_head.weight[token] = 0.0
     tokenizer.save(tokenizer_dir)
-    save_checkpoint(checkpoint_dir("sft", model_tag), 1, model.state_dict(), {"model_config": asdict(model.config)},
+    save_checkpoint(checkpoint_dir("sft", model_tag), step, model.state_dict(), {"model_config": asdict(model.config)},
                     tokenizer_dir=tokenizer_dir)
     return model, tokenizer
 

@@ -203,21 +203,51 @@ def test_health_stats_models_and_ui(chat_app):
     assert status == 200 and "<title>nanochat</title>" in page and "chat/completions" in page
 
 
-def test_config_file_builds_the_app_with_its_numbers():
+def test_config_file_builds_the_app_with_its_numbers(chat_app):
     with open(os.path.join(REPO_ROOT, "serve", "config.yaml")) as f:
         config = ServeDeploySchema.model_validate(yaml.safe_load(f))
     (application,) = config.applications
     assert application.import_path == "serve.app:build_app"
-    # What `serve run` does with the args of a builder whose parameter is a pydantic model.
-    app = build_app(ChatAppArgs.model_validate(application.args))
-    # Serve has no public accessor for a bound app's parts: ChatAPI.bind(ChatModel.bind(...), defaults).
-    model = app._bound_deployment.init_args[0]._bound_deployment
+    # What `serve run` does with the args of a builder whose parameter is a pydantic model; the tag
+    # is this module's (other test modules save theirs in the same base dir), its step is resolved.
+    assert (application.args["model_tag"], application.args["step"]) == (None, None)
+    app = build_app(ChatAppArgs.model_validate({**application.args, "model_tag": MODEL_TAG}))
+    # Serve has no public accessor for a bound app's parts: ChatAPI.bind(ChatModel.bind(...), defaults, retry).
+    ingress = app._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert model.init_args[:3] == ("sft", MODEL_TAG, 1)
     autoscaling = model._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 2)
     assert autoscaling.target_ongoing_requests == application.args["max_batch_size"]
     assert model.max_ongoing_requests == application.args["max_ongoing_requests"]
+    assert model._deployment_config.max_queued_requests == application.args["max_queued_requests"]
+    ingress_autoscaling = ingress._deployment_config.autoscaling_config
+    assert (ingress_autoscaling.min_replicas, ingress_autoscaling.max_replicas) == (2, 4)
+    assert ingress._deployment_config.max_queued_requests == application.args["ingress_max_queued_requests"]
+    for deployment in (model, ingress):
+        backpressure = deployment._deployment_config.backpressure_config
+        assert (backpressure.status_code, backpressure.retry_after_s) == (503, application.args["retry_after_s"])
     with pytest.raises(ValidationError, match="max_batch_sise"):
         ChatAppArgs.model_validate({"max_batch_sise": 4})
+
+
+@pytest.mark.parametrize("now, most, replica_gpus, expected", [
+    ({"CPU": 8.0}, None, None, 0),                       # no GPU now, no autoscaler config
+    ({"CPU": 8.0}, {"CPU": 64, "GPU": 0}, None, 0),      # an autoscaler of CPU nodes only
+    ({"CPU": 8.0}, {"CPU": 64, "GPU": 16}, None, 1),     # no GPU node up yet, but the autoscaler has them
+    ({"CPU": 8.0, "GPU": 8.0}, None, None, 1),           # GPUs up now
+    ({"CPU": 8.0}, {"CPU": 64, "GPU": 16}, 0.5, 0.5),    # an explicit replica_gpus wins
+])
+def test_replicas_ask_for_a_gpu_when_the_cluster_has_or_can_add_one(monkeypatch, now, most, replica_gpus,
+                                                                      expected):
+    import ray
+
+    from serve.app import replica_resources
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: now)
+    monkeypatch.setattr(ray._private.state.state, "get_max_resources_from_cluster_config", lambda: most)
+    resources = replica_resources(ChatAppArgs(replica_gpus=replica_gpus, replica_cpus=2))
+    assert resources == {"num_gpus": expected, "num_cpus": 2}
 
 
 def test_python_m_serve_without_a_checkpoint_names_the_command_that_makes_one(tmp_path):

@@ -1,7 +1,9 @@
 """Tests of how the chat service behaves under load on a local Ray: with an autoscaling config of
 short delays a burst of concurrent streams makes Serve add a ChatModel replica and remove it once
 the burst is over; and when a replica is killed mid-answer, the streams it was serving end with an
-error event instead of hanging, and the next requests are answered by its replacement."""
+error event instead of hanging, and the next requests are answered by its replacement. A newer
+checkpoint step is saved after the app is built: the replica added by the burst and the
+replacement of the killed one still load the step that build_app resolved."""
 
 import threading
 import time
@@ -19,27 +21,41 @@ MODEL_TAG = "serve-scaling"
 CONTEXT = 512
 CONVERSATION = [{"role": "user", "content": "Count to a hundred."}]
 BURST_CLIENTS = 6
+BUILT_STEP = 1
 
 
 @pytest.fixture(scope="module")
 def scaling_app(ray_local, tmp_path_factory):
     """ChatModel autoscaling between 1 and 2 replicas of half a CPU each, reacting within a second
     or two: it wants 2 ongoing requests per replica, measures every 0.5 s over a 1 s window, and
-    Serve checks every second that the replicas are alive."""
-    save_tiny_chat_checkpoint(MODEL_TAG, str(tmp_path_factory.mktemp("tokenizer")), sequence_len=CONTEXT)
+    Serve checks every second that the replicas are alive. The app is built at step 1 of its tag;
+    step 2 is saved before it runs."""
+    tokenizer_dir = str(tmp_path_factory.mktemp("tokenizer"))
+    save_tiny_chat_checkpoint(MODEL_TAG, tokenizer_dir, sequence_len=CONTEXT)
     port = serve_port()
     args = ChatAppArgs(model_tag=MODEL_TAG, replica_cpus=0.5, max_batch_size=4, max_ongoing_requests=4,
                        min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=0.5,
                        downscale_delay_s=2, metrics_interval_s=0.5, look_back_period_s=1, health_check_period_s=1)
-    serve.run(build_app(args), name=APP, route_prefix=ROUTE)
+    app = build_app(args)
+    save_tiny_chat_checkpoint(MODEL_TAG, tokenizer_dir, sequence_len=CONTEXT, step=BUILT_STEP + 1)
+    serve.run(app, name=APP, route_prefix=ROUTE)
     yield port
     serve.delete(APP)
 
 
-def running_replicas(port: int) -> int:
+def serve_stats(port: int) -> dict:
     status, stats = request(port, "GET", f"{ROUTE}/stats")
     assert status == 200, stats
-    return stats["replicas"]
+    return stats
+
+
+def running_replicas(port: int) -> int:
+    return serve_stats(port)["replicas"]
+
+
+def served_steps(port: int) -> list[tuple[str, int]]:
+    """(model_tag, step) of every ChatModel replica that answered /stats."""
+    return [(replica["model_tag"], replica["step"]) for replica in serve_stats(port)["per_replica"]]
 
 
 def long_answer(max_tokens: int) -> dict:
@@ -67,11 +83,15 @@ def test_a_burst_scales_replicas_up_and_back_down(scaling_app):
     try:
         peak = wait_until(lambda: (count := running_replicas(port)) > 1 and count, timeout=90, interval=0.5,
                           what="a second replica")
+        # The replica autoscaling added started after step 2 was saved, and loaded step 1 all the same.
+        steps_at_peak = wait_until(lambda: len(steps := served_steps(port)) == 2 and steps, timeout=30,
+                                   what="/stats from both replicas")
     finally:
         stop_burst.set()
         for thread in clients:
             thread.join(timeout=60)
     assert peak == 2
+    assert steps_at_peak == [(MODEL_TAG, BUILT_STEP)] * 2
     assert not failures, failures[:3]
     assert finish_reasons and set(finish_reasons) == {"length"}
     wait_until(lambda: running_replicas(port) == 1, timeout=60, interval=0.5, what="the scale-down to 1 replica")
@@ -105,3 +125,7 @@ def test_killing_a_replica_ends_its_streams_with_an_error_and_later_requests_suc
     events = stream_events(port, f"{ROUTE}/chat/completions", long_answer(20), timeout=120)
     assert events[-1]["done"] is True and events[-1]["usage"]["completion_tokens"] == 20
     assert replica_name not in chat_model_replica_names()
+    assert served_steps(port) == [(MODEL_TAG, BUILT_STEP)]
+    status, models = request(port, "GET", f"{ROUTE}/v1/models")
+    assert status == 200
+    assert (models["data"][0]["model_tag"], models["data"][0]["step"]) == (MODEL_TAG, BUILT_STEP)
