@@ -41,6 +41,7 @@ from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.training import lr_multiplier, muon_momentum, resolve_horizon, weight_decay_at
 from ray_jobs import pretrain_data
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, InMemoryModel, evaluate_core_on_actors, packed_batches
+from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
                                    maybe_compile, previous_run, report_step, report_with_checkpoint,
@@ -92,7 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pack-buffer-docs", type=int, default=1000, help="documents the best-fit packer chooses from")
     # Ray
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU)")
-    p.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--cpus-per-worker", type=float, default=-1.0,
                    help="CPUs per CPU-only train worker; -1 = share the CPUs, leaving 1.5 for Ray Data")
     add_run_flags(p, "base")
@@ -122,10 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """Everything the workers need, derived on the driver, as one JSON-able dict."""
-    if args.use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= args.num_workers
-    else:
-        use_gpu = args.use_gpu == "on"
+    use_gpu = resolve_use_gpu(args.use_gpu)
     tokenizer_dir = get_tokenizer_dir()
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     model_config = config_from_depth(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,

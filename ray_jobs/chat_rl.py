@@ -54,6 +54,7 @@ from nanochat.rl import (group_seed, pass_at_k, policy_gradient_loss, rollout_ro
 from nanochat.tasks import get_task
 from nanochat.tasks.common import DatasetDownloadError
 from nanochat.tokenizer import Tokenizer
+from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (ProgressLine, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    export_final_model, fit_trainer, latest_run_checkpoint_meta, previous_run,
                                    report_with_checkpoint, restore_from_checkpoint, start_worker)
@@ -452,7 +453,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=1, help="learner workers (Ray Train, one per GPU)")
     p.add_argument("--num-rollout-workers", type=int, default=-1,
                    help="rollout actors (-1 = one per GPU the learner leaves free, or 2 without GPUs)")
-    p.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per learner worker without GPUs")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per learner worker")
     p.add_argument("--rollout-cpus", type=float, default=-1.0,
@@ -493,10 +493,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict]:
     num_steps = args.num_steps if args.num_steps > 0 else max(1, num_train // args.examples_per_step)
 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    if args.use_gpu == "auto":
-        use_gpu = cluster_gpus >= args.num_workers * args.gpus_per_worker
-    else:
-        use_gpu = args.use_gpu == "on"
+    use_gpu = resolve_use_gpu(args.use_gpu)
     rollout_gpus = args.rollout_gpus if args.rollout_gpus >= 0 else (1.0 if use_gpu else 0.0)
     num_rollout = args.num_rollout_workers
     if num_rollout < 0:
@@ -539,8 +536,11 @@ def main(argv=None) -> dict:
     except (CheckpointError, DatasetDownloadError, ValueError) as exc:
         print(f"chat_rl: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
+    rollout_bundles = tuple({"GPU": cfg["rollout_gpus"], "CPU": cfg["rollout_cpus"]}
+                            for _ in range(cfg["num_rollout_workers"])) if cfg["rollout_gpus"] > 0 else ()
     result = fit_trainer("chat_rl", train_loop_per_worker, {"cfg": cfg, "shared": ray.put(shared)}, cfg, args,
-                         {"GPU": args.gpus_per_worker} if cfg["use_gpu"] else {"CPU": args.cpus_per_worker})
+                         {"GPU": args.gpus_per_worker} if cfg["use_gpu"] else {"CPU": args.cpus_per_worker},
+                         extra_gpu_bundles=rollout_bundles)
     exported = export_final_model(result, {**cfg, "phase": "rl"})
     print0(f"final model exported to {exported}")
     meta = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])

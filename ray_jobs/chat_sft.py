@@ -39,6 +39,7 @@ from nanochat.report import Report
 from nanochat.tasks import TaskMixture, get_task
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier
+from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
                                    maybe_compile, previous_run, report_step, report_with_checkpoint,
@@ -96,7 +97,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=2 ** 20, help="tokens (rows x row length) per val loss")
     # Ray
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU)")
-    p.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--cpus-per-worker", type=float, default=-1.0,
                    help="CPUs per CPU-only train worker; -1 = the cluster's CPUs shared out, at most 1 each")
     add_run_flags(p, "sft")
@@ -305,10 +305,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if val_batches < 1:
         raise ValueError(f"the validation split packs into {len(val_rows)} rows, fewer than {device_batch_size} rows "
                          f"x {args.num_workers} workers: lower --device-batch-size")
-    if args.use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= args.num_workers
-    else:
-        use_gpu = args.use_gpu == "on"
+    use_gpu = resolve_use_gpu(args.use_gpu)
     if args.storage_path and "://" in args.storage_path:
         storage_path = args.storage_path
     else:

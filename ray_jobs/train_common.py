@@ -36,6 +36,7 @@ from ray.util import metrics as ray_metrics
 from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
+from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, reserve_gpus
 
 # Settings Ray Train 2.60 reads from the environment of its controller and workers; the driver's
 # values are handed on to both (ray.train.v2's ENV_VARS_TO_PROPAGATE), so setting them in the driver
@@ -81,6 +82,10 @@ def add_run_flags(p: argparse.ArgumentParser, stage: str, save_every: int = -1) 
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
     p.add_argument("--run", default=None, help="wandb run name (off by default)")
+    p.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto",
+                   help="auto = GPUs when the cluster has them or its autoscaler can add them (ray_jobs.gpus)")
+    p.add_argument("--gpu-wait-s", type=float, default=DEFAULT_GPU_WAIT_S,
+                   help="how long to wait for the GPUs (autoscaling) before failing with a clear message")
 
 
 def previous_run(cfg: dict, args: argparse.Namespace) -> dict | None:
@@ -99,11 +104,22 @@ def previous_run(cfg: dict, args: argparse.Namespace) -> dict | None:
 
 
 def fit_trainer(stage: str, train_loop, loop_config: dict, cfg: dict, args: argparse.Namespace,
-                resources_per_worker: dict | None, **trainer_kwargs) -> ray.train.Result:
+                resources_per_worker: dict | None, extra_gpu_bundles: tuple[dict, ...] = (),
+                **trainer_kwargs) -> ray.train.Result:
     """Run a trainer's `TorchTrainer` with the settings all trainers share (RAY_TRAIN_ENV, the run's
     name and storage, keep the last --keep-last checkpoints, --max-failures restarts, quiet logs);
-    `trainer_kwargs` go to the TorchTrainer (datasets). A run that fails beyond its restarts ends
-    the process with one line that says where its checkpoints are and how to resume."""
+    `trainer_kwargs` go to the TorchTrainer (datasets). A GPU run first reserves its workers' GPUs
+    and `extra_gpu_bundles` (ray_jobs.gpus.reserve_gpus: the autoscaler is asked for them, and a
+    run that cannot have them within --gpu-wait-s stops with a message instead of waiting forever
+    or falling back to CPUs). A run that fails beyond its restarts ends the process with one line
+    that says where its checkpoints are and how to resume."""
+    if cfg["use_gpu"]:
+        worker = resources_per_worker or {"CPU": 1, "GPU": 1}  # Ray Train's default for a GPU worker
+        try:
+            reserve_gpus([worker] * args.num_workers + list(extra_gpu_bundles), args.gpu_wait_s, stage)
+        except GPUsUnavailableError as exc:
+            print(f"{stage}: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
     set_ray_train_env()
     trainer = TorchTrainer(
         train_loop,

@@ -51,6 +51,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from ray_jobs.gpus import cluster_can_have_gpus
+
 from serve.api import (ChatRequest, GenerationSettings, OpenAIChatRequest, RequestError, ServingDefaults,
                        TextStream, error_body, new_completion_id, openai_chunk, openai_completion,
                        openai_usage, server_sent_event, settings_from_chat_request,
@@ -552,18 +554,6 @@ class ChatAppArgs(BaseModel):
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_k: int = Field(default=50, ge=0, le=200)
     max_tokens: int = Field(default=512, ge=1, le=4096)
-
-
-def cluster_can_have_gpus() -> bool:
-    """Whether the cluster has GPUs, or its autoscaler may add nodes that have them. On an
-    autoscaling cluster with no GPU node up yet, ray.cluster_resources() shows none; the
-    autoscaler's config (the most of each resource its node types can provide) shows them."""
-    if not ray.is_initialized():
-        return False
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return True
-    most = ray._private.state.state.get_max_resources_from_cluster_config()
-    return bool(most and most.get("GPU", 0) > 0)
 
 
 def replica_resources(args: ChatAppArgs) -> dict:
