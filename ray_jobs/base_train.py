@@ -7,8 +7,8 @@ Ray Data stream (ray_jobs.pretrain_data) and runs a `TorchTrainer`: every worker
 reads its shard of the stream with `get_dataset_shard('train')`, and steps the distributed
 MuonAdamW (which averages the gradients itself: no DDP). Every step is reported to
 `ray.train.report` and to Ray metrics gauges; rank 0 prints one line per step. On schedule the
-workers evaluate validation bits per byte together, rank 0 prints greedy samples and has CORE
-scored on a pool of Ray actors (ray_jobs.base_eval). Checkpoints go to `--storage-path` every
+workers evaluate validation bits per byte together, and CORE (each rank scoring a share of the
+examples on its in-memory model), and rank 0 prints greedy samples. Checkpoints go to `--storage-path` every
 `--save-every` steps, keeping the last K; `--resume` continues a run from its newest checkpoint,
 and `FailureConfig(max_failures)` replaces a dead worker and continues from the last checkpoint
 with nobody acting. At the end the final model is exported to <base>/base_checkpoints/<model_tag>/
@@ -35,12 +35,13 @@ import torch
 from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0
 from nanochat.dataset import SOURCES, resolve_source
 from nanochat.gpt import GPT, config_from_depth
+from nanochat.core_eval import core_score, count_correct
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.report import Report, stage_history
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.training import lr_multiplier, muon_momentum, resolve_horizon, weight_decay_at
 from ray_jobs import pretrain_data
-from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, InMemoryModel, evaluate_core_on_actors, packed_batches
+from ray_jobs.base_eval import packed_batches
 from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
@@ -211,20 +212,23 @@ def _train_batches(shard, batch_size: int, device: torch.device, stream: dict, r
         skip_below = 0
 
 
-def _core_metric(model: GPT, cfg: dict, tokenizer: Tokenizer, core_tasks) -> float | None:
-    """CORE of the current weights, scored by a pool of Ray actors (rank 0 only; the other ranks
-    wait at the next report). The actors run on CPUs: on a GPU cluster the train workers hold every
-    GPU. None, with a message, when the cluster has no CPU free for an actor."""
-    free_cpus = int(ray.available_resources().get("CPU", 0))
-    if free_cpus < 1:
-        print0("CORE skipped: no CPU is free for an eval actor while the train workers and Ray Data run; "
-               "lower --cpus-per-worker or add CPUs")
-        return None
-    weights = InMemoryModel(cfg["model_config"], {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                            tokenizer)
-    core = evaluate_core_on_actors(weights, ray.get(core_tasks), num_actors=min(DEFAULT_CPU_ACTORS, free_cpus),
-                                   num_gpus_per_actor=0)
-    return core["core_metric"]
+@torch.no_grad()
+def _core_metric(model: GPT, tokenizer: Tokenizer, core_tasks: list, device: torch.device, rank: int,
+                 world: int) -> float:
+    """CORE of the current weights, scored on the training ranks themselves: each rank takes every
+    world-th example of every task on its in-memory model, and the counts of correct answers are
+    summed over the ranks. Few-shot prompts are drawn from a task's whole data, so the split
+    changes no prompt and the score equals a single process's. Nothing is copied and no
+    accelerator waits (scoring on separate CPU actors kept a GPU cluster idle for the whole eval)."""
+    model.eval()
+    counts = torch.tensor([float(count_correct(model, tokenizer, task.data, device, task.meta,
+                                               range(rank, len(task.data), world))) for task in core_tasks],
+                          dtype=torch.float64, device=device)
+    model.train()
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    accuracies = {task.label: count / len(task.data) for task, count in zip(core_tasks, counts.tolist())}
+    return core_score(core_tasks, accuracies)["core_metric"]
 
 
 def _print_samples(model: GPT, tokenizer: Tokenizer) -> None:
@@ -277,6 +281,7 @@ def train_loop_per_worker(config: dict) -> None:
     data_wait = Stopwatch()
     x, y, position = next(train_iter)  # the first batch waits for the pipeline to start: not counted
     val_bpb = meta.get("val_bpb") if meta else None
+    core_tasks = None  # fetched from the object store at the first CORE evaluation
 
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
@@ -291,11 +296,10 @@ def train_loop_per_worker(config: dict) -> None:
             model.train()
             evals["val_bpb"] = val_bpb
             print0(f"step {step:5d} | val bpb {val_bpb:.4f}")
-        if core_now and rank == 0:
-            core_metric = _core_metric(model, cfg, tokenizer, refs["core_tasks"])
-            if core_metric is not None:
-                evals["core_metric"] = core_metric
-                print0(f"step {step:5d} | CORE {core_metric:.4f}")
+        if core_now:
+            core_tasks = core_tasks if core_tasks is not None else ray.get(refs["core_tasks"])
+            evals["core_metric"] = _core_metric(model, tokenizer, core_tasks, device, rank, world)
+            print0(f"step {step:5d} | CORE {evals['core_metric']:.4f}")
         if rank == 0 and args.sample_every > 0 and step > 0 and (last_step or step % args.sample_every == 0):
             _print_samples(model, tokenizer)
 
@@ -389,7 +393,7 @@ def main(argv=None) -> dict:
     cpus_per_worker = args.cpus_per_worker
     if cpus_per_worker <= 0:
         # Logical CPUs only schedule work (each worker sets its torch threads from the node's
-        # cores); leave 1.5 for Ray Data's read, tokenize and pack stages and a CORE eval actor.
+        # cores); leave 1.5 for Ray Data's read, tokenize and pack stages.
         cpus_per_worker = max(0.1, min(1.0, (ray.cluster_resources().get("CPU", 2) - 1.5) / args.num_workers))
     result = fit_trainer("base_train", train_loop_per_worker,
                          {"cfg": cfg, "refs": {"val_rows": ray.put(val_rows), "core_tasks": core_tasks}}, cfg, args,

@@ -31,6 +31,7 @@ from nanochat.checkpoint import find_last_step, load_model
 from nanochat.core_eval import core_score, evaluate_task, load_core_tasks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
+from ray_jobs.base_eval import CheckpointModel, evaluate_core_on_actors
 from ray_jobs.base_train import main, parse_args, validation_rows, worker_val_batches
 
 STEPS = 8
@@ -222,8 +223,13 @@ def test_checkpoint_loads_and_gives_the_trainers_val_bpb_and_core(two_workers, s
     # the same rows and weights; only the order of the fp32 sums differs (two ranks, then summed)
     assert bpb == pytest.approx(two_workers["val_bpb"], rel=1e-5)
 
+    # CORE was scored on the two training ranks (each half of every task's examples, counts summed);
+    # it must equal CORE scored in one process and on base_eval's pool of CPU actors
     tasks = load_core_tasks(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "eval_bundle"), 8)
     expected = core_score(tasks, {t.label: evaluate_task(model, tokenizer, t.data, "cpu", t.meta) for t in tasks})
+    on_actors = evaluate_core_on_actors(CheckpointModel("base", "bt_two", STEPS), tasks, num_actors=2,
+                                        num_gpus_per_actor=0)
+    assert on_actors["core_metric"] == pytest.approx(expected["core_metric"], abs=1e-9)
     core = [r["core_metric"] for r in two_workers["history"] if "core_metric" in r]
     assert core == [pytest.approx(expected["core_metric"], abs=1e-9)]
 
