@@ -352,10 +352,13 @@ def check_step_files(ckpt_dir: str, step: int, filesystem: pyarrow.fs.FileSystem
     fix = "the save or its upload did not finish; use an earlier step"
 
     def read(name: str) -> bytes:
-        if name not in sizes:
-            raise CheckpointError(f"{ckpt_dir}/{name} is missing: {fix}")
-        with filesystem.open_input_stream(f"{ckpt_dir}/{name}") as stream:
-            return stream.read()
+        try:
+            if name in sizes:
+                with filesystem.open_input_stream(f"{ckpt_dir}/{name}") as stream:
+                    return stream.read()
+        except FileNotFoundError:
+            pass  # removed since the listing (the run's old checkpoints are being pruned)
+        raise CheckpointError(f"{ckpt_dir}/{name} is missing: {fix}")
 
     def check_size(name: str, expected: int, described_by: str) -> None:
         if name not in sizes:

@@ -15,7 +15,6 @@
 """
 
 import base64
-import json
 import logging
 import math
 import argparse
