@@ -6,6 +6,7 @@ Layout, under the base dir (nanochat.common.get_base_dir()):
     <phase dir>/<model_tag>/model_<step:06d>.pt             model state dict (rank 0)
                             meta_<step:06d>.json            config, step, integrity record (rank 0)
                             optim_<step:06d>_rank<r>.pt     optimizer shard of rank r
+                            optim_<step:06d>_rank<r>.json   its integrity record (rank r)
                             tokenizer/                      copy of the tokenizer's files
 
 with phase dirs base -> base_checkpoints, sft -> chatsft_checkpoints, rl -> chatrl_checkpoints.
@@ -19,14 +20,19 @@ Why it is built this way:
 - The checkpoint carries its tokenizer, identified by a sha256 over its files, because a model
   is meaningless with any other tokenizer and the node that loads it may never have trained one.
 - The optimizer is sharded across ranks by the distributed optimizer, so each rank saves and
-  loads only its own shard.
+  loads only its own shard, followed by a small record of that shard's byte size and sha256.
+  Rank 0's meta records how many ranks wrote shards, so check_step_files can tell a step whose
+  every shard arrived from one where a rank crashed or its upload was cut short, and a resuming
+  run falls back to the step before instead of failing on the same missing shard at every retry.
 """
 
 import hashlib
 import json
 import os
+import posixpath
 import re
 
+import pyarrow.fs
 import torch
 
 from nanochat.common import atomic_torch_save, atomic_write_bytes, get_base_dir
@@ -40,7 +46,7 @@ PHASE_COMMANDS = {"base": "python -m ray_jobs.base_train", "sft": "python -m ray
 CHECKPOINT_FORMAT = "nanochat-checkpoint-v1"
 TOKENIZER_SUBDIR = "tokenizer"
 # Keys that save_checkpoint owns in the meta record; the caller's dict may not set them.
-_RESERVED_META_KEYS = ("format", "step", "model_file", "tokenizer")
+RESERVED_META_KEYS = ("format", "step", "model_file", "tokenizer", "optimizer_shards")
 
 _STEP_FILE = re.compile(r"^(?:model|meta|optim)_(\d{6,})(?:[_.].*)?$")
 _META_FILE = re.compile(r"^meta_(\d{6,})\.json$")
@@ -67,6 +73,10 @@ def _meta_path(ckpt_dir: str, step: int) -> str:
 
 def _optim_path(ckpt_dir: str, step: int, rank: int) -> str:
     return os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.pt")
+
+
+def _optim_record_path(ckpt_dir: str, step: int, rank: int) -> str:
+    return os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.json")
 
 
 def _how_to_create(path: str) -> str:
@@ -162,29 +172,37 @@ def _json_bytes(meta: dict) -> bytes:
 
 def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, meta: dict | None,
                     optimizer_state: dict | None = None, rank: int = 0,
-                    tokenizer_dir: str | None = None) -> None:
+                    tokenizer_dir: str | None = None, world_size: int = 1) -> None:
     """Save one step. Rank 0 writes the model, the tokenizer copy and the meta; every rank writes
-    its own optimizer shard when `optimizer_state` is given.
+    its own optimizer shard, and then that shard's record (size and sha256), when
+    `optimizer_state` is given. `world_size` is the number of ranks that save this step.
 
     `meta` must hold 'model_config' (the GPTConfig fields as a dict) and may hold anything else
     JSON-able (data position, the user's config). Ranks other than 0 may pass None for
     `model_state` and `meta`. The meta is written last, so the step only becomes visible to
-    find_last_step / load_checkpoint once the model file is complete.
+    find_last_step / load_checkpoint once the model file is complete. It records
+    'optimizer_shards': `world_size` when rank 0 saves an optimizer shard, else 0.
 
-    Ranks write independently: a rank that saves its optimizer shard after rank 0 has written the
-    meta leaves a window in which the step is visible without that shard, and a crash in it is
-    reported by load_checkpoint(load_optimizer=True) as a missing shard.
+    Ranks write independently, with no collective: rank 0 cannot know the other shards' sizes
+    when it writes the meta, so each rank vouches for its own shard in its own record. Gathering
+    the sizes into rank 0's meta instead would put a collective into every save, which deadlocks
+    once saving moves off the training thread (asynchronous checkpointing) and hangs the healthy
+    ranks when one fails before it. A step whose meta exists may therefore still lack another
+    rank's shard (a crash, an upload cut short): check_step_files reports it, and
+    load_checkpoint(load_optimizer=True) refuses it.
     """
     step = _check_step(step)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ValueError(f"rank must be a non-negative int, got {rank!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= rank:
+        raise ValueError(f"world_size must be an int above rank {rank}, got {world_size!r}")
     if rank == 0:
         if not isinstance(model_state, dict) or not model_state:
             raise ValueError("rank 0 must pass the model's state dict (model.state_dict()) as model_state")
         if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
             raise ValueError("meta must be a dict with 'model_config' set to the model's config as a "
                              "dict, e.g. {'model_config': dataclasses.asdict(model.config)}")
-        clashing = [key for key in _RESERVED_META_KEYS if key in meta and key != "step"]
+        clashing = [key for key in RESERVED_META_KEYS if key in meta and key != "step"]
         if clashing:
             raise ValueError(f"meta keys {clashing} are filled in by save_checkpoint: rename them")
         if "step" in meta and meta["step"] != step:
@@ -195,7 +213,16 @@ def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, meta: di
 
     os.makedirs(ckpt_dir, exist_ok=True)
     if optimizer_state is not None:
-        atomic_torch_save(optimizer_state, _optim_path(ckpt_dir, step, rank))
+        # Re-saving a step: hide the old record first, or it would briefly describe the new shard.
+        record_path = _optim_record_path(ckpt_dir, step, rank)
+        if os.path.exists(record_path):
+            os.remove(record_path)
+        optim_path = _optim_path(ckpt_dir, step, rank)
+        atomic_torch_save(optimizer_state, optim_path)
+        atomic_write_bytes(record_path, _json_bytes({
+            "format": CHECKPOINT_FORMAT, "step": step, "rank": rank,
+            "file": {"name": os.path.basename(optim_path), "bytes": os.path.getsize(optim_path),
+                     "sha256": _sha256_file(optim_path)}}))
     if rank != 0:
         return
 
@@ -211,7 +238,8 @@ def save_checkpoint(ckpt_dir: str, step: int, model_state: dict | None, meta: di
     record.update(format=CHECKPOINT_FORMAT, step=step,
                   model_file={"name": os.path.basename(model_path), "bytes": os.path.getsize(model_path),
                               "sha256": _sha256_file(model_path)},
-                  tokenizer=tokenizer_record)
+                  tokenizer=tokenizer_record,
+                  optimizer_shards=world_size if optimizer_state is not None else 0)
     atomic_write_bytes(meta_path, _json_bytes(record))
 
 
@@ -258,9 +286,14 @@ def _read_meta(ckpt_dir: str, step: int) -> dict:
                                       f"{os.path.basename(_meta_path(ckpt_dir, step))}); steps "
                                       f"available: {available}")
     meta_path = _meta_path(ckpt_dir, step)
+    with open(meta_path, "rb") as f:
+        return _parse_meta(f.read(), meta_path, step)
+
+
+def _parse_meta(data: bytes, meta_path: str, step: int) -> dict:
+    """The meta record of `step` from the bytes of its file, checked to be one save_checkpoint wrote."""
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{meta_path} is not valid JSON ({exc}): it is not a nanochat checkpoint "
                               "meta file; remove it or point at a folder written by save_checkpoint") from exc
@@ -273,9 +306,78 @@ def _read_meta(ckpt_dir: str, step: int) -> dict:
         problem = "'model_config' is missing"
     elif not isinstance(meta.get("model_file"), dict) or not {"bytes", "sha256"} <= set(meta["model_file"]):
         problem = "'model_file' integrity record is missing"
+    elif not isinstance(meta.get("optimizer_shards", 0), int) or meta.get("optimizer_shards", 0) < 0:
+        problem = f"'optimizer_shards' is {meta['optimizer_shards']!r}, not a count of ranks"
     if problem:
         raise CheckpointError(f"{meta_path} is not a nanochat checkpoint meta file ({problem}): "
                               "load only folders written by nanochat.checkpoint.save_checkpoint")
+    return meta
+
+
+def _parse_optim_record(data: bytes, record_path: str, step: int, rank: int) -> dict:
+    """The {'name', 'bytes', 'sha256'} record of rank `rank`'s optimizer shard, from its file's bytes."""
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"optimizer shard record {record_path} is not valid JSON ({exc}): its write "
+                              "or upload was cut short; use an earlier step") from exc
+    if (not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT or record.get("step") != step
+            or record.get("rank") != rank or not isinstance(record.get("file"), dict)
+            or not {"name", "bytes", "sha256"} <= set(record["file"])):
+        raise CheckpointError(f"{record_path} is not the optimizer shard record of rank {rank} at step {step}: "
+                              "load only folders written by nanochat.checkpoint.save_checkpoint")
+    return record["file"]
+
+
+def check_step_files(ckpt_dir: str, step: int, filesystem: pyarrow.fs.FileSystem | None = None) -> dict:
+    """The meta of `step` once every file a resume needs is in `ckpt_dir` with its recorded size:
+    the meta, the model file, the tokenizer copy's files, and the optimizer shard and its record
+    of each of the meta's 'optimizer_shards' ranks. Raises CheckpointError naming the first file
+    that is missing or has the wrong size.
+
+    `filesystem` is a pyarrow filesystem (S3, GCS, ...) with `ckpt_dir` a path on it; None means
+    the local disk. Only sizes are compared, from one listing of the folder, so checking a large
+    checkpoint in remote storage reads the meta and the shard records, never the weights; the
+    sha256 of the model file and of a rank's shard are checked when load_checkpoint reads them.
+    A meta without 'optimizer_shards' (written before shards had records) is accepted when the
+    model file and the tokenizer copy check out.
+    """
+    step = _check_step(step)
+    if filesystem is None:
+        filesystem, ckpt_dir = pyarrow.fs.LocalFileSystem(), os.path.abspath(ckpt_dir)
+    ckpt_dir = ckpt_dir.rstrip("/")
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(ckpt_dir, recursive=True, allow_not_found=True))
+    sizes = {posixpath.relpath(info.path, ckpt_dir): info.size for info in infos
+             if info.type == pyarrow.fs.FileType.File}
+    fix = "the save or its upload did not finish; use an earlier step"
+
+    def read(name: str) -> bytes:
+        try:
+            if name in sizes:
+                with filesystem.open_input_stream(f"{ckpt_dir}/{name}") as stream:
+                    return stream.read()
+        except FileNotFoundError:
+            pass  # removed since the listing (the run's old checkpoints are being pruned)
+        raise CheckpointError(f"{ckpt_dir}/{name} is missing: {fix}")
+
+    def check_size(name: str, expected: int, described_by: str) -> None:
+        if name not in sizes:
+            raise CheckpointError(f"{ckpt_dir}/{name} is missing although {described_by} exists: {fix}")
+        if sizes[name] != expected:
+            raise CheckpointError(f"{ckpt_dir}/{name} has {sizes[name]} bytes but {described_by} records "
+                                  f"{expected}: {fix}")
+
+    meta_name = os.path.basename(_meta_path("", step))
+    meta = _parse_meta(read(meta_name), f"{ckpt_dir}/{meta_name}", step)
+    check_size(os.path.basename(_model_path("", step)), meta["model_file"]["bytes"], meta_name)
+    for name in (meta.get("tokenizer") or {"files": {}})["files"]:
+        if f"{TOKENIZER_SUBDIR}/{name}" not in sizes:
+            raise CheckpointError(f"tokenizer file {ckpt_dir}/{TOKENIZER_SUBDIR}/{name} named in {meta_name} is "
+                                  f"missing: {fix}")
+    for rank in range(meta.get("optimizer_shards", 0)):
+        record_name = os.path.basename(_optim_record_path("", step, rank))
+        record = _parse_optim_record(read(record_name), f"{ckpt_dir}/{record_name}", step, rank)
+        check_size(os.path.basename(_optim_path("", step, rank)), record["bytes"], record_name)
     return meta
 
 
@@ -291,6 +393,29 @@ def _verify_model_file(ckpt_dir: str, step: int, meta: dict) -> str:
     if _sha256_file(model_path) != expected["sha256"]:
         raise CheckpointError(f"{model_path} does not match the sha256 in its meta: {fix}")
     return model_path
+
+
+def _verify_optimizer_shard(ckpt_dir: str, step: int, rank: int, meta: dict) -> None:
+    """Check rank `rank`'s shard against the size and sha256 in its record; a checkpoint whose
+    meta predates 'optimizer_shards' has no records, and its shard is loaded unchecked."""
+    if "optimizer_shards" not in meta:
+        return
+    optim_path = _optim_path(ckpt_dir, step, rank)
+    if rank >= meta["optimizer_shards"]:
+        raise CheckpointError(f"{optim_path} is not part of this step: its meta records optimizer shards of "
+                              f"{meta['optimizer_shards']} rank(s); resume with that many ranks")
+    record_path = _optim_record_path(ckpt_dir, step, rank)
+    if not os.path.isfile(record_path):
+        raise CheckpointError(f"optimizer shard record {record_path} is missing: rank {rank} did not finish "
+                              "saving this step; resume from an earlier step")
+    with open(record_path, "rb") as f:
+        record = _parse_optim_record(f.read(), record_path, step, rank)
+    fix = "the file is truncated or corrupted; resume from an earlier step or without the optimizer state"
+    size = os.path.getsize(optim_path)
+    if size != record["bytes"]:
+        raise CheckpointError(f"{optim_path} has {size} bytes but its record holds {record['bytes']}: {fix}")
+    if _sha256_file(optim_path) != record["sha256"]:
+        raise CheckpointError(f"{optim_path} does not match the sha256 in its record: {fix}")
 
 
 def _verify_tokenizer_copy(ckpt_dir: str, meta: dict) -> str | None:
@@ -317,8 +442,9 @@ def load_checkpoint(ckpt_dir: str, step: int, device: torch.device | str, load_o
                     rank: int = 0) -> tuple[dict, dict | None, dict]:
     """(model_state, optimizer_state or None, meta) of one step, tensors on `device`.
 
-    The model file is checked against the size and sha256 in the meta, and the tokenizer copy (if
-    the checkpoint carries one) against its recorded hashes, before anything is returned.
+    The model file is checked against the size and sha256 in the meta, the tokenizer copy (if
+    the checkpoint carries one) against its recorded hashes, and with `load_optimizer` this
+    rank's optimizer shard against its record, before anything is returned.
     """
     step = _check_step(step)
     meta = _read_meta(ckpt_dir, step)
@@ -339,6 +465,7 @@ def load_checkpoint(ckpt_dir: str, step: int, device: torch.device | str, load_o
             raise CheckpointError(f"optimizer shard {optim_path} is missing: rank {rank} did not finish "
                                   "saving this step (or the run used fewer ranks); resume from an earlier "
                                   "step, with the same number of ranks, or without the optimizer state")
+        _verify_optimizer_shard(ckpt_dir, step, rank, meta)
         try:
             optimizer_state = torch.load(optim_path, map_location=device, weights_only=True)
         except Exception as exc:

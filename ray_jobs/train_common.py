@@ -5,8 +5,9 @@
 - checkpoints through `ray.train.report(checkpoint=...)`: each rank writes its optimizer shard,
   rank 0 the weights, the meta record and the tokenizer copy, in nanochat.checkpoint's layout,
   and Ray merges the ranks' folders into one checkpoint in the run's storage path;
-- restoring from `ray.train.get_checkpoint()` (after `--resume` or a worker failure), and
-  exporting a run's final checkpoint to the base dir for the next stage;
+- restoring from the newest complete checkpoint of the run (after `--resume` or a worker failure):
+  a step counts only when every rank's optimizer shard arrived (nanochat.checkpoint.check_step_files),
+  and exporting a run's final checkpoint to the base dir for the next stage;
 - the Ray Train settings that keep per-step reports cheap and a worker's output to one line
   per print;
 - metrics: `ray.util.metrics` gauges for the Ray dashboard / Prometheus, plus optional wandb;
@@ -14,11 +15,11 @@
 """
 
 import base64
-import json
 import logging
 import math
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -33,7 +34,8 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 from ray.util import metrics as ray_metrics
 
-from nanochat.checkpoint import checkpoint_dir, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import (RESERVED_META_KEYS, CheckpointError, check_step_files, checkpoint_dir,
+                                 find_last_step, load_checkpoint, save_checkpoint)
 from nanochat.common import peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
 from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, reserve_gpus
@@ -246,34 +248,36 @@ def report_with_checkpoint(metrics: dict, step: int, model: GPT, optimizer, meta
                            tokenizer_dir: str | None) -> None:
     """Every rank calls this at the same step: it writes its part and reports it to Ray Train,
     which merges the parts into the run's checkpoint `step_<step>` and keeps the last K."""
-    rank, _ = world_info()
+    rank, world = world_info()
     with tempfile.TemporaryDirectory(prefix="nanochat_ckpt_") as tmp:
         save_checkpoint(tmp, step, model.state_dict() if rank == 0 else None, meta if rank == 0 else None,
                         optimizer_state=optimizer.state_dict(), rank=rank,
-                        tokenizer_dir=tokenizer_dir if rank == 0 else None)
+                        tokenizer_dir=tokenizer_dir if rank == 0 else None, world_size=world)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"step_{step:06d}")
 
 
 def restore_from_checkpoint(model: GPT, optimizer, device: torch.device, cfg: dict) -> dict | None:
-    """Load weights and this rank's optimizer shard from the newest checkpoint of the run, and
-    return its meta; None on a fresh start.
+    """Load weights and this rank's optimizer shard from the newest complete checkpoint of the
+    run, and return its meta; None on a fresh start.
 
-    Two places may hold it: the checkpoint Ray Train hands a (re)started worker group, and the
-    newest `step_*` folder of the run in storage (cfg's storage_path and run_name), which every
-    rank looks up when its worker starts. Both are needed: Ray registers a checkpoint only when
-    its controller takes the report, so a worker that dies soon after reporting leaves a
-    checkpoint in storage that Ray's own record of the run lacks (per-step reports no longer come
-    every step to push it through: see report_step). The one with the higher step wins. Every
-    rank sees the same storage here: the workers that wrote it are gone when a group starts."""
-    found = latest_run_checkpoint(cfg["storage_path"], cfg["run_name"])
-    candidates = [checkpoint for checkpoint in (ray.train.get_checkpoint(),
-                                                ray.train.Checkpoint(found[0]) if found else None)
-                  if checkpoint is not None]
-    if not candidates:
-        return None
-    checkpoint = max(candidates, key=lambda c: int(os.path.basename(c.path.rstrip("/")).removeprefix("step_")))
+    The run's folder in storage (cfg's storage_path and run_name) is scanned when the workers
+    start, not Ray Train's record of the run taken as it is: Ray registers a checkpoint only when
+    its controller takes the report, so a worker that dies soon after reporting leaves a newer
+    checkpoint in storage that Ray's record lacks (per-step reports no longer come every step to
+    push it through: see report_step), and a rank that dies during its upload leaves a registered
+    checkpoint without that rank's shard. So rank 0 looks for the newest step whose every file
+    arrived (complete_run_steps) and tells the other ranks, which then all load the same step even
+    if storage changes while they look."""
     rank, _ = world_info()
+    found = [latest_run_checkpoint(cfg["storage_path"], cfg["run_name"]) if rank == 0 else None]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(found, src=0, device=device)
+    if found[0] is None:
+        if ray.train.get_checkpoint() is not None:
+            print0(f"no complete checkpoint of run {cfg['run_name']!r} in {cfg['storage_path']}: starting it from scratch")
+        return None
+    checkpoint = ray.train.Checkpoint(found[0][0])
     with checkpoint.as_directory() as folder:
         step = find_last_step(folder)
         model_state, optimizer_state, meta = load_checkpoint(folder, step, device, load_optimizer=True, rank=rank)
@@ -291,30 +295,46 @@ def export_final_model(result: ray.train.Result, cfg: dict) -> str:
         step = find_last_step(folder)
         model_state, _, meta = load_checkpoint(folder, step, "cpu")
     target = checkpoint_dir(cfg.get("phase", "base"), cfg["model_tag"])
-    keep = {k: v for k, v in meta.items() if k not in ("format", "step", "model_file", "tokenizer")}
+    keep = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS}
     save_checkpoint(target, step, model_state, keep, tokenizer_dir=cfg["tokenizer_dir"])
     return target
 
 
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def complete_run_steps(filesystem: pyarrow.fs.FileSystem, run_dir: str):
+    """(folder name, meta record) of each complete `step_*` checkpoint in a run's folder on
+    `filesystem`, newest first. A step is complete when nanochat.checkpoint.check_step_files
+    accepts it: meta, model file, tokenizer copy, and every rank's optimizer shard with its
+    recorded size. An incomplete step (a crash or an upload cut short) is skipped with a line
+    naming what is missing, so that a resume falls back to the step before instead of failing at
+    every retry."""
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+    steps = sorted((int(match.group(1)), info.base_name) for info in infos
+                   if info.type == pyarrow.fs.FileType.Directory and (match := _STEP_DIR.match(info.base_name)))
+    for step, name in reversed(steps):
+        try:
+            meta = check_step_files(f"{run_dir}/{name}", step, filesystem)
+        except CheckpointError as exc:
+            print0(f"skipping incomplete checkpoint {name}: {exc}")
+            continue
+        yield name, meta
+
+
 def latest_run_checkpoint(storage_path: str, run_name: str) -> tuple[str, dict] | None:
     """(path, meta record) of the newest complete `step_*` checkpoint of a run in storage (local
-    path or any URI pyarrow understands), or None; the path is a URI where the storage is one."""
+    path or any URI pyarrow understands; complete_run_steps), or None; the path is a URI where
+    the storage is one."""
     filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path) if "://" in storage_path else (
         pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path))
     run_dir = f"{root}/{run_name}"
-    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
-    steps = sorted(info.base_name for info in infos
-                   if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("step_"))
-    for name in reversed(steps):
-        meta_file = f"{run_dir}/{name}/meta_{name.removeprefix('step_')}.json"
-        try:
-            with filesystem.open_input_stream(meta_file) as stream:
-                meta = json.loads(stream.read())
-        except (FileNotFoundError, OSError):
-            continue  # a checkpoint whose upload did not finish: try the one before
-        path = f"{storage_path.rstrip('/')}/{run_name}/{name}" if "://" in storage_path else f"{run_dir}/{name}"
-        return path, meta
-    return None
+    found = next(complete_run_steps(filesystem, run_dir), None)
+    if found is None:
+        return None
+    name, meta = found
+    path = f"{storage_path.rstrip('/')}/{run_name}/{name}" if "://" in storage_path else f"{run_dir}/{name}"
+    return path, meta
 
 
 def latest_run_checkpoint_meta(storage_path: str, run_name: str) -> dict | None:

@@ -11,6 +11,9 @@ module-scoped runs (four `main()` calls) serve all the checks:
     resumed      2 workers; a worker dies at step 6 with no restarts allowed, so the run stops
                  (its newest checkpoint is step 4); then `--resume` finishes it
 
+Checkpoint choice on resume (ray_jobs.train_common: latest_run_checkpoint, restore_from_checkpoint)
+is tested without Ray Train, on run folders built with save_checkpoint as three ranks write them.
+
 Why the runs cannot agree exactly: Ray Data splits the train stream between workers block by
 block, so 1 and 2 workers put different rows into a step's global batch; and a restarted or
 resumed stream starts again at the beginning of the shard the checkpoint was taken in (see
@@ -27,12 +30,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.checkpoint import find_last_step, load_model
+import ray.train
+import torch
+
+from nanochat.checkpoint import find_last_step, load_model, save_checkpoint
 from nanochat.core_eval import core_score, evaluate_task, load_core_tasks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
+from nanochat.gpt import GPT, GPTConfig
+from ray_jobs import train_common
 from ray_jobs.base_eval import CheckpointModel, evaluate_core_on_actors
 from ray_jobs.base_train import main, parse_args, validation_rows, worker_val_batches
+from ray_jobs.train_common import latest_run_checkpoint, restore_from_checkpoint
 
 STEPS = 8
 SAVE_EVERY = 4
@@ -260,3 +269,79 @@ def test_bad_flags_are_refused_with_the_reason(flags, message, capsys):
         parse_args(flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+RESUME_CONFIG = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+
+
+def tiny_model_and_optimizer(seed: int) -> tuple[GPT, object]:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(RESUME_CONFIG)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model, model.setup_optimizer()
+
+
+def save_run_steps(run_dir, steps) -> dict[int, GPT]:
+    """Checkpoint folders step_<step> of a run as report_with_checkpoint leaves them in storage:
+    the files of three ranks merged; each step's model has its own weights. Returns them by step."""
+    models = {}
+    for step in steps:
+        model, optimizer = tiny_model_and_optimizer(seed=step)
+        folder = str(run_dir / f"step_{step:06d}")
+        for rank in (2, 1):
+            save_checkpoint(folder, step, None, None, optimizer_state=optimizer.state_dict(), rank=rank, world_size=3)
+        save_checkpoint(folder, step, model.state_dict(), {"model_config": model.config_dict(), "history": [step]},
+                        optimizer_state=optimizer.state_dict(), world_size=3)
+        models[step] = model
+    return models
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_resume_skips_a_step_whose_shard_is_missing_or_cut_short(tmp_path, damage, capsys):
+    run_dir = tmp_path / "storage" / "run_a"
+    save_run_steps(run_dir, (2, 4))
+    shard = run_dir / "step_000004" / "optim_000004_rank2.pt"
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+
+    path, meta = latest_run_checkpoint(str(tmp_path / "storage"), "run_a")
+    assert path == str(run_dir / "step_000002")
+    assert meta["step"] == 2 and meta["history"] == [2]
+    warning = capsys.readouterr().out
+    assert "skipping incomplete checkpoint step_000004" in warning
+    assert (f"{run_dir}/step_000004/optim_000004_rank2.pt is missing" if damage == "deleted"
+            else "optim_000004_rank2.pt has 100 bytes") in warning
+    # Through a URI, as for s3:// storage: the same choice, named by URI.
+    uri_path, _ = latest_run_checkpoint(f"file://{tmp_path / 'storage'}", "run_a")
+    assert uri_path == f"file://{tmp_path / 'storage'}/run_a/step_000002"
+
+    (run_dir / "step_000002" / "meta_000002.json").unlink()
+    assert latest_run_checkpoint(str(tmp_path / "storage"), "run_a") is None
+
+
+def test_restore_falls_back_from_an_incomplete_registered_checkpoint(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "storage" / "run_b"
+    models = save_run_steps(run_dir, (2, 4, 6))
+    (run_dir / "step_000006" / "optim_000006_rank1.pt").unlink()  # an upload cut short
+    (run_dir / "step_000004" / "optim_000004_rank2.json").unlink()
+    # Ray registered step 6 (it took that report, and the shard upload failed after it).
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(run_dir / "step_000006")))
+    monkeypatch.setattr(train_common, "world_info", lambda: (0, 3))
+    model, optimizer = tiny_model_and_optimizer(seed=0)
+    cfg = {"storage_path": str(tmp_path / "storage"), "run_name": "run_b"}
+
+    meta = restore_from_checkpoint(model, optimizer, torch.device("cpu"), cfg)
+    assert meta["step"] == 2
+    assert torch.equal(model.lm_head.weight, models[2].lm_head.weight)
+    output = capsys.readouterr().out
+    assert "optim_000006_rank1.pt is missing" in output and "optim_000004_rank2.json is missing" in output
+    assert f"resumed from checkpoint step 2 ({run_dir / 'step_000002'})" in output
+
+    # With no complete step left, the run starts from scratch instead of failing at every retry.
+    (run_dir / "step_000002" / "model_000002.pt").unlink()
+    assert restore_from_checkpoint(model, optimizer, torch.device("cpu"), cfg) is None
+    assert f"no complete checkpoint of run 'run_b' in {tmp_path / 'storage'}" in capsys.readouterr().out

@@ -1,18 +1,20 @@
 """Tests of nanochat.checkpoint: round trips of the model, the per-rank optimizer shards and the
-carried tokenizer, the default model/step choice, pruning, and the clear errors for missing,
-truncated, half-saved and foreign checkpoints."""
+carried tokenizer, the default model/step choice, pruning, the clear errors for missing,
+truncated, half-saved and foreign checkpoints, and check_step_files, which accepts a step only
+when every rank's shard arrived."""
 
 import dataclasses
 import json
 import os
 
+import pyarrow.fs
 import pytest
 import torch
 
 from nanochat import checkpoint
-from nanochat.checkpoint import (CheckpointError, CheckpointNotFoundError, build_model, checkpoint_dir,
-                                 find_largest_model, find_last_step, load_checkpoint, load_model,
-                                 prune_checkpoints, save_checkpoint, tokenizer_fingerprint)
+from nanochat.checkpoint import (CheckpointError, CheckpointNotFoundError, build_model, check_step_files,
+                                 checkpoint_dir, find_largest_model, find_last_step, load_checkpoint,
+                                 load_model, prune_checkpoints, save_checkpoint, tokenizer_fingerprint)
 from nanochat.gpt import GPT, GPTConfig
 
 TINY = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
@@ -92,8 +94,9 @@ def test_optimizer_state_round_trips_per_rank():
     model = make_model()
     shards = {0: optimizer_state_after_one_step(model, seed=1), 1: optimizer_state_after_one_step(model, seed=2)}
     # Rank 1 first: it has no model state or meta to give, only its optimizer shard.
-    save_checkpoint(ckpt_dir, 4, None, None, optimizer_state=shards[1], rank=1)
-    save_checkpoint(ckpt_dir, 4, model.state_dict(), meta_for(model), optimizer_state=shards[0], rank=0)
+    save_checkpoint(ckpt_dir, 4, None, None, optimizer_state=shards[1], rank=1, world_size=2)
+    save_checkpoint(ckpt_dir, 4, model.state_dict(), meta_for(model), optimizer_state=shards[0], rank=0,
+                    world_size=2)
 
     loaded_shards = {rank: load_checkpoint(ckpt_dir, 4, "cpu", load_optimizer=True, rank=rank)[1]
                      for rank in shards}
@@ -283,8 +286,8 @@ def test_prune_keeps_the_last_k_steps():
     ckpt_dir = checkpoint_dir("base", "d2")
     optimizer_state = {"state": {}, "param_groups": []}
     for step in range(1, 6):
-        save_checkpoint(ckpt_dir, step, None, None, optimizer_state=optimizer_state, rank=1)
-        save_model(ckpt_dir, step, model, optimizer_state=optimizer_state)
+        save_checkpoint(ckpt_dir, step, None, None, optimizer_state=optimizer_state, rank=1, world_size=2)
+        save_model(ckpt_dir, step, model, optimizer_state=optimizer_state, world_size=2)
     # Leftovers of a crashed old save, and a newer save still in progress on another rank.
     for name in ("model_000000.pt", "model_000002.pt.tmp.4242", "model_000006.pt"):
         open(os.path.join(ckpt_dir, name), "wb").close()
@@ -292,7 +295,7 @@ def test_prune_keeps_the_last_k_steps():
     assert prune_checkpoints(ckpt_dir, keep_last=2) == [1, 2, 3]
     expected = {f"{kind}_{step:06d}{suffix}" for step in (4, 5)
                 for kind, suffix in (("model", ".pt"), ("meta", ".json"), ("optim", "_rank0.pt"),
-                                     ("optim", "_rank1.pt"))}
+                                     ("optim", "_rank1.pt"), ("optim", "_rank0.json"), ("optim", "_rank1.json"))}
     assert set(os.listdir(ckpt_dir)) == expected | {"model_000006.pt"}
     assert find_last_step(ckpt_dir) == 5
     assert prune_checkpoints(ckpt_dir, keep_last=2) == []
@@ -360,3 +363,135 @@ def test_model_loads_with_the_tokenizer_it_carries(tmp_path):
     text = "the lazy fox"
     assert tokenizer.encode(text) == trained.encode(text)
     assert tokenizer.get_vocab_size() == trained.get_vocab_size()
+
+
+def save_three_ranks(ckpt_dir: str, step: int, model: GPT, **kwargs) -> dict[int, dict]:
+    """One step as three ranks save it: ranks 2 and 1 their optimizer shards, then rank 0 its
+    shard, the model and the meta. Returns the shards by rank (each rank's differs)."""
+    shards = {rank: {"state": {0: {"exp_avg": torch.full((4 + rank,), float(step))}},
+                     "param_groups": [{"lr": 0.01 * (rank + 1), "params": [0]}]} for rank in range(3)}
+    for rank in (2, 1):
+        save_checkpoint(ckpt_dir, step, None, None, optimizer_state=shards[rank], rank=rank, world_size=3)
+    save_model(ckpt_dir, step, model, optimizer_state=shards[0], world_size=3, **kwargs)
+    return shards
+
+
+def truncate(path: str) -> None:
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def test_check_step_files_accepts_a_step_only_with_every_ranks_shard(dummy_tokenizer_dir):
+    ckpt_dir = checkpoint_dir("base", "d2")
+    save_three_ranks(ckpt_dir, 4, make_model(), tokenizer_dir=str(dummy_tokenizer_dir))
+    meta = check_step_files(ckpt_dir, 4)
+    assert meta["step"] == 4 and meta["optimizer_shards"] == 3
+    records = [json.load(open(os.path.join(ckpt_dir, f"optim_000004_rank{rank}.json"))) for rank in range(3)]
+    assert [record["file"]["bytes"] for record in records] == [
+        os.path.getsize(os.path.join(ckpt_dir, f"optim_000004_rank{rank}.pt")) for rank in range(3)]
+
+    shard = os.path.join(ckpt_dir, "optim_000004_rank2.pt")
+    data = open(shard, "rb").read()
+    os.remove(shard)
+    with pytest.raises(CheckpointError, match=r"optim_000004_rank2\.pt is missing although "
+                                              r"optim_000004_rank2\.json exists: the save or its upload"):
+        check_step_files(ckpt_dir, 4)
+    # The meta alone still makes the step look saved to the local scan.
+    assert find_last_step(ckpt_dir) == 4
+
+    truncate_to = len(data) // 2
+    with open(shard, "wb") as f:
+        f.write(data[:truncate_to])
+    with pytest.raises(CheckpointError, match=rf"optim_000004_rank2\.pt has {truncate_to} bytes but "
+                                              rf"optim_000004_rank2\.json records {len(data)}"):
+        check_step_files(ckpt_dir, 4)
+
+    with open(shard, "wb") as f:
+        f.write(data)
+    os.remove(os.path.join(ckpt_dir, "optim_000004_rank1.json"))
+    with pytest.raises(CheckpointError, match=r"optim_000004_rank1\.json is missing"):
+        check_step_files(ckpt_dir, 4)
+
+
+def test_check_step_files_names_a_missing_model_meta_or_tokenizer_file(dummy_tokenizer_dir):
+    ckpt_dir = checkpoint_dir("base", "d2")
+    save_three_ranks(ckpt_dir, 1, make_model(), tokenizer_dir=str(dummy_tokenizer_dir))
+    truncate(os.path.join(ckpt_dir, "model_000001.pt"))
+    with pytest.raises(CheckpointError, match=r"model_000001\.pt has \d+ bytes but meta_000001\.json records"):
+        check_step_files(ckpt_dir, 1)
+
+    save_three_ranks(ckpt_dir, 2, make_model(), tokenizer_dir=str(dummy_tokenizer_dir))
+    os.remove(os.path.join(ckpt_dir, "tokenizer", "token_bytes.pt"))
+    with pytest.raises(CheckpointError, match=r"tokenizer/token_bytes\.pt named in meta_000002\.json is missing"):
+        check_step_files(ckpt_dir, 2)
+
+    with pytest.raises(CheckpointError, match=r"meta_000003\.json is missing: the save or its upload did not finish"):
+        check_step_files(ckpt_dir, 3)
+
+
+def test_check_step_files_reads_any_pyarrow_filesystem(tmp_path):
+    # Paths on a SubTreeFileSystem are relative to its root, as bucket/key paths are on S3.
+    ckpt_dir = str(tmp_path / "bucket" / "run" / "step_000005")
+    save_three_ranks(ckpt_dir, 5, make_model())
+    bucket = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "bucket"), pyarrow.fs.LocalFileSystem())
+    assert check_step_files("run/step_000005", 5, bucket)["optimizer_shards"] == 3
+    os.remove(os.path.join(ckpt_dir, "optim_000005_rank2.pt"))
+    with pytest.raises(CheckpointError, match=r"^run/step_000005/optim_000005_rank2\.pt is missing"):
+        check_step_files("run/step_000005", 5, bucket)
+
+
+def test_a_meta_from_before_shard_records_is_still_accepted():
+    ckpt_dir = checkpoint_dir("base", "d2")
+    shards = save_three_ranks(ckpt_dir, 3, make_model())
+    # What save_checkpoint wrote before shard records: no 'optimizer_shards' and no optim_*.json.
+    meta_path = os.path.join(ckpt_dir, "meta_000003.json")
+    meta = json.load(open(meta_path))
+    del meta["optimizer_shards"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    for rank in range(3):
+        os.remove(os.path.join(ckpt_dir, f"optim_000003_rank{rank}.json"))
+
+    assert "optimizer_shards" not in check_step_files(ckpt_dir, 3)
+    _, loaded, _ = load_checkpoint(ckpt_dir, 3, "cpu", load_optimizer=True, rank=2)
+    assert torch.equal(loaded["state"][0]["exp_avg"], shards[2]["state"][0]["exp_avg"])
+    # Without records, a missing shard is found only when its rank loads it.
+    os.remove(os.path.join(ckpt_dir, "optim_000003_rank2.pt"))
+    check_step_files(ckpt_dir, 3)
+    with pytest.raises(CheckpointError, match=r"optim_000003_rank2\.pt is missing"):
+        load_checkpoint(ckpt_dir, 3, "cpu", load_optimizer=True, rank=2)
+
+
+def test_load_checks_the_ranks_shard_against_its_record():
+    ckpt_dir = checkpoint_dir("base", "d2")
+    shards = save_three_ranks(ckpt_dir, 6, make_model())
+    _, loaded, _ = load_checkpoint(ckpt_dir, 6, "cpu", load_optimizer=True, rank=1)
+    assert loaded["param_groups"] == shards[1]["param_groups"]
+
+    shard = os.path.join(ckpt_dir, "optim_000006_rank1.pt")
+    data = open(shard, "rb").read()
+    truncate(shard)
+    with pytest.raises(CheckpointError, match=rf"optim_000006_rank1\.pt has {len(data) // 2} bytes but its "
+                                              rf"record holds {len(data)}"):
+        load_checkpoint(ckpt_dir, 6, "cpu", load_optimizer=True, rank=1)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF
+    with open(shard, "wb") as f:
+        f.write(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"optim_000006_rank1\.pt does not match the sha256 in its record"):
+        load_checkpoint(ckpt_dir, 6, "cpu", load_optimizer=True, rank=1)
+
+    # A stray shard of a fourth rank is not part of a three-rank step.
+    save_checkpoint(ckpt_dir, 6, None, None, optimizer_state=shards[2], rank=3, world_size=4)
+    with pytest.raises(CheckpointError, match=r"optim_000006_rank3\.pt is not part of this step: its meta "
+                                              r"records optimizer shards of 3 rank\(s\)"):
+        load_checkpoint(ckpt_dir, 6, "cpu", load_optimizer=True, rank=3)
+
+
+def test_a_step_saved_without_optimizer_expects_no_shards():
+    ckpt_dir = checkpoint_dir("base", "d2")
+    save_model(ckpt_dir, 2, make_model())
+    assert check_step_files(ckpt_dir, 2)["optimizer_shards"] == 0
+    with pytest.raises(ValueError, match="world_size must be an int above rank 2, got 2"):
+        save_checkpoint(ckpt_dir, 2, None, None, optimizer_state={}, rank=2, world_size=2)
