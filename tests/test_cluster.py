@@ -1,7 +1,8 @@
 """The cluster configs: cluster.yaml passes Ray's own launcher schema offline and carries what a
 GPU cluster needs (a head that offers no CPUs, EFA interfaces in a cluster placement group, the
-NCCL settings that reach `ray start`, checkpoints in S3), and cluster-local.yaml drives Ray's autoscaler on fake nodes on this machine, where a Serve
-deployment that scales up gets new nodes for its replicas.
+NCCL settings that reach `ray start`, checkpoints in S3), and cluster-local.yaml drives Ray's
+autoscaler on fake nodes on this machine, where a Serve deployment that scales up gets new nodes
+for its replicas.
 
 The fake cluster is a separate Ray instance: its own temp dir, its own ports, and a process
 session of its own, so that the test can stop exactly what it started while other Ray
