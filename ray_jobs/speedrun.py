@@ -14,9 +14,17 @@ the first starts a fresh report (`Report().reset()`); a run with `--from`, or on
 stages' output, keeps the earlier sections, which describe the output it reuses. The run ends by
 writing <base>/report/report.md, also when a stage failed: the report then shows the stages that
 finished, and the failure line says where to resume.
+
+Every stage that checkpoints (base_train, chat_sft, chat_rl) runs with `--resume`, so that `--from
+STAGE` after a lost driver continues the stage's run instead of refusing to start it. Their
+checkpoints go to `--storage-path`; for the GPU presets its default is $NANOCHAT_STORAGE, which
+cluster.yaml sets to an S3 prefix that every node reaches (the tiny preset keeps each stage's
+local default, <base>/ray_runs). A stage's job log is followed as its driver writes it
+(JobSubmissionClient.tail_job_logs), not downloaded again and again.
 """
 
 import argparse
+import asyncio
 import importlib.util
 import os
 import runpy
@@ -42,6 +50,18 @@ TINY_CHAT_EVAL = ["--tasks", "arithmetic,spellingbee", "--max-problems", "100", 
 TINY_CHAT_RL = ["--task", "arithmetic", "--num-steps", "20", "--examples-per-step", "8", "--num-samples", "16",
                 "--max-new-tokens", "128", "--eval-every", "10", "--eval-examples", "64", "--eval-k", "4",
                 "--save-every", "-1"]
+
+
+# CPUs each stage's job driver reserves (`entrypoint_num_cpus`), per preset. On cluster.yaml the
+# head offers Ray no CPUs (it runs GCS, the dashboard and the NFS export), so a driver that asks
+# for one CPU, and with it the Train controller and the Data split coordinator it starts beside
+# itself, runs on a worker node. The tiny preset runs on a local head of 2 CPUs, where a driver
+# holding a CPU for its whole stage would leave the stage's own train workers and Ray Data tasks
+# waiting for it: there the drivers reserve nothing and run anywhere.
+ENTRYPOINT_NUM_CPUS = {"tiny": 0, "d20": 1, "d26": 1}
+GPU_PRESETS = ("d20", "d26")
+# The stages that checkpoint through Ray Train: they get --resume and --storage-path.
+CHECKPOINTING_STAGES = ("base_train", "chat_sft", "chat_rl")
 
 
 @dataclass
@@ -73,12 +93,12 @@ def preset_stages(preset: str, with_rl: bool) -> list[Stage]:
                   f"base_checkpoints/{tag}"),
             Stage("base_eval", "ray_jobs.base_eval", ["--model-tag", tag, "--eval", "bpb,sample",
                                                       "--source", "sample", "--split-tokens", "131072"]),
-            Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, *TINY_CHAT_SFT],
+            Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, *TINY_CHAT_SFT, "--resume"],
                   f"chatsft_checkpoints/{tag}"),
             Stage("chat_eval", "ray_jobs.chat_eval", ["--source", "sft", "--model-tag", tag, *TINY_CHAT_EVAL]),
         ]
         if with_rl:
-            stages += [Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, *TINY_CHAT_RL],
+            stages += [Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, *TINY_CHAT_RL, "--resume"],
                              f"chatrl_checkpoints/{tag}"),
                        Stage("chat_eval_rl", "ray_jobs.chat_eval", ["--source", "rl", "--model-tag", tag,
                                                                     *TINY_CHAT_EVAL], report_as="chat_eval")]
@@ -99,12 +119,13 @@ def preset_stages(preset: str, with_rl: bool) -> list[Stage]:
                   f"base_checkpoints/{tag}"),
             Stage("base_eval", "ray_jobs.base_eval", ["--model-tag", tag, "--device-batch-size",
                                                       "32" if depth == 20 else "16"]),
-            Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, "--mixture", "real", "--num-workers", "8"],
+            Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, "--mixture", "real", "--num-workers", "8",
+                                                    "--resume"],
                   f"chatsft_checkpoints/{tag}"),
             Stage("chat_eval", "ray_jobs.chat_eval", ["--source", "sft", "--model-tag", tag]),
         ]
         if with_rl:
-            stages += [Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, "--task", "gsm8k"],
+            stages += [Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, "--task", "gsm8k", "--resume"],
                              f"chatrl_checkpoints/{tag}"),
                        Stage("chat_eval_rl", "ray_jobs.chat_eval", ["--source", "rl", "--model-tag", tag,
                                                                     "--tasks", "gsm8k"], report_as="chat_eval")]
@@ -125,8 +146,10 @@ def run_inline(stage: Stage) -> None:
         sys.argv = saved_argv
 
 
-def run_as_job(stage: Stage, address: str, working_dir: str) -> None:
-    """Submit a stage as a Ray job, stream its logs here, and raise if it does not succeed."""
+def run_as_job(stage: Stage, address: str, working_dir: str, entrypoint_num_cpus: float = 0) -> None:
+    """Submit a stage as a Ray job whose driver reserves `entrypoint_num_cpus` CPUs (0: it runs on
+    any node, the head included), print its log here as the driver writes it, and raise if the job
+    does not succeed."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(address)
@@ -137,6 +160,7 @@ def run_as_job(stage: Stage, address: str, working_dir: str) -> None:
             job_id = client.submit_job(
                 entrypoint=entrypoint,
                 submission_id=f"nanochat-{stage.name}-{int(time.time())}",
+                entrypoint_num_cpus=entrypoint_num_cpus,
                 runtime_env={"working_dir": working_dir,
                              "excludes": [".venv", ".git", "*.egg-info", "__pycache__", ".pytest_cache",
                                           ".ruff_cache", ".hypothesis"],
@@ -148,22 +172,47 @@ def run_as_job(stage: Stage, address: str, working_dir: str) -> None:
             if "No available agent" not in str(exc) or attempt == 29:
                 raise
             time.sleep(2)
-    print(f"[speedrun] stage {stage.name}: submitted job {job_id}: {entrypoint}", flush=True)
-    printed = 0
-    while True:
+    print(f"[speedrun] stage {stage.name}: submitted job {job_id} ({entrypoint_num_cpus:g} CPU for its driver): "
+          f"{entrypoint}", flush=True)
+    follow_job_logs(client, job_id)
+    status = client.get_job_status(job_id)
+    while not status.is_terminal():  # the log stream may close a moment before the status changes
+        time.sleep(1)
         status = client.get_job_status(job_id)
-        logs = client.get_job_logs(job_id)
-        if len(logs) > printed:
-            sys.stdout.write(logs[printed:])
-            sys.stdout.flush()
-            printed = len(logs)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(2)
     if status != JobStatus.SUCCEEDED:
         # The job's message repeats the tail of its logs, which were just printed: keep its first part.
         reason = (client.get_job_info(job_id).message or "").split(", last available logs")[0]
         raise RuntimeError(f"stage {stage.name} (job {job_id}) {status.value.lower()}: {reason}")
+
+
+def follow_job_logs(client, job_id: str) -> None:
+    """Print a job's log here as its driver writes it, until the job ends: the dashboard streams
+    new lines over one websocket (tail_job_logs), instead of the whole log being fetched again
+    every few seconds. A stream that breaks (the dashboard restarted) is reported, not fatal: the
+    caller still waits for the job's status, and `ray job logs` has the full log."""
+    import aiohttp
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except (RuntimeError, aiohttp.ClientError) as exc:
+        print(f"[speedrun] lost the log stream of job {job_id} ({exc}); waiting for the job to end; "
+              f"its full log: ray job logs {job_id}", flush=True)
+
+
+def storage_path_for(preset: str, flag: str | None) -> str | None:
+    """Where the checkpointing stages keep their Ray Train runs: --storage-path when given, else
+    $NANOCHAT_STORAGE for the GPU presets (cluster.yaml sets it to an S3 prefix every node
+    reaches), else None: each stage's own default, <base>/ray_runs, a local folder."""
+    if flag:
+        return flag
+    if preset in GPU_PRESETS:
+        return os.environ.get("NANOCHAT_STORAGE") or None
+    return None
 
 
 def main(argv=None) -> int:
@@ -175,9 +224,22 @@ def main(argv=None) -> int:
     p.add_argument("--inline", action="store_true", help="run the stages in this process, not as Ray jobs")
     p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"),
                    help="the Ray dashboard (job submission) address")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                   help="CPUs each stage's job driver reserves (default: 0 for tiny, 1 for d20/d26, which "
+                        "keeps the drivers off a head that offers no CPUs)")
+    p.add_argument("--storage-path", default=None,
+                   help="checkpoint storage of base_train, chat_sft and chat_rl: folder or URI (s3://...); "
+                        "default $NANOCHAT_STORAGE for d20/d26, <base>/ray_runs for tiny")
     args = p.parse_args(argv)
+    entrypoint_num_cpus = (ENTRYPOINT_NUM_CPUS[args.preset] if args.entrypoint_num_cpus is None
+                           else args.entrypoint_num_cpus)
+    storage_path = storage_path_for(args.preset, args.storage_path)
 
     stages = preset_stages(args.preset, args.rl)
+    if storage_path:
+        for stage in stages:
+            if stage.name in CHECKPOINTING_STAGES:
+                stage.flags = [*stage.flags, "--storage-path", storage_path]
     names = [s.name for s in stages]
     if args.from_stage is not None:
         if args.from_stage not in names:
@@ -185,8 +247,8 @@ def main(argv=None) -> int:
         stages = stages[names.index(args.from_stage):]
     working_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-    print(f"[speedrun] preset {args.preset}: stages {', '.join(s.name for s in stages)}; base dir {get_base_dir()}",
-          flush=True)
+    print(f"[speedrun] preset {args.preset}: stages {', '.join(s.name for s in stages)}; base dir {get_base_dir()}; "
+          f"checkpoint storage {storage_path or os.path.join(get_base_dir(), 'ray_runs')}", flush=True)
     report = Report()
     reused = [s.name for s in stages if s.is_built() and s.is_done() and not args.fresh]
     if args.from_stage is None and not reused:
@@ -210,7 +272,7 @@ def main(argv=None) -> int:
             if args.inline:
                 run_inline(stage)
             else:
-                run_as_job(stage, args.address, working_dir)
+                run_as_job(stage, args.address, working_dir, entrypoint_num_cpus)
         except Exception as exc:  # the pipeline stops here and says why, in one line
             print(f"[speedrun] FAILED at stage {stage.name}: {exc}\n[speedrun] fix it and resume with "
                   f"--from {stage.name}", flush=True)

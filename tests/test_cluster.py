@@ -1,6 +1,8 @@
-"""The cluster configs: cluster.yaml passes Ray's own launcher schema offline, and
-cluster-local.yaml drives Ray's autoscaler on fake nodes on this machine, where a Serve
-deployment that scales up gets new nodes for its replicas.
+"""The cluster configs: cluster.yaml passes Ray's own launcher schema offline and carries what a
+GPU cluster needs (a head that offers no CPUs, EFA interfaces in a cluster placement group, the
+NCCL settings that reach `ray start`, checkpoints in S3), and cluster-local.yaml drives Ray's
+autoscaler on fake nodes on this machine, where a Serve deployment that scales up gets new nodes
+for its replicas.
 
 The fake cluster is a separate Ray instance: its own temp dir, its own ports, and a process
 session of its own, so that the test can stop exactly what it started while other Ray
@@ -26,6 +28,8 @@ import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from ray_jobs import speedrun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTER_YAML = os.path.join(REPO, "cluster.yaml")
@@ -87,6 +91,73 @@ def test_cluster_yaml_head_exposes_dashboard_and_serve_ports():
     assert "--dashboard-host=0.0.0.0" in head_start
     assert "--dashboard-port=8265" in head_start
     assert "serve start --http-host 0.0.0.0 --http-port 8000" in head_start
+
+
+def test_cluster_yaml_head_offers_no_cpus_so_job_drivers_run_on_the_workers():
+    config = _prepared_cluster_config()
+    head = config["available_node_types"][config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    assert "ray start --head --num-cpus=0 " in " ".join(config["head_start_ray_commands"])
+    # The GPU presets' stage drivers, and the README's cluster submissions, ask for a CPU.
+    assert speedrun.ENTRYPOINT_NUM_CPUS == {"tiny": 0, "d20": 1, "d26": 1}
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    submits = [line for line in readme.splitlines() if line.startswith("ray job submit ")]
+    assert len(submits) == 12 and all("--entrypoint-num-cpus=1" in line for line in submits)
+    header_submit = next(line for line in open(CLUSTER_YAML) if "ray job submit" in line)
+    assert "--entrypoint-num-cpus=1" in header_submit
+
+
+def test_cluster_yaml_gpu_nodes_have_32_efa_interfaces_in_a_cluster_placement_group():
+    config = _prepared_cluster_config()
+    head = config["available_node_types"][config["head_node_type"]]["node_config"]
+    gpu = config["available_node_types"]["gpu_8xh100"]["node_config"]
+    assert gpu["Placement"] == {"GroupName": "nanochat-p5"}
+    interfaces = gpu["NetworkInterfaces"]
+    assert [i["NetworkCardIndex"] for i in interfaces] == list(range(32))
+    assert [i["DeviceIndex"] for i in interfaces] == [0] + [1] * 31
+    assert {i["InterfaceType"] for i in interfaces} == {"efa"}
+    # Ray's AWS bootstrap takes subnet and groups from every interface and refuses them at the
+    # node level beside NetworkInterfaces; the head shares them (its group lets the nodes talk).
+    assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(gpu)
+    assert {i["SubnetId"] for i in interfaces} == set(head["SubnetIds"])
+    assert {g for i in interfaces for g in i["Groups"]} == set(head["SecurityGroupIds"])
+    # Multi-interface nodes get no public IP: the launcher and the nodes use private ones.
+    assert config["provider"]["use_internal_ips"] is True
+
+
+def test_cluster_yaml_sets_what_nccl_needs_to_use_efa(tmp_path):
+    """The worker start command runs with a stand-in `ray` that prints its environment: the NCCL
+    and libfabric settings and the plugin's folder reach `ray start`, hence every train worker."""
+    config = _prepared_cluster_config()
+    worker_setup = " ".join(config["worker_setup_commands"])
+    assert "fi_info -p efa" in worker_setup and "libnccl-net*.so" in worker_setup
+    assert "> ~/nanochat-efa.sh" in worker_setup
+    (tmp_path / "nanochat-efa.sh").write_text("export LD_LIBRARY_PATH=/opt/amazon/ofi-nccl/lib:$LD_LIBRARY_PATH\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text("#!/bin/sh\n[ \"$1\" = start ] && env\nexit 0\n")
+    (bin_dir / "ray").chmod(0o755)
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_HEAD_IP": "10.0.0.1"}
+    out = subprocess.run(["bash", "-c", "; ".join(config["worker_start_ray_commands"])], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    started = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    assert started["FI_PROVIDER"] == "efa" and started["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert started["NCCL_SOCKET_IFNAME"] == "^lo,docker"
+    assert started["NCCL_DEBUG"] == "INFO" and "NET" in started["NCCL_DEBUG_SUBSYS"].split(",")
+    assert started["LD_LIBRARY_PATH"].startswith("/opt/amazon/ofi-nccl/lib:")
+    with open(os.path.join(REPO, "README.md")) as f:
+        assert 'grep -E "NET/OFI|Using network"' in f.read()  # how to confirm EFA on the first run
+
+
+def test_cluster_yaml_keeps_checkpoints_in_s3_that_every_node_reaches():
+    config = _prepared_cluster_config()
+    storage = next(cmd for cmd in config["setup_commands"] if "NANOCHAT_STORAGE" in cmd)
+    assert "export NANOCHAT_STORAGE=s3://nanochat-$(" in storage and "-us-west-2/ray_runs" in storage
+    for node_type in config["available_node_types"].values():
+        assert node_type["node_config"]["IamInstanceProfile"] == {"Name": "nanochat-node"}
+    head_only = config["head_setup_commands"][len(config["setup_commands"]):]
+    assert any("head_bucket" in cmd for cmd in head_only)
 
 
 def test_rays_schema_rejects_a_misspelled_key_so_the_validation_has_teeth():

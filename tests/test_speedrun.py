@@ -1,8 +1,13 @@
 """Tests of the pipeline driver: stage order per preset, --from, skipping finished and missing
-stages, stopping at the first failing stage with its error, and the report card it keeps."""
+stages, stopping at the first failing stage with its error, and the report card it keeps; --resume
+on every checkpointing stage, the drivers' CPUs and checkpoint storage per preset, and a stage's
+job log tailed from a real local job server."""
 
 import os
+import shutil
 import sys
+import tempfile
+import time
 import types
 
 import pytest
@@ -125,3 +130,119 @@ def test_the_tiny_preset_trains_the_depth_2_recipe_and_d26_the_seed_settings():
     d26 = {s.name: s for s in speedrun.preset_stages("d26", with_rl=False)}
     assert d26["data"].flags == ["--source", "fineweb-edu", "-n", "450"]
     assert d26["base_train"].flags[d26["base_train"].flags.index("--device-batch-size") + 1] == "16"
+
+
+def test_every_checkpointing_stage_resumes_so_that_from_continues_its_run():
+    for preset in ("tiny", "d20", "d26"):
+        stages = {s.name: s for s in speedrun.preset_stages(preset, with_rl=True)}
+        for name in speedrun.CHECKPOINTING_STAGES:
+            assert "--resume" in stages[name].flags, (preset, name)
+        assert [n for n, s in stages.items() if "--resume" in s.flags] == list(speedrun.CHECKPOINTING_STAGES)
+
+
+@pytest.mark.parametrize("preset, argv, env_storage, cpus, storage", [
+    ("tiny", [], "s3://bucket/runs", 0, None),  # tiny: drivers run anywhere, checkpoints stay local
+    ("d20", [], "s3://bucket/runs", 1, "s3://bucket/runs"),
+    ("d26", [], None, 1, None),
+    ("d20", ["--storage-path", "/shared/runs", "--entrypoint-num-cpus", "2"], "s3://bucket/runs", 2, "/shared/runs"),
+    ("tiny", ["--storage-path", "s3://other/runs", "--entrypoint-num-cpus", "0.5"], None, 0.5, "s3://other/runs"),
+])
+def test_job_drivers_cpus_and_checkpoint_storage_per_preset(monkeypatch, tmp_path, preset, argv, env_storage, cpus,
+                                                           storage):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    if env_storage:
+        monkeypatch.setenv("NANOCHAT_STORAGE", env_storage)
+    else:
+        monkeypatch.delenv("NANOCHAT_STORAGE", raising=False)
+    monkeypatch.setattr(speedrun.Stage, "is_built", lambda self: True)
+    monkeypatch.setattr(speedrun.Stage, "is_done", lambda self: False)
+    submitted = {}
+
+    def fake_run_as_job(stage, address, working_dir, entrypoint_num_cpus):
+        submitted[stage.name] = (stage.flags, entrypoint_num_cpus)
+
+    monkeypatch.setattr(speedrun, "run_as_job", fake_run_as_job)
+    assert speedrun.main(["--preset", preset, "--rl", *argv]) == 0
+    assert {c for _, c in submitted.values()} == {cpus}
+    for name, (flags, _) in submitted.items():
+        if name in speedrun.CHECKPOINTING_STAGES and storage:
+            assert flags[flags.index("--storage-path") + 1] == storage
+        else:
+            assert "--storage-path" not in flags, name
+
+
+class _FakeLogClient:
+    """tail_job_logs yields the chunks, then, when `breaks`, fails as a lost websocket does."""
+
+    def __init__(self, chunks, breaks):
+        self.chunks, self.breaks = chunks, breaks
+
+    async def tail_job_logs(self, job_id):
+        for chunk in self.chunks:
+            yield chunk
+        if self.breaks:
+            raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
+
+
+def test_follow_job_logs_prints_the_stream_and_reports_a_broken_one(capsys):
+    speedrun.follow_job_logs(_FakeLogClient(["step 1\n", "step 2\n"], breaks=False), "job_a")
+    assert capsys.readouterr().out == "step 1\nstep 2\n"
+    speedrun.follow_job_logs(_FakeLogClient(["step 1\n"], breaks=True), "job_b")
+    out = capsys.readouterr().out
+    assert out.startswith("step 1\n[speedrun] lost the log stream of job job_b (WebSocket connection closed")
+    assert "ray job logs job_b" in out
+
+
+TICK_MODULE = '''import sys, time
+print("tick 1", flush=True)
+time.sleep(4)
+print("tick 2", flush=True)
+print("ValueError: the stage broke", file=sys.stderr, flush=True)
+sys.exit(3)
+'''
+
+
+class _TimedOut:
+    """sys.stdout stand-in that keeps each write with the time it came."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append((time.monotonic(), text))
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def first(self, text):
+        return next(t for t, chunk in self.writes if text in chunk)
+
+
+def test_a_real_jobs_log_is_tailed_as_it_is_written_and_its_failure_reported(monkeypatch, tmp_path):
+    """A Ray head with its job server on this machine (ray_jobs.demo starts it on free ports, in its
+    own temp dir): the job's first line is printed seconds before its last, the whole log is never
+    fetched, and the failure names the job's status."""
+    from ray.job_submission import JobSubmissionClient
+
+    from ray_jobs import demo
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    (tmp_path / "tick.py").write_text(TICK_MODULE)
+    ray_port, dashboard_port = demo.free_port(), demo.free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray_tail_", dir="/tmp")  # short: Ray's socket paths live there
+    try:
+        demo.start_local_head(ray_port, dashboard_port, temp_dir)
+        monkeypatch.setattr(JobSubmissionClient, "get_job_logs",
+                            lambda self, job_id: pytest.fail("the whole log was downloaded"))
+        out = _TimedOut()
+        monkeypatch.setattr(sys, "stdout", out)
+        with pytest.raises(RuntimeError, match=r"stage tick \(job nanochat-tick-\d+\) failed: .*exit code 3"):
+            speedrun.run_as_job(speedrun.Stage("tick", "tick"), f"http://127.0.0.1:{dashboard_port}", str(tmp_path))
+    finally:
+        demo.stop_head(ray_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    text = "".join(chunk for _, chunk in out.writes)
+    assert "submitted job nanochat-tick-" in text and "(0 CPU for its driver)" in text
+    assert out.first("tick 2") - out.first("tick 1") > 3
+    assert "ValueError: the stage broke" in text
