@@ -115,17 +115,18 @@ def preset_stages(preset: str, with_rl: bool) -> list[Stage]:
             Stage("base_train", "ray_jobs.base_train",
                   ["--depth", str(depth), "--num-workers", "8", "--device-batch-size", "32" if depth == 20 else "16",
                    "--source", "fineweb-edu", "--save-every", "1000", "--core-metric-every", "2000",
-                   "--model-tag", tag, "--resume"],
+                   "--model-tag", tag, "--resume", "--use-gpu", "on"],
                   f"base_checkpoints/{tag}"),
             Stage("base_eval", "ray_jobs.base_eval", ["--model-tag", tag, "--device-batch-size",
                                                       "32" if depth == 20 else "16"]),
             Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, "--mixture", "real", "--num-workers", "8",
-                                                    "--resume"],
+                                                    "--resume", "--use-gpu", "on"],
                   f"chatsft_checkpoints/{tag}"),
             Stage("chat_eval", "ray_jobs.chat_eval", ["--source", "sft", "--model-tag", tag]),
         ]
         if with_rl:
-            stages += [Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, "--task", "gsm8k", "--resume"],
+            stages += [Stage("chat_rl", "ray_jobs.chat_rl", ["--model-tag", tag, "--task", "gsm8k", "--resume",
+                                                             "--use-gpu", "on"],
                              f"chatrl_checkpoints/{tag}"),
                        Stage("chat_eval_rl", "ray_jobs.chat_eval", ["--source", "rl", "--model-tag", tag,
                                                                     "--tasks", "gsm8k"], report_as="chat_eval")]

@@ -246,3 +246,12 @@ def test_a_real_jobs_log_is_tailed_as_it_is_written_and_its_failure_reported(mon
     assert "submitted job nanochat-tick-" in text and "(0 CPU for its driver)" in text
     assert out.first("tick 2") - out.first("tick 1") > 3
     assert "ValueError: the stage broke" in text
+
+
+@pytest.mark.parametrize("preset", ["d20", "d26"])
+def test_gpu_presets_ask_for_gpus(preset):
+    """A GPU preset's trainers never decide from the GPUs that happen to be up (ray_jobs.gpus)."""
+    stages = {stage.name: stage for stage in speedrun.preset_stages(preset, with_rl=True)}
+    for name in ("base_train", "chat_sft", "chat_rl"):
+        flags = stages[name].flags
+        assert flags[flags.index("--use-gpu") + 1] == "on"
