@@ -17,6 +17,13 @@ advantages, no KL, no ratio, no clip, token-level normalisation. The way it runs
 - The learner is a TorchTrainer (data parallel): rank 0 shares the groups out over the ranks,
   every rank turns its groups into inputs, targets (-1 where the mask is 0) and advantages, and
   the distributed MuonAdamW steps (it averages the gradients itself).
+- The other ranks wait for that share while rank 0 samples the step's rollouts (and, on
+  evaluation steps, pass@k first): minutes on a GPU cluster, longer than the training process
+  group's timeout allows (Ray Train's TorchConfig.timeout_s, 30 min; NCCL's watchdog kills a
+  collective that waits past it). So the share goes through a gloo group of its own, over the
+  CPUs, whose timeout is `--rollout-wait-s` (3 h by default: the worst case of one step's
+  rollouts plus an evaluation, with room). No NCCL collective is ever left waiting on rank 0's
+  sampling; the gradient all-reduces start when every rank is ready.
 - After the step rank 0 puts its weights into the object store once, as version step+1, and every
   worker loads them before its next prompt. A rollout whose version is not the learner's is
   rejected and sampled again with the current weights: an update never sees a stale rollout.
@@ -34,6 +41,7 @@ import os
 import sys
 import time
 from collections import Counter, deque
+from datetime import timedelta
 
 import ray
 import ray.train
@@ -319,6 +327,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Wall time of the stage, continued across restarts.
     clock_start = time.time() - max((entry.get("time", 0.0) for entry in history), default=0.0)
 
+    # The rollout share's own group and timeout (see the module docstring); new_group is collective.
+    share_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.rollout_wait_s)) if world > 1 else None
     fleet, metrics = None, None
     if rank == 0:
         metrics = TrainMetrics(cfg["run_name"], "nanochat_rl", args.run, cfg)
@@ -373,7 +383,7 @@ def train_loop_per_worker(config: dict) -> None:
                 payload = [{"shares": [groups[r::world] for r in range(world)], "tokens": trained_tokens(groups),
                             "stats": stats}]
             if world > 1:
-                dist.broadcast_object_list(payload, src=0)
+                dist.broadcast_object_list(payload, src=0, group=share_group)
             my_groups, total_tokens, stats = payload[0]["shares"][rank], payload[0]["tokens"], payload[0]["stats"]
 
             # --- the policy-gradient step
@@ -451,6 +461,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-k", type=int, default=8, help="samples per test problem (the k of pass@k)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num-workers", type=int, default=1, help="learner workers (Ray Train, one per GPU)")
+    p.add_argument("--rollout-wait-s", type=float, default=3 * 3600.0,
+                   help="how long the other learner ranks wait for rank 0's rollouts of a step (and its evaluation)")
     p.add_argument("--num-rollout-workers", type=int, default=-1,
                    help="rollout actors (-1 = one per GPU the learner leaves free, or 2 without GPUs)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per learner worker without GPUs")
@@ -475,6 +487,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--top-k, --max-failures and --init-lr-frac must be 0 or more")
     if args.num_rollout_workers == 0 or args.num_rollout_workers < -1:
         p.error(f"--num-rollout-workers must be positive or -1, got {args.num_rollout_workers}")
+    if args.rollout_wait_s <= 0:
+        p.error(f"--rollout-wait-s must be a positive number of seconds, got {args.rollout_wait_s:g}")
     return args
 
 

@@ -250,6 +250,9 @@ def test_bad_flags_are_refused_with_the_reason(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--temperature", "0"])
     assert "RL needs sampled completions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--rollout-wait-s", "0"])
+    assert "--rollout-wait-s must be a positive number of seconds" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 3-node cluster (subprocess)
