@@ -102,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # output
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for tests
+    p.add_argument("--stand-in-step-ms", type=float, default=0.0,
+                   help="benchmarks only: a sleep of this many ms replaces the model's forward, backward and "
+                        "optimizer step, so that what Ray adds per step can be measured (bench_train --stand-in)")
     args = p.parse_args(argv)
     positive = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "device_batch_size", "eval_tokens",
                 "pack_buffer_docs", "num_workers", "keep_last")
@@ -315,7 +318,9 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint_meta = {"model_config": cfg["model_config"], "data_position": data_position,
                                "user_config": cfg["args"], "val_bpb": val_bpb, "rng_state": rng_state(),
                                "horizon": horizon, "history": history}
+            saving = time.perf_counter()
             report_with_checkpoint(record, step, model, optimizer, checkpoint_meta, cfg["tokenizer_dir"])
+            record["checkpoint_seconds"] = time.perf_counter() - saving  # in the history of later checkpoints
         elif eval_now or core_now:
             ray.train.report(record)
         if last_step:
@@ -335,13 +340,17 @@ def train_loop_per_worker(config: dict) -> None:
                                                         args.weight_decay * horizon["weight_decay_scale"])
         loss_sum = torch.zeros((), device=device)
         for _ in range(grad_accum):
-            loss = train_model(x, y)
-            (loss / grad_accum).backward()
-            loss_sum += loss.detach()
+            if args.stand_in_step_ms > 0:
+                time.sleep(args.stand_in_step_ms / 1000 / grad_accum)
+            else:
+                loss = train_model(x, y)
+                (loss / grad_accum).backward()
+                loss_sum += loss.detach()
             with data_wait:
                 x, y, position = next(train_iter)
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
+        if args.stand_in_step_ms <= 0:
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
         # the loss of the whole global batch: the mean over the ranks of their micro-batch means
         train_loss = all_reduce(float(loss_sum) / grad_accum, device) / world
         dt = time.perf_counter() - t0
@@ -353,7 +362,7 @@ def train_loop_per_worker(config: dict) -> None:
                   "time": time.time()}
         if mfu is not None:
             record["mfu"] = mfu
-        report_step(record, history, metrics, progress)
+        record.update(report_step(record, history, metrics, progress))
     if metrics is not None:
         metrics.close()
 

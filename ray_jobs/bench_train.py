@@ -18,6 +18,13 @@ One run measures, on the same model config and the same data (the `sample` sourc
   settings (its own venv through --reference-python), run as a subprocess between the two plain
   passes; its step time is the median of the `dt` it prints.
 
+`--stand-in 100,500` measures instead what the Ray layer adds to a step at GPU step rates, which
+this machine cannot reach with a real model: base_train runs with a sleep of that many ms in place
+of the forward, backward and optimizer step (`--stand-in-step-ms`), at T=2048 with a checkpoint
+every `--save-every` steps, and the time between steps beyond the sleep is split into fetching the
+batch, gauges and progress line, reports to Ray Train, checkpoints and the rest. Target: at most
+1% of a 500 ms step (about a d20 step on 8xH100).
+
 It prints one table: tokens/s of each, ratios against the plain loop, the share of step time
 spent waiting for data, and the achieved FLOP/s (GPT.estimate_flops per token) against the FLOP/s
 of a plain fp32 matmul measured here with as many threads. Rates come from the median step time
@@ -71,11 +78,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a checkout of karpathy/nanochat to run on the same data and settings")
     p.add_argument("--reference-python", default=None, metavar="PYTHON",
                    help="the interpreter of the reference's environment (default: this one)")
+    p.add_argument("--stand-in", default=None, metavar="MS[,MS...]",
+                   help="instead of the comparison: base_train with a sleep of MS ms in place of the model step, "
+                        "T=2048, a checkpoint every --save-every steps; reports what Ray adds per step")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint interval of the --stand-in runs")
     args = p.parse_args(argv)
     if args.steps <= args.skip_steps + 2:
         p.error(f"--steps ({args.steps}) must exceed --skip-steps ({args.skip_steps}) by at least 3")
     if args.total_batch_size % (args.device_batch_size * args.max_seq_len):
         p.error("--total-batch-size must be a multiple of --device-batch-size * --max-seq-len")
+    if args.stand_in:
+        try:
+            args.stand_in = [float(ms) for ms in args.stand_in.split(",")]
+        except ValueError:
+            p.error(f"--stand-in {args.stand_in!r} must be comma-separated milliseconds, such as 100,500")
+        if min(args.stand_in) <= 0:
+            p.error("--stand-in times must be positive")
     if args.reference and not os.path.isfile(os.path.join(args.reference, "scripts", "base_train.py")):
         p.error(f"--reference {args.reference} is not a nanochat checkout (no scripts/base_train.py in it)")
     return args
@@ -202,6 +220,63 @@ def reference_loop(args, tokenizer: Tokenizer, train_files: list[str], val_files
             "data_wait_share": float("nan")}
 
 
+STAND_IN_SEQ_LEN = 2048  # the context of the GPU presets: what a worker fetches per row
+STAND_IN_TARGET_PERCENT = 1.0  # Ray's share of a 500 ms step (about a d20 step on 8xH100)
+
+
+def stand_in_loop(args, storage: str, step_ms: float) -> dict:
+    """base_train (1 worker, T=2048) with a `step_ms` sleep in place of the model step: every
+    other part of a step is the real one. Returns the per-step time Ray adds, in seconds, in all
+    and by part: fetching the batch from the stream, gauges and progress line, reports to Ray
+    Train, checkpoints (their stall spread over the steps), and the rest of the loop."""
+    steps = max(30, round(15000 / step_ms))
+    rows = 4
+    flags = ["--depth", "2", "--aspect-ratio", "64", "--head-dim", "64", "--max-seq-len", str(STAND_IN_SEQ_LEN),
+             "--window-pattern", "L", "--device-batch-size", str(rows), "--total-batch-size",
+             str(rows * STAND_IN_SEQ_LEN), "--num-iterations", str(steps), "--num-workers", "1",
+             "--source", args.source, "--eval-every", "-1", "--eval-tokens", str(rows * STAND_IN_SEQ_LEN),
+             "--sample-every", "-1", "--compile", "off", "--storage-path", storage, "--save-every",
+             str(args.save_every), "--run-name", f"stand_in_{step_ms:g}", "--model-tag", "bench",
+             "--stand-in-step-ms", str(step_ms)]
+    if args.data_dir:
+        flags += ["--data-dir", args.data_dir]
+    history = base_train.main(flags)["history"]
+    first = args.skip_steps
+    timed = [r for r in history if "loss" in r and r["step"] > first]
+    previous = next(r for r in history if "loss" in r and r["step"] == first)
+    walls = [b["time"] - a["time"] for a, b in zip([previous] + timed, timed)]
+    saves = [r for r in history if "checkpoint_seconds" in r and first <= r["step"] < timed[-1]["step"]]
+    n = len(timed)
+    parts = {"batch fetch": sum(r["data_wait_seconds"] for r in timed) / n,
+             "gauges, progress line": sum(r["gauge_seconds"] for r in timed) / n,
+             "ray.train.report": sum(r["report_seconds"] for r in timed) / n,
+             "checkpoints": sum(r["checkpoint_seconds"] for r in saves) / n}
+    total = sum(walls) / n - step_ms / 1000
+    parts["rest of the loop"] = total - sum(parts.values())
+    return {"total": total, "parts": parts, "steps": n, "saves": len(saves),
+            "largest_save_stall": max((r["checkpoint_seconds"] for r in saves), default=0.0)}
+
+
+def stand_in_main(args) -> dict:
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_train_stand_in_") as storage:
+        for step_ms in args.stand_in:
+            print(f"base_train with a {step_ms:g} ms stand-in step, T={STAND_IN_SEQ_LEN} ({_load()})", flush=True)
+            results[step_ms] = stand_in_loop(args, storage, step_ms)
+    for step_ms, r in results.items():
+        print(f"\nwhat Ray adds to a {step_ms:g} ms step ({r['steps']} steps, {r['saves']} checkpoints every "
+              f"{args.save_every} steps, the largest stalled {1000 * r['largest_save_stall']:.0f} ms):")
+        for name, seconds in [*r["parts"].items(), ("in all", r["total"])]:
+            print(f"  {name:<24}{1000 * seconds:>8.2f} ms{100 * seconds / (step_ms / 1000):>8.2f}%")
+    for step_ms, r in results.items():
+        if step_ms >= 500:  # the target is set for GPU-sized steps; shorter ones are shown for the trend
+            percent = 100 * r["total"] / (step_ms / 1000)
+            print(result_line(f"ray_overhead_percent_{step_ms:g}ms", percent, "<=", STAND_IN_TARGET_PERCENT))
+    return results
+
+
 def result_line(name: str, value: float, op: str, target: float) -> str:
     """The benchmark's machine-readable verdict on one target."""
     passed = value >= target if op == ">=" else value <= target
@@ -210,6 +285,8 @@ def result_line(name: str, value: float, op: str, target: float) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.stand_in:
+        return stand_in_main(args)
     tokenizer = Tokenizer.from_directory(get_tokenizer_dir())
     shards = resolve_source(args.source, args.data_dir)
     config = config_from_depth(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len,

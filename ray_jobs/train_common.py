@@ -246,15 +246,23 @@ def restore_rng_state(state: str) -> None:
 
 def report_with_checkpoint(metrics: dict, step: int, model: GPT, optimizer, meta: dict,
                            tokenizer_dir: str | None) -> None:
-    """Every rank calls this at the same step: it writes its part and reports it to Ray Train,
-    which merges the parts into the run's checkpoint `step_<step>` and keeps the last K."""
+    """Every rank calls this at the same step: it writes its part to a local folder and reports it
+    to Ray Train, which merges the parts into the run's checkpoint `step_<step>` in storage and
+    keeps the last K.
+
+    Only the local write stalls training: the upload to storage (a copy to the shared folder, or
+    S3) runs in Ray Train's background thread (CheckpointUploadMode.ASYNC), which deletes the local
+    folder when it is done and registers the checkpoint with the controller after that. Until
+    then the step is incomplete in storage, and a resume never picks it (complete_run_steps);
+    the worker's end waits for the last upload."""
     rank, world = world_info()
-    with tempfile.TemporaryDirectory(prefix="nanochat_ckpt_") as tmp:
-        save_checkpoint(tmp, step, model.state_dict() if rank == 0 else None, meta if rank == 0 else None,
-                        optimizer_state=optimizer.state_dict(), rank=rank,
-                        tokenizer_dir=tokenizer_dir if rank == 0 else None, world_size=world)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step_{step:06d}")
+    local = tempfile.mkdtemp(prefix="nanochat_ckpt_")
+    save_checkpoint(local, step, model.state_dict() if rank == 0 else None, meta if rank == 0 else None,
+                    optimizer_state=optimizer.state_dict(), rank=rank,
+                    tokenizer_dir=tokenizer_dir if rank == 0 else None, world_size=world)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                     checkpoint_dir_name=f"step_{step:06d}", checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                     delete_local_checkpoint_after_upload=True)
 
 
 def restore_from_checkpoint(model: GPT, optimizer, device: torch.device, cfg: dict) -> dict | None:
@@ -401,22 +409,28 @@ class ProgressLine:
                 f"ETA {format_seconds(eta)}{extra}")
 
 
-def report_step(record: dict, history: list, metrics: TrainMetrics | None, progress: ProgressLine) -> None:
+def report_step(record: dict, history: list, metrics: TrainMetrics | None, progress: ProgressLine) -> dict:
     """The end of a training step on every rank. `record` holds step, loss, step_seconds,
     tokens_per_second, data_wait_seconds and, where known, mfu. Rank 0 (the rank that holds
     `metrics`) keeps it in the run's history (saved with every checkpoint), publishes it as gauges
     and prints the progress line, every step. Every REPORT_EVERY_STEPS steps every rank also
     reports it to Ray Train: a report is a barrier across the workers (an actor round trip) and
     wakes the controller, work that per step took a measurable share of a small node's CPUs, and
-    nothing reads Ray Train's copy of the per-step metrics more often than that."""
+    nothing reads Ray Train's copy of the per-step metrics more often than that.
+
+    Returns what this took, {'gauge_seconds' (gauges and progress line), 'report_seconds'}, for
+    the caller to keep with the step (bench_train's account of what Ray adds to a step)."""
+    started = time.perf_counter()
     if metrics is not None:
         history.append(record)
         metrics.publish(record["step"], {k: v for k, v in record.items() if k != "time"})
         wait_share = record["data_wait_seconds"] / record["step_seconds"]
         print0(progress.update(record["step"] - 1, record["loss"], record["step_seconds"], record["tokens_per_second"],
                                record.get("mfu"), extra=f" | data wait {100 * wait_share:.1f}%"))
+    published = time.perf_counter()
     if record["step"] % REPORT_EVERY_STEPS == 0:  # the same steps on every rank: a report is collective
         ray.train.report(record)
+    return {"gauge_seconds": published - started, "report_seconds": time.perf_counter() - published}
 
 
 def format_seconds(seconds: float) -> str:
