@@ -1,13 +1,16 @@
 """Evaluate a base checkpoint: the CORE metric, bits per byte on train and val, and greedy samples.
 
     python -m ray_jobs.base_eval [--model-tag d20] [--step N] [--eval core,bpb,sample]
-        [--max-per-task N] [--num-actors N] [--device-batch-size B] [--split-tokens N]
+        [--max-per-task N] [--num-actors N] [--use-gpu auto|on|off] [--gpu-wait-s S]
+        [--device-batch-size B] [--split-tokens N]
         [--source fineweb-edu|sample|local|...] [--data-dir PATH]
 
 CORE runs 22 tasks of thousands of examples, one forward pass per example: on one device that is
 the slow part of evaluating a model. Here the examples are cut into chunks and handed to a pool of
 Ray actors, each of which loads the model once and then scores whatever chunk comes next, so a
-cluster evaluates with all its GPUs (one actor per GPU) and a laptop with a couple of CPU actors.
+cluster evaluates with its GPUs (one actor per GPU) and a laptop with a couple of CPU actors.
+The pool is as large as can be reserved (ray_jobs.gpus.actor_pool): GPUs that Serve or another job
+holds are left to them, and the run goes on with the actors that started.
 Every example's prompt depends only on the example (see nanochat/core_eval.py), so the score is
 the same for any number of actors. The bits-per-byte passes and the samples run on the same
 actors, next to the model, because the machine that submits the job may have no GPU.
@@ -41,6 +44,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.packing import BestFitPacker
 from nanochat.report import Report
 from nanochat.tokenizer import compute_token_bytes
+from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, resolve_use_gpu
 
 EVAL_MODES = ("core", "bpb", "sample")
 DEFAULT_CPU_ACTORS = 2
@@ -107,6 +111,10 @@ class EvalActor:
         self.model, self.tokenizer = model_source.load(self.device)
         self.tasks = tasks
 
+    def ready(self) -> str:
+        """Answers once the model is loaded; the pool uses only actors that did."""
+        return str(self.device)
+
     def count_correct(self, task_index: int, indices: list[int]) -> tuple[int, int, int]:
         task = self.tasks[task_index]
         correct = count_correct(self.model, self.tokenizer, task.data, self.device, task.meta, indices)
@@ -168,23 +176,29 @@ def packed_batches(shard_path: str, tokenizer, batch_size: int, sequence_len: in
 # CORE over a pool of actors
 
 
-def start_eval_actors(model_source, tasks: list[CoreTask], num_actors: int | None = None,
-                      num_gpus_per_actor: float | None = None) -> list:
-    """Start actors that each load `model_source` (anything with .load(device) -> (model, tokenizer)).
-
-    By default one actor per GPU when the cluster has GPUs, else DEFAULT_CPU_ACTORS CPU actors.
-    The model source and the tasks go into the object store once and every actor reads them there.
-    """
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+def actor_layout(num_actors: int | None, num_gpus_per_actor: float | None, use_gpu: str = "auto") -> tuple[int, float]:
+    """(actors asked for, GPUs per actor) of an eval pool. GPUs per actor: 1 when --use-gpu says GPUs
+    (ray_jobs.gpus.resolve_use_gpu), else 0. Actors: one per GPU of the cluster (at least one, which
+    an autoscaler may have to start a node for), or DEFAULT_CPU_ACTORS CPU actors. The pool then
+    gets as many of them as can be reserved (ray_jobs.gpus.actor_pool)."""
     if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1 if cluster_gpus >= 1 else 0
+        num_gpus_per_actor = 1 if resolve_use_gpu(use_gpu) else 0
     if num_actors is None:
-        num_actors = int(cluster_gpus // num_gpus_per_actor) if num_gpus_per_actor else DEFAULT_CPU_ACTORS
-    if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
-        raise ValueError(f"num_actors must be a positive int, got {num_actors!r}")
-    source_ref, tasks_ref = ray.put(model_source), ray.put(tasks)
-    return [EvalActor.options(num_cpus=1, num_gpus=num_gpus_per_actor).remote(source_ref, tasks_ref)
-            for _ in range(num_actors)]
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
+        num_actors = max(1, int(cluster_gpus // num_gpus_per_actor)) if num_gpus_per_actor else DEFAULT_CPU_ACTORS
+    return num_actors, num_gpus_per_actor
+
+
+def eval_actors(model_source, tasks: list[CoreTask], num_actors: int | None = None,
+                num_gpus_per_actor: float | None = None, use_gpu: str = "auto",
+                gpu_wait_s: float = DEFAULT_GPU_WAIT_S):
+    """A `with` block's pool of EvalActors that each load `model_source` (anything with
+    .load(device) -> (model, tokenizer)): actor_layout's size, or fewer when not all can be
+    reserved within POOL_TRY_WAIT_S (at least one within gpu_wait_s, else GPUsUnavailableError).
+    The model source and the tasks go into the object store once and every actor reads them there."""
+    num_actors, num_gpus = actor_layout(num_actors, num_gpus_per_actor, use_gpu)
+    return actor_pool(EvalActor, (ray.put(model_source), ray.put(tasks)), num_actors, num_cpus=1,
+                      num_gpus=num_gpus, wait_s=gpu_wait_s, what="base_eval")
 
 
 def plan_chunks(tasks: list[CoreTask], num_actors: int) -> list[tuple[int, list[int]]]:
@@ -215,18 +229,15 @@ def run_core_on_actors(actors: list, tasks: list[CoreTask]) -> dict:
 
 
 def evaluate_core_on_actors(model_source, tasks: list[CoreTask], num_actors: int | None = None,
-                            num_gpus_per_actor: float | None = None) -> dict:
+                            num_gpus_per_actor: float | None = None, use_gpu: str = "auto",
+                            gpu_wait_s: float = DEFAULT_GPU_WAIT_S) -> dict:
     """CORE of a model over a pool of actors that exist only for this call (core_score's dict).
 
-    For a model in a running trainer pass InMemoryModel(model_config, cpu_state_dict, tokenizer).
-    On a GPU cluster whose GPUs all train, pass num_gpus_per_actor=0 (CPU actors) or a fraction
-    that fits beside the trainer, or the actors wait for GPUs that never free up."""
-    actors = start_eval_actors(model_source, tasks, num_actors, num_gpus_per_actor)
-    try:
+    For a model that is not on disk pass InMemoryModel(model_config, cpu_state_dict, tokenizer).
+    On a GPU cluster whose GPUs are all taken, pass num_gpus_per_actor=0 (CPU actors) or a
+    fraction that fits beside their holders, or the call fails after gpu_wait_s."""
+    with eval_actors(model_source, tasks, num_actors, num_gpus_per_actor, use_gpu, gpu_wait_s) as actors:
         return run_core_on_actors(actors, tasks)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +251,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval", default=",".join(EVAL_MODES), help="comma-separated subset of core,bpb,sample")
     parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
     parser.add_argument("--num-actors", type=int, default=None,
-                        help=f"model copies (default: one per GPU, or {DEFAULT_CPU_ACTORS} on a CPU-only cluster)")
+                        help=f"model copies (default: one per GPU, or {DEFAULT_CPU_ACTORS} on a CPU-only cluster); "
+                        "fewer when not all can be reserved")
+    parser.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto",
+                        help="GPU actors: auto = when the cluster has GPUs or its autoscaler can add them")
+    parser.add_argument("--gpu-wait-s", type=float, default=DEFAULT_GPU_WAIT_S,
+                        help="how long to wait for the first actor's GPU before failing with a clear message")
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass for bits per byte")
     parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bits per byte")
     parser.add_argument("--source", default="fineweb-edu", choices=SOURCES, help="the shards for bits per byte")
@@ -294,25 +310,26 @@ def main(argv=None) -> dict:
 
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit`, or starts a local one
-    actors = start_eval_actors(CheckpointModel("base", model_tag, step), tasks, args.num_actors)
     results = {"model_tag": model_tag, "step": step}
     try:
-        # bpb and samples queue on the actors ahead of the CORE chunks and run beside them.
-        pending = {}
-        if "bpb" in args.eval:
-            for i, (split, shard) in enumerate((("train", shards[0]), ("val", shards[-1]))):
-                pending[split] = actors[i % len(actors)].bits_per_byte.remote(
-                    shard, args.split_tokens, args.device_batch_size)
-        if "sample" in args.eval:
-            pending["samples"] = actors[-1].samples.remote(SAMPLE_PROMPTS, SAMPLE_MAX_TOKENS)
-        if "core" in args.eval:
-            print(f"CORE: {len(tasks)} tasks, {sum(len(t.data) for t in tasks)} examples on {len(actors)} actors",
-                  flush=True)
-            results["core"] = run_core_on_actors(actors, tasks)
-        done = {name: ray.get(ref) for name, ref in pending.items()}
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+        with eval_actors(CheckpointModel("base", model_tag, step), tasks, args.num_actors, use_gpu=args.use_gpu,
+                         gpu_wait_s=args.gpu_wait_s) as actors:
+            # bpb and samples queue on the actors ahead of the CORE chunks and run beside them.
+            pending = {}
+            if "bpb" in args.eval:
+                for i, (split, shard) in enumerate((("train", shards[0]), ("val", shards[-1]))):
+                    pending[split] = actors[i % len(actors)].bits_per_byte.remote(
+                        shard, args.split_tokens, args.device_batch_size)
+            if "sample" in args.eval:
+                pending["samples"] = actors[-1].samples.remote(SAMPLE_PROMPTS, SAMPLE_MAX_TOKENS)
+            if "core" in args.eval:
+                print(f"CORE: {len(tasks)} tasks, {sum(len(t.data) for t in tasks)} examples on {len(actors)} actors",
+                      flush=True)
+                results["core"] = run_core_on_actors(actors, tasks)
+            done = {name: ray.get(ref) for name, ref in pending.items()}
+    except GPUsUnavailableError as exc:
+        print(f"base_eval: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
     if "samples" in done:
         results["samples"] = [{"prompt": p, "completion": c} for p, c in zip(SAMPLE_PROMPTS, done["samples"])]

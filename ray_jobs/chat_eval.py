@@ -3,12 +3,13 @@
     python -m ray_jobs.chat_eval --source sft [--model-tag d20] [--step N]
         [--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spellingbee] [--max-problems N]
         [--num-samples K] [--temperature T] [--top-k K] [--max-new-tokens N] [--seed S]
-        [--num-actors N] [--batch-size B]
+        [--num-actors N] [--use-gpu auto|on|off] [--gpu-wait-s S] [--batch-size B]
 
 How answers are scored (categorical by letter logits, generative by sampling, pass@k, ChatCORE)
 is nanochat.chat_eval. The problems are cut into chunks that a pool of Ray
 actors score, each actor holding one copy of the model (one actor per GPU on a cluster, two on a
-CPU-only machine, as in base_eval). A score does not depend on how the problems are cut: problem
+CPU-only machine, as in base_eval; fewer when Serve or another job holds some of the GPUs: the pool
+is what ray_jobs.gpus.actor_pool can reserve). A score does not depend on how the problems are cut: problem
 i is always sampled with seed `seed + i`, and categorical batches always cover the same problems
 (chunks start at multiples of the batch size), so 1 actor and 8 actors give the same numbers.
 
@@ -32,7 +33,8 @@ from nanochat.common import atomic_write_bytes, get_base_dir
 from nanochat.chat_eval import ModelAnswerer, Sampling, chatcore, score_problems, summarize
 from nanochat.report import Report
 from nanochat.tasks import Task, get_task
-from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel
+from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel, actor_layout
+from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool
 
 # The tasks that have an evaluation rule, in the order the reference reports them; the default
 # list is the reference's six ChatCORE tasks.
@@ -57,6 +59,10 @@ class ChatEvalActor:
         self.answerer = ModelAnswerer(model, tokenizer, sampling)
         self.tasks, self.batch_size, self.seed = tasks, batch_size, seed
 
+    def ready(self) -> bool:
+        """Answers once the model is loaded; the pool uses only actors that did."""
+        return True
+
     def score(self, task_index: int, indices: list[int]) -> tuple[int, list[int], list[tuple[int, int]]]:
         outcomes = score_problems(self.tasks[task_index], indices, self.answerer, self.batch_size, self.seed)
         return task_index, indices, outcomes
@@ -77,42 +83,28 @@ def plan_chunks(tasks: list[Task], num_actors: int, batch_size: int) -> list[tup
     return chunks
 
 
-def actor_layout(num_actors: int | None, num_gpus_per_actor: float | None) -> tuple[int, float]:
-    """(actors, GPUs per actor): by default one actor per GPU of the cluster, or DEFAULT_CPU_ACTORS
-    CPU actors when it has none (the convention of base_eval)."""
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1 if cluster_gpus >= 1 else 0
-    if num_actors is None:
-        num_actors = int(cluster_gpus // num_gpus_per_actor) if num_gpus_per_actor else DEFAULT_CPU_ACTORS
-    if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
-        raise ValueError(f"num_actors must be a positive int, got {num_actors!r}")
-    return num_actors, num_gpus_per_actor
-
-
 def evaluate_on_actors(model_source, tasks: dict[str, Task], sampling: Sampling = Sampling(), batch_size: int = 8,
-                       seed: int = 42, num_actors: int | None = None,
-                       num_gpus_per_actor: float | None = None) -> dict[str, dict]:
+                       seed: int = 42, num_actors: int | None = None, num_gpus_per_actor: float | None = None,
+                       use_gpu: str = "auto", gpu_wait_s: float = DEFAULT_GPU_WAIT_S) -> dict[str, dict]:
     """Score `tasks` (name -> Task) with the model of `model_source` (anything with
     .load(device) -> (model, tokenizer), e.g. base_eval.CheckpointModel) on a pool of actors that
-    exist only for this call. Returns name -> summarize's dict, in the order of `tasks`; prints a
+    exist only for this call: base_eval.actor_layout's size, or fewer when not all can be reserved
+    (ray_jobs.gpus.actor_pool). Returns name -> summarize's dict, in the order of `tasks`; prints a
     line per task as it completes."""
     names, task_list = list(tasks), list(tasks.values())
-    num_actors, num_gpus = actor_layout(num_actors, num_gpus_per_actor)
+    num_actors, num_gpus = actor_layout(num_actors, num_gpus_per_actor, use_gpu)
     # The model source and the tasks go into the object store once and every actor reads them there.
-    source_ref, tasks_ref = ray.put(model_source), ray.put(task_list)
-    actors = [ChatEvalActor.options(num_cpus=1, num_gpus=num_gpus).remote(source_ref, tasks_ref, sampling,
-                                                                          batch_size, seed)
-              for _ in range(num_actors)]
-    print(f"scoring {sum(len(task) for task in task_list)} problems of {len(task_list)} tasks on {num_actors} "
-          f"actors ({num_gpus} GPU each)", flush=True)
+    args = (ray.put(model_source), ray.put(task_list), sampling, batch_size, seed)
     outcomes: list[dict[int, tuple[int, int]]] = [{} for _ in task_list]
     results = {}
-    started = time.time()
-    try:
+    with actor_pool(ChatEvalActor, args, num_actors, num_cpus=1, num_gpus=num_gpus, wait_s=gpu_wait_s,
+                    what="chat_eval") as actors:
+        print(f"scoring {sum(len(task) for task in task_list)} problems of {len(task_list)} tasks on {len(actors)} "
+              f"actors ({num_gpus} GPU each)", flush=True)
+        started = time.time()
         pool = ActorPool(actors)
         for task_index, indices, scored in pool.map_unordered(lambda actor, chunk: actor.score.remote(*chunk),
-                                                              plan_chunks(task_list, num_actors, batch_size)):
+                                                              plan_chunks(task_list, len(actors), batch_size)):
             outcomes[task_index].update(zip(indices, scored))
             task = task_list[task_index]
             if len(outcomes[task_index]) == len(task):
@@ -120,9 +112,6 @@ def evaluate_on_actors(model_source, tasks: dict[str, Task], sampling: Sampling 
                 results[name] = summarize(name, task, [outcomes[task_index][i] for i in range(len(task))])
                 print(f"  {name}: {results[name]['passed']}/{len(task)} passed ({task.eval_type}, "
                       f"{time.time() - started:.1f}s)", flush=True)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
     return {name: results[name] for name in names}
 
 
@@ -144,7 +133,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per generated answer")
     parser.add_argument("--seed", type=int, default=42, help="generative problem i is sampled with seed + i")
     parser.add_argument("--num-actors", type=int, default=None,
-                        help=f"model copies (default: one per GPU, or {DEFAULT_CPU_ACTORS} on a CPU-only cluster)")
+                        help=f"model copies (default: one per GPU, or {DEFAULT_CPU_ACTORS} on a CPU-only cluster); "
+                        "fewer when not all can be reserved")
+    parser.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto",
+                        help="GPU actors: auto = when the cluster has GPUs or its autoscaler can add them")
+    parser.add_argument("--gpu-wait-s", type=float, default=DEFAULT_GPU_WAIT_S,
+                        help="how long to wait for the first actor's GPU before failing with a clear message")
     parser.add_argument("--batch-size", type=int, default=8, help="categorical prompts per forward pass")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
@@ -219,8 +213,13 @@ def main(argv=None) -> dict:
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit`, or starts a local one
     started = time.time()
-    task_results = evaluate_on_actors(CheckpointModel(args.source, model_tag, step), tasks, sampling,
-                                      args.batch_size, args.seed, args.num_actors)
+    try:
+        task_results = evaluate_on_actors(CheckpointModel(args.source, model_tag, step), tasks, sampling,
+                                          args.batch_size, args.seed, args.num_actors, use_gpu=args.use_gpu,
+                                          gpu_wait_s=args.gpu_wait_s)
+    except GPUsUnavailableError as exc:
+        print(f"chat_eval: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     score = chatcore(task_results)
     print_table(task_results, score, args.num_samples)
 

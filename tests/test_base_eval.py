@@ -3,12 +3,17 @@
 A depth-2, width-64 GPT with a ~300-token tokenizer is saved into the session's base dir, next
 to a small eval bundle in the real format and two parquet shards. The job runs through the
 session's local Ray: CORE must not depend on how many actors share the work, and bits per byte
-and samples must equal what the same model computes in this process.
+and samples must equal what the same model computes in this process. A Ray of its own with two
+*logical* GPUs (scheduling only, no CUDA), one of them held elsewhere, runs in a subprocess: the
+actor pool takes the one that is free.
 """
 
 import dataclasses
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -145,6 +150,54 @@ def test_core_on_actors_of_an_in_memory_model_equals_core_in_this_process(ray_lo
     expected = core_score(tasks, {t.label: evaluate_task(model, tokenizer, t.data, "cpu", t.meta) for t in tasks})
     weights = InMemoryModel(meta["model_config"], model.state_dict(), tokenizer)
     assert evaluate_core_on_actors(weights, tasks, num_actors=1) == expected
+
+
+HELD_GPU_CHECKS = textwrap.dedent("""
+    import json, sys
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from nanochat.core_eval import load_core_tasks
+    from ray_jobs import gpus
+    from ray_jobs.base_eval import CheckpointModel, eval_actors, run_core_on_actors
+
+    gpus.POOL_TRY_WAIT_S = 2.0
+    ray.init(address="local", num_cpus=3, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    tasks = load_core_tasks(sys.argv[1])
+    source = CheckpointModel("base", sys.argv[2], 0)
+    held = placement_group([{"GPU": 1}])  # Serve or another job holds one GPU
+    assert held.wait(timeout_seconds=30)
+    with eval_actors(source, tasks, num_actors=2, use_gpu="on", gpu_wait_s=10) as actors:
+        print("pool", len(actors), "devices", ray.get([actor.ready.remote() for actor in actors]))
+        print("core", json.dumps(run_core_on_actors(actors, tasks)))
+    gpus.reserve_gpus([{"GPU": 1}], timeout_s=10, what="after_the_pool")  # the pool gave its GPU back
+    print("the pool's GPU is free again")
+    try:
+        with eval_actors(source, tasks, num_actors=1, num_gpus_per_actor=2, gpu_wait_s=2):
+            print("a pool of 2-GPU actors started")
+    except gpus.GPUsUnavailableError as exc:
+        print("refused:", exc)
+    remove_placement_group(held)
+""")
+
+
+def test_a_gpu_pool_takes_the_gpus_that_are_free_and_scores_the_same(ray_local, tiny_setup):
+    model, tokenizer, _ = load_model("base", "cpu", model_tag=MODEL_TAG, step=0)
+    bundle_dir = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "eval_bundle")
+    tasks = load_core_tasks(bundle_dir)
+    expected = core_score(tasks, {t.label: evaluate_task(model, tokenizer, t.data, "cpu", t.meta) for t in tasks})
+    run = subprocess.run([sys.executable, "-c", HELD_GPU_CHECKS, bundle_dir, MODEL_TAG], capture_output=True,
+                         text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = run.stdout
+    assert run.returncode == 0, run.stderr[-3000:]
+    # two actors asked for, one GPU free: one actor, on the CPU since logical GPUs have no CUDA
+    assert "pool 1 devices ['cpu']" in out
+    assert "base_eval: 1 of the 2 actor(s) asked for are ready (1 could be placed)" in out
+    core = json.loads(next(line for line in out.splitlines() if line.startswith("core "))[len("core "):])
+    assert core == expected
+    assert "the pool's GPU is free again" in out
+    refusal = next(line for line in out.splitlines() if line.startswith("refused:"))
+    assert "base_eval asked for 2 GPU(s) (1 actor(s))" in refusal
+    assert "within 2 s: it has 2 GPU(s) now" in refusal and "--use-gpu off" in refusal
 
 
 def test_packed_batches_are_full_rows_that_start_with_bos(tiny_setup):

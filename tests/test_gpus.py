@@ -1,5 +1,6 @@
-"""Tests of ray_jobs.gpus: --use-gpu auto, and the GPU reservation that makes a run ask the
-autoscaler for GPUs and fail with a clear message, never fall back to CPUs, when it cannot have them.
+"""Tests of ray_jobs.gpus: --use-gpu auto, the GPU reservation that makes a run ask the
+autoscaler for GPUs and fail with a clear message, never fall back to CPUs, when it cannot have them,
+and the eval actor pool that uses only the actors that started.
 
 A Ray of its own with one *logical* GPU (scheduling only, no CUDA) runs in a subprocess, beside the
 session's CPU-only Ray.
@@ -11,8 +12,9 @@ import sys
 import textwrap
 
 import pytest
+import ray
 
-from ray_jobs.gpus import resolve_use_gpu
+from ray_jobs.gpus import actor_pool, resolve_use_gpu
 
 LOGICAL_GPU_CHECKS = textwrap.dedent("""
     import argparse, sys
@@ -37,6 +39,31 @@ LOGICAL_GPU_CHECKS = textwrap.dedent("""
     except SystemExit as exc:
         print("fit_trainer exit", exc.code)
 """)
+
+
+@ray.remote
+class FirstOnly:
+    """Starts only where it is the first to claim `path`, as if the other nodes could not load the model."""
+
+    def __init__(self, path: str):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL))
+
+    def ready(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_the_pool_keeps_the_actors_that_answered(ray_local, tmp_path):
+    claim = str(tmp_path / "claimed")
+    with actor_pool(FirstOnly, (claim,), 2, num_cpus=1, num_gpus=0, wait_s=10, what="test") as actors:
+        assert len(actors) == 1
+        assert ray.get(actors[0].pid.remote()) > 0
+    # when no actor starts, the pool raises the constructor's error instead of running with none
+    with pytest.raises(ray.exceptions.RayActorError, match="File exists"):
+        with actor_pool(FirstOnly, (claim,), 2, num_cpus=1, num_gpus=0, wait_s=10, what="test"):
+            pass
 
 
 def test_auto_is_cpu_on_a_cluster_without_gpus(ray_local):
