@@ -44,7 +44,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.packing import BestFitPacker
 from nanochat.report import Report
 from nanochat.tokenizer import compute_token_bytes
-from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, resolve_use_gpu
+from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, add_gpu_flags, resolve_use_gpu
 
 EVAL_MODES = ("core", "bpb", "sample")
 DEFAULT_CPU_ACTORS = 2
@@ -253,10 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-actors", type=int, default=None,
                         help=f"model copies (default: one per GPU, or {DEFAULT_CPU_ACTORS} on a CPU-only cluster); "
                         "fewer when not all can be reserved")
-    parser.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto",
-                        help="GPU actors: auto = when the cluster has GPUs or its autoscaler can add them")
-    parser.add_argument("--gpu-wait-s", type=float, default=DEFAULT_GPU_WAIT_S,
-                        help="how long to wait for the first actor's GPU before failing with a clear message")
+    add_gpu_flags(parser, "eval actors")
     parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass for bits per byte")
     parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bits per byte")
     parser.add_argument("--source", default="fineweb-edu", choices=SOURCES, help="the shards for bits per byte")

@@ -34,7 +34,7 @@ from nanochat.chat_eval import ModelAnswerer, Sampling, chatcore, score_problems
 from nanochat.report import Report
 from nanochat.tasks import Task, get_task
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel, actor_layout
-from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool
+from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, add_gpu_flags
 
 # The tasks that have an evaluation rule, in the order the reference reports them; the default
 # list is the reference's six ChatCORE tasks.
@@ -135,10 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-actors", type=int, default=None,
                         help=f"model copies (default: one per GPU, or {DEFAULT_CPU_ACTORS} on a CPU-only cluster); "
                         "fewer when not all can be reserved")
-    parser.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto",
-                        help="GPU actors: auto = when the cluster has GPUs or its autoscaler can add them")
-    parser.add_argument("--gpu-wait-s", type=float, default=DEFAULT_GPU_WAIT_S,
-                        help="how long to wait for the first actor's GPU before failing with a clear message")
+    add_gpu_flags(parser, "eval actors")
     parser.add_argument("--batch-size", type=int, default=8, help="categorical prompts per forward pass")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]

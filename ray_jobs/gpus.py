@@ -44,6 +44,15 @@ def cluster_can_have_gpus() -> bool:
     return bool(most and most.get("GPU", 0) > 0)
 
 
+def add_gpu_flags(parser, what: str) -> None:
+    """--use-gpu and --gpu-wait-s, as every job that can run on GPUs takes them; `what` names the
+    job's GPU users in the help ("train workers", "eval actors")."""
+    parser.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto",
+                        help=f"GPU {what}: auto = when the cluster has GPUs or its autoscaler can add them")
+    parser.add_argument("--gpu-wait-s", type=float, default=DEFAULT_GPU_WAIT_S,
+                        help="how long to wait for the GPUs (autoscaling) before failing with a clear message")
+
+
 def resolve_use_gpu(flag: str) -> bool:
     """--use-gpu on / off / auto (auto: cluster_can_have_gpus)."""
     if flag not in ("auto", "on", "off"):

@@ -38,7 +38,7 @@ from nanochat.checkpoint import (RESERVED_META_KEYS, CheckpointError, check_step
                                  find_last_step, load_checkpoint, save_checkpoint)
 from nanochat.common import peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
-from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, reserve_gpus
+from ray_jobs.gpus import GPUsUnavailableError, add_gpu_flags, reserve_gpus
 
 # Settings Ray Train 2.60 reads from the environment of its controller and workers; the driver's
 # values are handed on to both (ray.train.v2's ENV_VARS_TO_PROPAGATE), so setting them in the driver
@@ -84,10 +84,7 @@ def add_run_flags(p: argparse.ArgumentParser, stage: str, save_every: int = -1) 
     p.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     p.add_argument("--max-failures", type=int, default=3, help="worker failures survived by restarting")
     p.add_argument("--run", default=None, help="wandb run name (off by default)")
-    p.add_argument("--use-gpu", choices=["auto", "on", "off"], default="auto",
-                   help="auto = GPUs when the cluster has them or its autoscaler can add them (ray_jobs.gpus)")
-    p.add_argument("--gpu-wait-s", type=float, default=DEFAULT_GPU_WAIT_S,
-                   help="how long to wait for the GPUs (autoscaling) before failing with a clear message")
+    add_gpu_flags(p, "train workers")
 
 
 def previous_run(cfg: dict, args: argparse.Namespace) -> dict | None:
