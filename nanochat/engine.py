@@ -171,7 +171,7 @@ class Engine:
 
         prefill_cache = KVCache.for_model(model, batch_size=1, max_seq_len=len(tokens))
         prompt = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(prompt, kv_cache=prefill_cache)[:, -1]
+        logits = model(prompt, kv_cache=prefill_cache, last_only=True)[:, -1]
         cache = KVCache.for_model(model, batch_size=num_samples, max_seq_len=len(tokens) + budget)
         cache.prefill_from(prefill_cache)
         del prefill_cache
@@ -202,7 +202,8 @@ class Engine:
                 break
             next_ids = torch.tensor([[rows[sample].last_token] for sample in slot_owner],
                                     dtype=torch.long, device=device)
-            logits = model(next_ids, kv_cache=cache.rows(0, len(slot_owner)))[:, -1]
+            live = cache if len(slot_owner) == num_samples else cache.rows(0, len(slot_owner))
+            logits = model(next_ids, kv_cache=live)[:, -1]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:

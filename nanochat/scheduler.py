@@ -371,7 +371,7 @@ class Scheduler:
             row = running + offset
             self.cache.cache_seqlens[row] = 0
             prompt = torch.tensor([request.prompt_tokens], dtype=torch.long, device=self.device)
-            parts.append(self.model(prompt, kv_cache=self.cache.rows(row, row + 1))[:, -1])
+            parts.append(self.model(prompt, kv_cache=self.cache.rows(row, row + 1), last_only=True)[:, -1])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _sample_and_publish(self, logits: torch.Tensor) -> int:

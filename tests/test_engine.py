@@ -39,7 +39,7 @@ class ScriptedModel(torch.nn.Module):
     def get_device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, last_only=False):
         batch, length = idx.shape
         self.calls.append(batch)
         logits = torch.full((batch, length, self.config.vocab_size), -10.0)
@@ -48,7 +48,7 @@ class ScriptedModel(torch.nn.Module):
             wanted = self.script[index] if index < len(self.script) else self.filler
             logits[row, -1, wanted if isinstance(wanted, list) else [wanted]] = 10.0
         kv_cache.advance(length)
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def prompt_tokens(tokenizer, text: str = "What is 12 plus 30?") -> list[int]:
@@ -184,8 +184,9 @@ class StopAfterTrigger(torch.nn.Module):
     def get_device(self) -> torch.device:
         return self.gpt.get_device()
 
-    def forward(self, idx, kv_cache=None):
-        logits = self.gpt(idx, kv_cache=kv_cache)
+    def forward(self, idx, kv_cache=None, last_only=False):
+        logits = self.gpt(idx, kv_cache=kv_cache, last_only=last_only)
+        idx = idx[:, -1:] if last_only else idx
         logits[..., self.end_token] = torch.where(idx % 7 == 3, 50.0, -50.0)
         return logits
 
