@@ -103,7 +103,9 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = self.weight
+        # Checked here rather than left to .to(): a no-op cast still costs a dispatch per layer per token.
+        return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -131,10 +133,13 @@ class CausalSelfAttention(nn.Module):
             # ResFormer: mix the token's value embedding into the values; the gate (in (0, 3), a
             # little over 1.5 at init because ve_gate starts small and positive) lets each head
             # decide how much to take.
-            gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q) * QK_GAIN, norm(k) * QK_GAIN
+            gate = torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels])).unsqueeze(-1)
+            v = torch.addcmul(v, gate, value_embedding.view(B, T, self.n_kv_head, self.head_dim),
+                              value=VE_GATE_RANGE)
+        # Rotary embedding and QK norm act on each head alone, so q's and k's heads go through them
+        # together: half the elementwise calls, which is what a decoding step on a CPU waits for.
+        qk = norm(apply_rotary_emb(torch.cat([q, k], dim=2), cos, sin)) * QK_GAIN
+        q, k = qk[:, :, :self.n_head], qk[:, :, self.n_head:]
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
         else:
@@ -360,8 +365,11 @@ class GPT(nn.Module):
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x0 = x
+        # Cast and split the per-layer scalars once per pass, not once per layer.
+        resid_lambdas = self.resid_lambdas.to(x.dtype).unbind()
+        x0_lambdas = self.x0_lambdas.to(x.dtype).unbind()
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            x = resid_lambdas[i] * x + x0_lambdas[i] * x0
             value_embedding = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, value_embedding, cos, sin, self.window_sizes[i], kv_cache, cache_seqlens)
         if kv_cache is not None:
