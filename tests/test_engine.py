@@ -9,6 +9,8 @@ exactly what the stream must hold.
 """
 
 
+import re
+
 import pytest
 import torch
 
@@ -237,8 +239,10 @@ def test_benchmark_prints_every_row_of_its_table(capsys):
     results = bench_engine.main(["--depth", "1", "--vocab-size", "512", "--context", "24", "--decode-tokens", "4",
                                  "--naive-tokens", "2", "--request-prompt", "4", "--request-tokens", "3",
                                  "--concurrency", "1,2", "--repeats", "1"])
-    assert set(results) == {"prefill", "naive", "kv_cache", "scheduler_1", "scheduler_2"}
+    assert set(results) == {"prefill", "naive", "kv_cache", "scheduler_1", "scheduler_2", "engine_step_us_1",
+                            "engine_step_us_32", "scheduler_step_us_1", "scheduler_step_us_32"}
     assert all(rate > 0 for rate in results.values())
     out = capsys.readouterr().out
     assert "decode batch 1, KV cache @24" in out and "scheduler, 2 concurrent" in out
-    assert "KV-cache decode vs naive:" in out
+    assert "batch 32: Engine" in out
+    assert re.search(r"^RESULT kv_cache_vs_naive [0-9.]+ target >= 5 (PASS|FAIL)$", out.splitlines()[-1])
