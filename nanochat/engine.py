@@ -58,11 +58,18 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperat
         return logits.argmax(dim=-1)
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
-        probs = torch.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=generator)
-        return indices.gather(-1, choice).squeeze(-1)
+        return draw_from_top_k(values, indices, generator, temperature)
     probs = torch.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def draw_from_top_k(values: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
+                    temperature: float) -> torch.Tensor:
+    """The sampling step after torch.topk: one token id per row of (values, indices), drawn from
+    softmax(values / temperature). Apart so that the scheduler can run one topk for many rows."""
+    probs = torch.softmax(values / temperature, dim=-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from collections import deque
 
 import torch
 
-from nanochat.engine import RowState, ToolUse, check_prompt, check_sampling_settings, sample_next_token
+from nanochat.engine import (RowState, ToolUse, check_prompt, check_sampling_settings, draw_from_top_k,
+                             sample_next_token)
 from nanochat.kv_cache import KVCache
 
 logger = logging.getLogger("nanochat")
@@ -379,10 +380,19 @@ class Scheduler:
         the number of tokens generated (a final <|assistant_end|> counts, though it is not streamed)."""
         # One argmax for all rows; only rows that sample at a temperature need their own draw.
         greedy = logits.argmax(dim=-1).tolist()
+        # Likewise one topk per top_k in use, over all rows; each row then draws with its own generator.
+        vocab_size = logits.size(-1)
+        top = {k: torch.topk(logits, k, dim=-1) for k in {request.top_k for request in self._active
+                                                           if request.temperature != 0 and request.top_k is not None
+                                                           and request.top_k < vocab_size}}
         finished = []
         for slot, request in enumerate(self._active):
             if request.temperature == 0:
                 sampled = greedy[slot]
+            elif request.top_k in top:
+                values, indices = top[request.top_k]
+                sampled = int(draw_from_top_k(values[slot:slot + 1], indices[slot:slot + 1], request._generator,
+                                              request.temperature))
             else:
                 sampled = int(sample_next_token(logits[slot:slot + 1], request._generator,
                                                 request.temperature, request.top_k))
