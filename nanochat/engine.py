@@ -58,11 +58,18 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperat
         return logits.argmax(dim=-1)
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
-        probs = torch.softmax(values / temperature, dim=-1)
-        choice = torch.multinomial(probs, num_samples=1, generator=generator)
-        return indices.gather(-1, choice).squeeze(-1)
+        return draw_from_top_k(values, indices, generator, temperature)
     probs = torch.softmax(logits / temperature, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def draw_from_top_k(values: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
+                    temperature: float) -> torch.Tensor:
+    """The sampling step after torch.topk: one token id per row of (values, indices), drawn from
+    softmax(values / temperature). Apart so that the scheduler can run one topk for many rows."""
+    probs = torch.softmax(values / temperature, dim=-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)
 
 
 @dataclass(frozen=True)
@@ -171,7 +178,7 @@ class Engine:
 
         prefill_cache = KVCache.for_model(model, batch_size=1, max_seq_len=len(tokens))
         prompt = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(prompt, kv_cache=prefill_cache)[:, -1]
+        logits = model(prompt, kv_cache=prefill_cache, last_only=True)[:, -1]
         cache = KVCache.for_model(model, batch_size=num_samples, max_seq_len=len(tokens) + budget)
         cache.prefill_from(prefill_cache)
         del prefill_cache
@@ -202,7 +209,8 @@ class Engine:
                 break
             next_ids = torch.tensor([[rows[sample].last_token] for sample in slot_owner],
                                     dtype=torch.long, device=device)
-            logits = model(next_ids, kv_cache=cache.rows(0, len(slot_owner)))[:, -1]
+            live = cache if len(slot_owner) == num_samples else cache.rows(0, len(slot_owner))
+            logits = model(next_ids, kv_cache=live)[:, -1]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:

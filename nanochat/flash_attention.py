@@ -14,6 +14,9 @@ defines it. The semantics follow Flash Attention so that the fast kernels are dr
 - Flash Attention 2 (`flash_attn`) on other CUDA GPUs of compute capability 8.0 and newer;
 - PyTorch's scaled_dot_product_attention everywhere else (CPU, MPS, older GPUs, fp32 tensors),
   with an explicit boolean mask for sliding windows and for KV-cache rows at different positions.
+  When every row of a KV cache is at the same position (cache_seqlens given as an int), the
+  fallback slices the cache instead of masking it, and a single decoding query runs unmasked:
+  on a CPU the mask's construction, not the attention, was most of a small model's step.
 
 The backend is chosen once per process, on first use, and logged once on the "nanochat" logger.
 Choosing lazily keeps CPU-only processes (data workers) from probing for GPU kernels. The choice
@@ -235,13 +238,15 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError("cache_seqlens is required: a (batch,) int32 tensor with the number of "
                          "positions already filled in each row's cache")
     batch, query_len = q.shape[:2]
+    kernel = _kernel_for(q)
+    if isinstance(cache_seqlens, int) and kernel is None:
+        return _sdpa_at_one_position(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_size)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must have shape ({batch},), one length per row; got "
                          f"{tuple(cache_seqlens.shape)}")
 
-    kernel = _kernel_for(q)
     if kernel is not None:
         return kernel.flash_attn_with_kvcache(
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens.to(q.device, torch.int32),
@@ -276,4 +281,48 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     mask &= key_positions[None, None, :] < key_lens[:, None, None]  # unfilled slots never count
     y = _sdpa(q.transpose(1, 2), k_cache[:, :longest].transpose(1, 2),
               v_cache[:, :longest].transpose(1, 2), attn_mask=mask[:, None])
+    return y.transpose(1, 2)
+
+
+def _sdpa_at_one_position(q, k_cache, v_cache, k, v, start: int, causal: bool,
+                          window_size: tuple[int, int]) -> torch.Tensor:
+    """flash_attn_with_kvcache on SDPA when every row's cache holds `start` positions.
+
+    This is the decoding case of one prompt and its samples, and of every prefill into an empty
+    row. The rows need no mask of their own: the new keys go in with one slice, the keys a window
+    hides in front of the queries are sliced off, and a single query (the decoding step) sees
+    every key that is left, so it runs unmasked. Several queries over a filled prefix still need
+    the causal mask, built once for all rows.
+    """
+    query_len = q.size(1)
+    key_len = start + query_len if k is not None else start
+    if start < 0:
+        raise ValueError(f"cache_seqlens must be >= 0; got {start}")
+    if key_len > k_cache.size(1):
+        raise ValueError(f"the KV cache holds {k_cache.size(1)} positions but a row needs {key_len} "
+                         f"(cache_seqlens {start} plus {query_len if k is not None else 0} new); "
+                         f"allocate a longer cache")
+    if k is None and start < query_len:
+        raise ValueError(f"without new k/v, cache_seqlens must count the {query_len} query tokens "
+                         f"already in the cache; got {start}")
+    if k is not None:
+        k_cache[:, start:key_len] = k
+        v_cache[:, start:key_len] = v
+    first_query = key_len - query_len
+    left, right = window_size
+    # Keys before the first query's window are hidden from every query.
+    first_key = 0 if left < 0 else max(0, first_query - left)
+    qh = q.transpose(1, 2)
+    kh = k_cache[:, first_key:key_len].transpose(1, 2)
+    vh = v_cache[:, first_key:key_len].transpose(1, 2)
+    if query_len == 1:
+        # The only query is the newest position: no key lies ahead of it, none is left outside its window.
+        y = _sdpa(qh, kh, vh)
+    elif causal and first_query == 0 and (left < 0 or left >= query_len - 1):
+        y = _sdpa(qh, kh, vh, is_causal=True)  # a prefill from position 0: plain causal attention
+    else:
+        query_positions = torch.arange(first_query, key_len, device=q.device)
+        key_positions = torch.arange(first_key, key_len, device=q.device)
+        mask = _visible(query_positions[:, None] - key_positions[None, :], causal, window_size)
+        y = _sdpa(qh, kh, vh, attn_mask=mask)
     return y.transpose(1, 2)

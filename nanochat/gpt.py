@@ -103,7 +103,9 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = self.weight
+        # Checked here rather than left to .to(): a no-op cast still costs a dispatch per layer per token.
+        return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -122,7 +124,7 @@ class CausalSelfAttention(nn.Module):
             self.ve_gate_channels = min(VE_GATE_CHANNELS, config.n_embd)
             self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head)
 
-    def forward(self, x, value_embedding, cos, sin, window_size, kv_cache):
+    def forward(self, x, value_embedding, cos, sin, window_size, kv_cache, cache_seqlens):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -131,15 +133,18 @@ class CausalSelfAttention(nn.Module):
             # ResFormer: mix the token's value embedding into the values; the gate (in (0, 3), a
             # little over 1.5 at init because ve_gate starts small and positive) lets each head
             # decide how much to take.
-            gate = VE_GATE_RANGE * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q) * QK_GAIN, norm(k) * QK_GAIN
+            gate = torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels])).unsqueeze(-1)
+            v = torch.addcmul(v, gate, value_embedding.view(B, T, self.n_kv_head, self.head_dim),
+                              value=VE_GATE_RANGE)
+        # Rotary embedding and QK norm act on each head alone, so q's and k's heads go through them
+        # together: half the elementwise calls, which is what a decoding step on a CPU waits for.
+        qk = norm(apply_rotary_emb(torch.cat([q, k], dim=2), cos, sin)) * QK_GAIN
+        q, k = qk[:, :, :self.n_head], qk[:, :, self.n_head:]
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
         else:
             k_cache, v_cache = kv_cache.layer(self.layer_idx)
-            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+            y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                         causal=True, window_size=window_size)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -160,8 +165,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, value_embedding, cos, sin, window_size, kv_cache):
-        x = x + self.attn(norm(x), value_embedding, cos, sin, window_size, kv_cache)
+    def forward(self, x, value_embedding, cos, sin, window_size, kv_cache, cache_seqlens):
+        x = x + self.attn(norm(x), value_embedding, cos, sin, window_size, kv_cache, cache_seqlens)
         return x + self.mlp(norm(x))
 
 
@@ -321,32 +326,56 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- forward
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", last_only: bool = False):
         """Logits (B, T, vocab_size) in fp32, or the cross-entropy loss when targets are given
         (target -1 = ignored). With a kv_cache, idx holds the next tokens of every row, each row
-        continuing at its own cache position; the cache is advanced by T afterwards."""
+        continuing at its own cache position; the cache is advanced by T afterwards.
+
+        last_only=True computes the logits of the last position only, (B, 1, vocab_size): all that
+        generation uses after a prefill, and it skips the lm_head for the other T - 1 positions."""
         B, T = idx.shape
+        if last_only and targets is not None:
+            raise ValueError("last_only=True returns logits for generation; the loss needs every position")
+        cache_seqlens = None
         if kv_cache is None:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
             cos = self.rotary_cos[None, :T, None, :]
             sin = self.rotary_sin[None, :T, None, :]
         else:
-            kv_cache.check_room(T)
-            positions = kv_cache.positions(T)
-            if int(positions.max()) >= self.rotary_len:
-                raise ValueError(f"position {int(positions.max())} exceeds the rotary table ({self.rotary_len})")
-            cos = self.rotary_cos[positions][:, :, None, :]
-            sin = self.rotary_sin[positions][:, :, None, :]
+            # One read of the row lengths serves every check and every layer of this pass.
+            lengths = kv_cache.cache_seqlens.tolist()
+            start, longest = min(lengths), max(lengths) + T
+            if longest > kv_cache.max_seq_len:
+                raise ValueError(f"KV cache overflow: a row would reach {longest} tokens but the cache holds "
+                                 f"{kv_cache.max_seq_len}; allocate a longer cache or generate fewer tokens")
+            if longest > self.rotary_len:
+                raise ValueError(f"position {longest - 1} exceeds the rotary table ({self.rotary_len})")
+            if start + T == longest:
+                # Every row at the same position (one prompt, or samples of one prompt): a slice of
+                # the rotary tables, and attention told one int, which lets it skip the mask.
+                cache_seqlens = start
+                cos = self.rotary_cos[None, start:longest, None, :]
+                sin = self.rotary_sin[None, start:longest, None, :]
+            else:
+                cache_seqlens = kv_cache.cache_seqlens
+                positions = kv_cache.positions(T)
+                cos = self.rotary_cos[positions][:, :, None, :]
+                sin = self.rotary_sin[positions][:, :, None, :]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         x0 = x
+        # Cast and split the per-layer scalars once per pass, not once per layer.
+        resid_lambdas = self.resid_lambdas.to(x.dtype).unbind()
+        x0_lambdas = self.x0_lambdas.to(x.dtype).unbind()
         for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            x = resid_lambdas[i] * x + x0_lambdas[i] * x0
             value_embedding = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, value_embedding, cos, sin, self.window_sizes[i], kv_cache)
+            x = block(x, value_embedding, cos, sin, self.window_sizes[i], kv_cache, cache_seqlens)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
         x = norm(x)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()

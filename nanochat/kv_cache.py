@@ -51,12 +51,6 @@ class KVCache:
         offsets = torch.arange(num_new_tokens, device=self.cache_seqlens.device, dtype=torch.int64)
         return self.cache_seqlens.long()[:, None] + offsets[None, :]
 
-    def check_room(self, num_new_tokens: int) -> None:
-        longest = int(self.cache_seqlens.max()) + num_new_tokens
-        if longest > self.max_seq_len:
-            raise ValueError(f"KV cache overflow: a row would reach {longest} tokens but the cache holds "
-                             f"{self.max_seq_len}; allocate a longer cache or generate fewer tokens")
-
     def advance(self, num_tokens: int) -> None:
         """Move every row forward after a forward pass wrote `num_tokens` tokens into it."""
         self.cache_seqlens += num_tokens

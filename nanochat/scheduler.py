@@ -32,7 +32,8 @@ from collections import deque
 
 import torch
 
-from nanochat.engine import RowState, ToolUse, check_prompt, check_sampling_settings, sample_next_token
+from nanochat.engine import (RowState, ToolUse, check_prompt, check_sampling_settings, draw_from_top_k,
+                             sample_next_token)
 from nanochat.kv_cache import KVCache
 
 logger = logging.getLogger("nanochat")
@@ -371,7 +372,7 @@ class Scheduler:
             row = running + offset
             self.cache.cache_seqlens[row] = 0
             prompt = torch.tensor([request.prompt_tokens], dtype=torch.long, device=self.device)
-            parts.append(self.model(prompt, kv_cache=self.cache.rows(row, row + 1))[:, -1])
+            parts.append(self.model(prompt, kv_cache=self.cache.rows(row, row + 1), last_only=True)[:, -1])
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _sample_and_publish(self, logits: torch.Tensor) -> int:
@@ -379,10 +380,19 @@ class Scheduler:
         the number of tokens generated (a final <|assistant_end|> counts, though it is not streamed)."""
         # One argmax for all rows; only rows that sample at a temperature need their own draw.
         greedy = logits.argmax(dim=-1).tolist()
+        # Likewise one topk per top_k in use, over all rows; each row then draws with its own generator.
+        vocab_size = logits.size(-1)
+        top = {k: torch.topk(logits, k, dim=-1) for k in {request.top_k for request in self._active
+                                                           if request.temperature != 0 and request.top_k is not None
+                                                           and request.top_k < vocab_size}}
         finished = []
         for slot, request in enumerate(self._active):
             if request.temperature == 0:
                 sampled = greedy[slot]
+            elif request.top_k in top:
+                values, indices = top[request.top_k]
+                sampled = int(draw_from_top_k(values[slot:slot + 1], indices[slot:slot + 1], request._generator,
+                                              request.temperature))
             else:
                 sampled = int(sample_next_token(logits[slot:slot + 1], request._generator,
                                                 request.temperature, request.top_k))

@@ -3,6 +3,7 @@ continuous-batching scheduler's throughput as concurrency grows. One run, one ta
 
     python -m ray_jobs.bench_engine                      # depth 6 (width 384): minutes on 2 CPUs
     python -m ray_jobs.bench_engine --depth 20 --device cuda
+    python -m ray_jobs.bench_engine --reference /tmp/refnc --reference-python /tmp/refvenv/bin/python
 
 What each row measures, all greedy at batch 1 unless said otherwise:
 - prefill: a --context-token prompt through the model into an empty KV cache;
@@ -13,27 +14,44 @@ What each row measures, all greedy at batch 1 unless said otherwise:
   --request-tokens new tokens; total generated tokens over the wall time until all are done
   (prefills included).
 
+- step overhead: microseconds per decoding step on a tiny model (depth 1, width 64), where compute
+  is negligible and what is left is the per-step work that bounds decoding on a GPU: the Engine
+  at batch 1 and 32 (samples of one prompt), the scheduler at 1 and 32 requests (prompts of
+  different lengths, so its rows sit at different positions, as a server's do);
+- with --reference PATH (a karpathy/nanochat checkout, run by --reference-python): the Engine's
+  decode rate on the depth-4 model of issue 13 (width 256, vocab 4096, 200 tokens, top-k 50, at
+  batch 1 and with 8 samples) and its step overhead, ours and the reference's, side by side; the
+  two run alternately, --repeats rounds, the reference in a subprocess (ray_jobs/engine_timing.py
+  says how both are driven the same way).
+
 Machines are noisy, so every number is the best of --repeats runs and the verdicts compare ratios
-measured in this same run. The model has random weights (speed does not depend on them), with
+measured in this same run. Every verdict ends the output as one line,
+`RESULT <name> <value> target <op> <number> PASS|FAIL`. The model has random weights (speed does not depend on them), with
 the special tokens' logits zeroed so no request stops early or calls the tool: every request
 does its full share of work.
 """
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
 
 from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, greedy_decode_without_cache
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.kv_cache import KVCache
 from nanochat.scheduler import Scheduler
 from nanochat.tokenizer import Tokenizer
+from ray_jobs import engine_timing
 
 KV_CACHE_TARGET = 5.0    # KV-cache decode at least this many times the naive loop
 SCHEDULER_TARGET = 3.0   # 8 concurrent requests at least this many times one request's throughput
 TARGET_CONCURRENCY = 8
+REFERENCE_DECODE_TARGET = 1.1  # our Engine's decode rate at least this many times the reference's
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     # other processes and single timings swing several-fold, which makes the ratios meaningless.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's own choice)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    parser.add_argument("--reference", default=None, metavar="PATH",
+                        help="a karpathy/nanochat checkout to compare the Engine with (CPU, fp32)")
+    parser.add_argument("--reference-python", default=sys.executable,
+                        help="the Python that runs the reference (its own virtual environment)")
     args = parser.parse_args(argv)
     try:
         args.concurrency = sorted({int(part) for part in args.concurrency.split(",")})
@@ -146,6 +168,72 @@ def bench_scheduler(model, tokenizer, prompts: list[list[int]], args, device: to
     return len(prompts) * args.request_tokens / best_time(serve_all, args.repeats, device)
 
 
+def bench_scheduler_step_us(batch: int, device: torch.device) -> float:
+    """Microseconds per scheduler step on the tiny overhead model with `batch` requests running,
+    after the step that admits and prefills them."""
+    model = engine_timing.build_model(GPT, GPTConfig, engine_timing.OVERHEAD_SHAPE, device)
+    tokenizer = engine_timing.SpecialTokens(engine_timing.OVERHEAD_SHAPE["vocab_size"])
+    prompt = engine_timing.prompt_for(engine_timing.OVERHEAD_SHAPE["vocab_size"])
+    steps = engine_timing.OVERHEAD_STEPS
+    scheduler = Scheduler(model, tokenizer, max_batch_size=batch, max_seq_len=3 * len(prompt) + steps + 1)
+    for i in range(batch):
+        scheduler.submit(prompt * (1 + i % 2) + prompt[:i % len(prompt)], max_tokens=steps + 1,
+                         temperature=1.0, top_k=engine_timing.TOP_K, seed=i)
+    scheduler.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        scheduler.step()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    if scheduler.has_work():
+        raise RuntimeError("a benchmark request outlived its token budget")
+    return elapsed / steps * 1e6
+
+
+def bench_overhead(repeats: int, device: torch.device) -> dict:
+    """Our per-step overheads, each the best of `repeats` runs after a warm-up."""
+    model = engine_timing.build_model(GPT, GPTConfig, engine_timing.OVERHEAD_SHAPE, device)
+    engine = Engine(model, engine_timing.SpecialTokens(engine_timing.OVERHEAD_SHAPE["vocab_size"]))
+    prompt = engine_timing.prompt_for(engine_timing.OVERHEAD_SHAPE["vocab_size"])
+    results = {}
+    for batch in engine_timing.OVERHEAD_BATCHES:
+        runs = [engine_timing.step_overhead_us(engine, prompt, batch) for _ in range(repeats + 1)]
+        results[f"engine_step_us_{batch}"] = min(runs[1:])
+        runs = [bench_scheduler_step_us(batch, device) for _ in range(repeats + 1)]
+        results[f"scheduler_step_us_{batch}"] = min(runs[1:])
+    return results
+
+
+def run_reference(args) -> dict:
+    """One round of engine_timing's figures from the reference checkout, in its own Python."""
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(args.reference), NANOCHAT_DTYPE="float32")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_timing.py")
+    done = subprocess.run([args.reference_python, script, "--threads", str(args.threads)], cwd=args.reference,
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the reference run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_against_reference(args) -> tuple[dict, dict]:
+    """Our Engine and the reference's, alternately for --repeats rounds: the best of each figure
+    (highest rate, lowest overhead)."""
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        ours.append(engine_timing.measure(GPT, GPTConfig, Engine))
+        theirs.append(run_reference(args))
+
+    def best(rounds: list[dict]) -> dict:
+        return {key: (min if key.startswith("engine_step_us") else max)(r[key] for r in rounds) for key in rounds[0]}
+
+    return best(ours), best(theirs)
+
+
+def result_line(name: str, value: float, op: str, target: float) -> str:
+    passed = value >= target if op == ">=" else value <= target
+    return f"RESULT {name} {value:.2f} target {op} {target:g} {'PASS' if passed else 'FAIL'}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -188,13 +276,38 @@ def main(argv=None) -> dict:
     for name, rate, ratio in rows:
         print(f"{name:<{width}}  {rate:>10.1f}  {ratio}")
 
-    kv_ratio = results["kv_cache"] / results["naive"]
-    print(f"\nKV-cache decode vs naive: {kv_ratio:.2f}x (target >= {KV_CACHE_TARGET:.0f}x): "
-          f"{'PASS' if kv_ratio >= KV_CACHE_TARGET else 'FAIL'}")
+    overhead = bench_overhead(args.repeats, device)
+    results.update(overhead)
+    print(f"\nstep overhead, tiny model (depth 1, width 64), microseconds per decoding step:")
+    for batch in engine_timing.OVERHEAD_BATCHES:
+        print(f"  batch {batch:>2}: Engine {overhead[f'engine_step_us_{batch}']:8.1f}   "
+              f"scheduler {overhead[f'scheduler_step_us_{batch}']:8.1f}")
+
+    verdicts = [result_line("kv_cache_vs_naive", results["kv_cache"] / results["naive"], ">=", KV_CACHE_TARGET)]
     if TARGET_CONCURRENCY in args.concurrency and 1 in args.concurrency:
-        batch_ratio = results[f"scheduler_{TARGET_CONCURRENCY}"] / results["scheduler_1"]
-        print(f"scheduler {TARGET_CONCURRENCY} concurrent vs 1: {batch_ratio:.2f}x (target >= "
-              f"{SCHEDULER_TARGET:.0f}x): {'PASS' if batch_ratio >= SCHEDULER_TARGET else 'FAIL'}")
+        verdicts.append(result_line(f"scheduler_{TARGET_CONCURRENCY}_vs_1", results[f"scheduler_{TARGET_CONCURRENCY}"]
+                                    / results["scheduler_1"], ">=", SCHEDULER_TARGET))
+    if args.reference:
+        ours, theirs = bench_against_reference(args)
+        results["reference"] = theirs
+        print(f"\nEngine against the reference ({args.reference}), best of {args.repeats} alternating rounds:")
+        print(f"{'figure':<34}  {'ours':>10}  {'reference':>10}  ratio")
+        for key in ours:
+            unit = "us/step" if key.startswith("engine_step_us") else "tok/s"
+            print(f"{key + ' (' + unit + ')':<34}  {ours[key]:>10.1f}  {theirs[key]:>10.1f}  "
+                  f"{ours[key] / theirs[key]:.2f}")
+        for samples in engine_timing.DECODE_SAMPLES:
+            name = "decode_batch1_vs_reference" if samples == 1 else f"decode_{samples}_samples_vs_reference"
+            verdicts.append(result_line(name, ours[f"decode_{samples}"] / theirs[f"decode_{samples}"], ">=",
+                                        REFERENCE_DECODE_TARGET))
+        for batch in engine_timing.OVERHEAD_BATCHES:
+            limit = round(theirs[f"engine_step_us_{batch}"], 1)
+            verdicts.append(result_line(f"engine_step_us_batch{batch}", ours[f"engine_step_us_{batch}"], "<=", limit))
+            verdicts.append(result_line(f"scheduler_step_us_batch{batch}", overhead[f"scheduler_step_us_{batch}"],
+                                        "<=", limit))
+    print()
+    for line in verdicts:
+        print(line)
     return results
 
 

@@ -250,3 +250,41 @@ def test_mistakes_raise_clear_errors():
         flash_attn_with_kvcache(q, k_cache, v_cache, k=k, cache_seqlens=seqlens)
     with pytest.raises(ValueError, match="cache_seqlens is required"):
         flash_attn_with_kvcache(q, k_cache, v_cache, k, v)
+
+
+@pytest.mark.parametrize("query_len,filled", [(1, 0), (1, 9), (3, 0), (3, 6)])
+@pytest.mark.parametrize("causal,window_size", [(True, (-1, 0)), (True, (2, 0)), (False, (-1, -1)),
+                                                (False, (2, 1))])
+def test_rows_at_one_position_take_the_unmasked_path_with_the_same_result(query_len, filled, causal,
+                                                                          window_size):
+    # An int cache_seqlens (every row at one position) slices instead of masking; it must agree
+    # with the masked path that a (batch,) tensor of the same lengths takes, cache writes included.
+    batch, cache_len = 2, 16
+    q, k, v = random_qkv(batch, query_len, 4, 2, seed=5)
+    generator = torch.Generator().manual_seed(8)
+    k_cache = torch.randn(batch, cache_len, 2, HEAD_DIM, generator=generator)
+    v_cache = torch.randn(batch, cache_len, 2, HEAD_DIM, generator=generator)
+    masked_k, masked_v = k_cache.clone(), v_cache.clone()
+    lengths = torch.full((batch,), filled, dtype=torch.int32)
+
+    masked = flash_attn_with_kvcache(q, masked_k, masked_v, k, v, lengths, causal, window_size)
+    sliced = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, filled, causal, window_size)
+
+    torch.testing.assert_close(sliced, masked, atol=FP32_TOL, rtol=FP32_TOL)
+    assert torch.equal(k_cache, masked_k) and torch.equal(v_cache, masked_v)
+    # Without new keys the cache already holds the queries' own.
+    lengths += query_len
+    torch.testing.assert_close(
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=filled + query_len, causal=causal,
+                                window_size=window_size),
+        flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, causal=causal,
+                                window_size=window_size), atol=FP32_TOL, rtol=FP32_TOL)
+
+
+def test_rows_at_one_position_check_their_room():
+    q, k, v = random_qkv(1, 2, 2, 2)
+    cache = torch.zeros(1, 4, 2, HEAD_DIM)
+    with pytest.raises(ValueError, match="holds 4 positions"):
+        flash_attn_with_kvcache(q, cache, cache.clone(), k, v, 3)
+    with pytest.raises(ValueError, match=">= 0"):
+        flash_attn_with_kvcache(q, cache, cache.clone(), k, v, -1)

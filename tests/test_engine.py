@@ -9,6 +9,8 @@ exactly what the stream must hold.
 """
 
 
+import re
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ class ScriptedModel(torch.nn.Module):
     def get_device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, last_only=False):
         batch, length = idx.shape
         self.calls.append(batch)
         logits = torch.full((batch, length, self.config.vocab_size), -10.0)
@@ -48,7 +50,7 @@ class ScriptedModel(torch.nn.Module):
             wanted = self.script[index] if index < len(self.script) else self.filler
             logits[row, -1, wanted if isinstance(wanted, list) else [wanted]] = 10.0
         kv_cache.advance(length)
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def prompt_tokens(tokenizer, text: str = "What is 12 plus 30?") -> list[int]:
@@ -184,8 +186,9 @@ class StopAfterTrigger(torch.nn.Module):
     def get_device(self) -> torch.device:
         return self.gpt.get_device()
 
-    def forward(self, idx, kv_cache=None):
-        logits = self.gpt(idx, kv_cache=kv_cache)
+    def forward(self, idx, kv_cache=None, last_only=False):
+        logits = self.gpt(idx, kv_cache=kv_cache, last_only=last_only)
+        idx = idx[:, -1:] if last_only else idx
         logits[..., self.end_token] = torch.where(idx % 7 == 3, 50.0, -50.0)
         return logits
 
@@ -236,8 +239,10 @@ def test_benchmark_prints_every_row_of_its_table(capsys):
     results = bench_engine.main(["--depth", "1", "--vocab-size", "512", "--context", "24", "--decode-tokens", "4",
                                  "--naive-tokens", "2", "--request-prompt", "4", "--request-tokens", "3",
                                  "--concurrency", "1,2", "--repeats", "1"])
-    assert set(results) == {"prefill", "naive", "kv_cache", "scheduler_1", "scheduler_2"}
+    assert set(results) == {"prefill", "naive", "kv_cache", "scheduler_1", "scheduler_2", "engine_step_us_1",
+                            "engine_step_us_32", "scheduler_step_us_1", "scheduler_step_us_32"}
     assert all(rate > 0 for rate in results.values())
     out = capsys.readouterr().out
     assert "decode batch 1, KV cache @24" in out and "scheduler, 2 concurrent" in out
-    assert "KV-cache decode vs naive:" in out
+    assert "batch 32: Engine" in out
+    assert re.search(r"^RESULT kv_cache_vs_naive [0-9.]+ target >= 5 (PASS|FAIL)$", out.splitlines()[-1])

@@ -127,6 +127,37 @@ def test_kv_cache_rows_at_different_positions():
     assert cache.cache_seqlens.tolist() == [9, 5]
 
 
+def test_rows_at_one_position_match_rows_at_mixed_positions():
+    # The same-position fast path (rotary slice, unmasked attention) against the gathered, masked
+    # path: a batch of two rows at one position, then the same rows beside a third, shorter one.
+    config = GPTConfig(sequence_len=16, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                       window_pattern="SSL")
+    model = _trained_looking(build(config))
+    torch.manual_seed(1)
+    prompts = torch.randint(0, 100, (3, 10))
+    prompts[2, :3] = prompts[0, :3]
+    together = KVCache.for_model(model, batch_size=2, max_seq_len=16)
+    mixed = KVCache.for_model(model, batch_size=3, max_seq_len=16)
+    model(prompts[:2, :9], kv_cache=together)
+    model(prompts[:2, :9], kv_cache=mixed.rows(0, 2))
+    model(prompts[2:, :4], kv_cache=mixed.rows(2, 3))
+    same = model(prompts[:2, 9:], kv_cache=together)
+    different = model(prompts[:, 9:], kv_cache=mixed)
+    torch.testing.assert_close(same, different[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(same[:, 0], model(prompts[:2])[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_last_only_gives_the_last_position_of_the_full_logits():
+    model = _trained_looking(build())
+    idx = torch.randint(0, TINY.vocab_size, (2, 7))
+    full = model(idx)
+    torch.testing.assert_close(model(idx, last_only=True), full[:, -1:])
+    cache = KVCache.for_model(model, batch_size=2, max_seq_len=8)
+    torch.testing.assert_close(model(idx, kv_cache=cache, last_only=True), full[:, -1:], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
+
+
 def test_window_pattern_and_value_embedding_layers():
     config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=6, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SSSL")

@@ -46,14 +46,14 @@ class ScriptedModel(torch.nn.Module):
     def get_device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, last_only=False):
         batch, length = idx.shape
         logits = torch.full((batch, length, self.config.vocab_size), -10.0)
         for row in range(batch):
             index = int(kv_cache.cache_seqlens[row]) + length - self.prompt_len
             logits[row, -1, self.script[index] if index < len(self.script) else self.filler] = 10.0
         kv_cache.advance(length)
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def make_prompts(tokenizer, count: int) -> list[list[int]]:
