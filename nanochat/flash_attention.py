@@ -256,15 +256,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     key_lens = start + query_len if k is not None else start
     # One host sync for all checks; it also tells how much of the cache is worth reading.
     shortest_start, longest = torch.stack([start.min(), key_lens.max()]).tolist()
-    if shortest_start < 0:
-        raise ValueError(f"cache_seqlens must be >= 0; got {cache_seqlens.tolist()}")
-    if longest > k_cache.size(1):
-        raise ValueError(f"the KV cache holds {k_cache.size(1)} positions but a row needs {longest} "
-                         f"(cache_seqlens {cache_seqlens.tolist()} plus {query_len if k is not None else 0} "
-                         f"new); allocate a longer cache")
-    if k is None and shortest_start < query_len:
-        raise ValueError(f"without new k/v, cache_seqlens must count the {query_len} query tokens "
-                         f"already in the cache; got {cache_seqlens.tolist()}")
+    _check_cache_bounds(shortest_start, longest, query_len, k is not None, k_cache.size(1), cache_seqlens.tolist())
 
     offsets = torch.arange(query_len, device=q.device)
     if k is not None:
@@ -284,6 +276,21 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return y.transpose(1, 2)
 
 
+def _check_cache_bounds(shortest_start: int, longest: int, query_len: int, new_keys: bool, cache_positions: int,
+                        shown_seqlens) -> None:
+    """ValueError unless every row's filled length is >= 0, the longest row (with the new keys)
+    fits the cache, and without new keys the cache already holds the queries' own keys."""
+    if shortest_start < 0:
+        raise ValueError(f"cache_seqlens must be >= 0; got {shown_seqlens}")
+    if longest > cache_positions:
+        raise ValueError(f"the KV cache holds {cache_positions} positions but a row needs {longest} "
+                         f"(cache_seqlens {shown_seqlens} plus {query_len if new_keys else 0} new); "
+                         f"allocate a longer cache")
+    if not new_keys and shortest_start < query_len:
+        raise ValueError(f"without new k/v, cache_seqlens must count the {query_len} query tokens "
+                         f"already in the cache; got {shown_seqlens}")
+
+
 def _sdpa_at_one_position(q, k_cache, v_cache, k, v, start: int, causal: bool,
                           window_size: tuple[int, int]) -> torch.Tensor:
     """flash_attn_with_kvcache on SDPA when every row's cache holds `start` positions.
@@ -296,15 +303,7 @@ def _sdpa_at_one_position(q, k_cache, v_cache, k, v, start: int, causal: bool,
     """
     query_len = q.size(1)
     key_len = start + query_len if k is not None else start
-    if start < 0:
-        raise ValueError(f"cache_seqlens must be >= 0; got {start}")
-    if key_len > k_cache.size(1):
-        raise ValueError(f"the KV cache holds {k_cache.size(1)} positions but a row needs {key_len} "
-                         f"(cache_seqlens {start} plus {query_len if k is not None else 0} new); "
-                         f"allocate a longer cache")
-    if k is None and start < query_len:
-        raise ValueError(f"without new k/v, cache_seqlens must count the {query_len} query tokens "
-                         f"already in the cache; got {start}")
+    _check_cache_bounds(start, key_len, query_len, k is not None, k_cache.size(1), start)
     if k is not None:
         k_cache[:, start:key_len] = k
         v_cache[:, start:key_len] = v
