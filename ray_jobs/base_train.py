@@ -13,8 +13,9 @@ examples on its in-memory model), and rank 0 prints greedy samples. Checkpoints 
 and `FailureConfig(max_failures)` replaces a dead worker and continues from the last checkpoint
 with nobody acting. Either way the train stream starts at the checkpoint's shard: the trainer is
 given a factory of the stream (TrainStreamFactory), which Ray Train calls at every start of the
-worker group, so a restart does not read, tokenize and pack again every shard before it. At the end the final model is exported to <base>/base_checkpoints/<model_tag>/
-for the later stages, and the run's metrics history (kept in every checkpoint) is returned.
+worker group, so a restart does not read, tokenize and pack again every shard before it. At the
+end the final model is exported to <base>/base_checkpoints/<model_tag>/ for the later stages,
+and the run's metrics history (kept in every checkpoint) is returned.
 
 Validation rows are packed once, on the driver, from the validation shard (ray_jobs.base_eval's
 packed_batches: the same best-fit packing as the training stream) and handed to the workers
@@ -47,8 +48,8 @@ from ray_jobs.base_eval import packed_batches
 from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint,
-                                   latest_run_checkpoint_meta,
-                                   maybe_compile, previous_run, report_step, report_with_checkpoint,
+                                   latest_run_checkpoint_meta, maybe_compile, previous_run, report_step,
+                                   report_with_checkpoint,
                                    restore_from_checkpoint, restore_rng_state, rng_state, start_worker)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
@@ -306,7 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 meta["data_position"] if meta else None)
     data_wait = Stopwatch()
     x, y, position = next(train_iter)  # the first batch waits for the pipeline to start: not counted
-    if meta:  # the checkpoint's shard, where the restored run's stream started, and the rows read again before it
+    if meta:  # the checkpoint's shard, where the restored stream started, and the rows read again before it
         history[-1].update(data_position=meta["data_position"], stream_start=position["stream_start"],
                            skipped_rows=int(all_reduce(position["skipped_rows"], device)))
     val_bpb = meta.get("val_bpb") if meta else None
@@ -397,7 +398,9 @@ def main(argv=None) -> dict:
         print_config(cfg)
         previous_run(cfg, args)  # refuses a run with checkpoints unless --resume
         train_stream = TrainStreamFactory(cfg, args)
-        # Built once here as well, so that unusable shards stop the run with a message before it starts.
+        # Built once here as well: unusable shards stop the run with a message before it starts, and
+        # building sets the ingest options (preserve_order) on this driver's DataContext, which the
+        # trainer takes along to the stream's split.
         train_stream()
         cfg["stream"] = {"num_train_files": len(resolve_source(args.source, args.data_dir).train_files)}
         val_rows = validation_rows(resolve_source(args.source, args.data_dir).val_files, cfg["tokenizer_dir"],

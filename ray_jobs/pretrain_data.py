@@ -36,9 +36,10 @@ resumed run starts its stream at that shard (the file list is rotated, so every 
 covers every shard once), and so does a run that Ray Train restarts after a worker failure
 (base_train passes the trainer a factory of the train stream, which Ray Train calls at every
 start of the worker group, not the stream itself, which it would read again from the run's first
-shard). What a resume or a restart repeats: the part of that shard already trained on. What it skips until the next epoch: the documents the packer
-had buffered but not yet emitted when the checkpoint was taken (at most buffer_docs documents, in
-practice mostly long ones, which best-fit places last).
+shard). What a resume or a restart repeats: the part of that shard already trained on. What it
+skips until the next epoch: the documents the packer had buffered but not yet emitted when the
+checkpoint was taken (at most buffer_docs documents, in practice mostly long ones, which
+best-fit places last).
 
 Order is deterministic (Ray Data's preserve_order, set on the driver's DataContext because Ray
 Train takes its ingest options from there), so the same flags give the same stream and the
@@ -149,11 +150,10 @@ class PackRows:
     When the last of the stream's `documents_in_stream` documents has arrived, the buffer is
     drained and a summary logged. A row is labelled with the shard of the newest document read
     when it was packed and with `stream_start`, the shard the stream started at (see the
-    module's note on resume). Every `log_every_rows` rows (0 = only
-    at the end) a line reports the crop fraction and the tokens/s the pipeline has delivered. The
-    clock starts when the actor is made, which is when the pipeline starts: a rate timed from the
-    first batch would count only the packer, because the stages before it run ahead while the
-    actor starts up.
+    module's note on resume). Every `log_every_rows` rows (0 = only at the end) a line reports
+    the crop fraction and the tokens/s the pipeline has delivered. The clock starts when the
+    actor is made, which is when the pipeline starts: a rate timed from the first batch would
+    count only the packer, because the stages before it run ahead while the actor starts up.
     """
 
     def __init__(self, sequence_len: int, bos_id: int, buffer_docs: int, documents_in_stream: int,
