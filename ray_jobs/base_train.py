@@ -11,8 +11,11 @@ workers evaluate validation bits per byte together, and CORE (each rank scoring 
 examples on its in-memory model), and rank 0 prints greedy samples. Checkpoints go to `--storage-path` every
 `--save-every` steps, keeping the last K; `--resume` continues a run from its newest checkpoint,
 and `FailureConfig(max_failures)` replaces a dead worker and continues from the last checkpoint
-with nobody acting. At the end the final model is exported to <base>/base_checkpoints/<model_tag>/
-for the later stages, and the run's metrics history (kept in every checkpoint) is returned.
+with nobody acting. Either way the train stream starts at the checkpoint's shard: the trainer is
+given a factory of the stream (TrainStreamFactory), which Ray Train calls at every start of the
+worker group, so a restart does not read, tokenize and pack again every shard before it. At the
+end the final model is exported to <base>/base_checkpoints/<model_tag>/ for the later stages,
+and the run's metrics history (kept in every checkpoint) is returned.
 
 Validation rows are packed once, on the driver, from the validation shard (ray_jobs.base_eval's
 packed_batches: the same best-fit packing as the training stream) and handed to the workers
@@ -44,8 +47,9 @@ from ray_jobs import pretrain_data
 from ray_jobs.base_eval import packed_batches
 from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
-                                   device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
-                                   maybe_compile, previous_run, report_step, report_with_checkpoint,
+                                   device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint,
+                                   latest_run_checkpoint_meta, maybe_compile, previous_run, report_step,
+                                   report_with_checkpoint,
                                    restore_from_checkpoint, restore_rng_state, rng_state, start_worker)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
@@ -195,24 +199,47 @@ def worker_val_batches(rows: np.ndarray, batch_size: int, rank: int, world: int,
     return [(b[:, :-1].to(device), b[:, 1:].to(device)) for b in batches[rank:usable:world]]
 
 
-def _train_batches(shard, batch_size: int, device: torch.device, stream: dict, resume: dict | None):
+class TrainStreamFactory:
+    """The train stream for Ray Train, built when called: Ray Train V2 calls a callable dataset at
+    every start of the worker group (the first, and each restart after a worker failure), and the
+    stream then starts at the shard of the run's newest complete checkpoint in storage, the one the
+    restarted workers restore (restore_from_checkpoint), or at shard 0 when there is none. Given
+    the stream itself, a restart would read, tokenize and pack again every shard before it."""
+
+    def __init__(self, cfg: dict, args: argparse.Namespace):
+        self.storage_path, self.run_name = cfg["storage_path"], cfg["run_name"]
+        self.stream_args = {"source": args.source, "data_dir": args.data_dir, "tokenizer_dir": cfg["tokenizer_dir"],
+                            "sequence_len": args.max_seq_len, "buffer_docs": args.pack_buffer_docs}
+
+    def __call__(self) -> ray.data.Dataset:
+        found = latest_run_checkpoint(self.storage_path, self.run_name)
+        start_file = found[1]["data_position"]["file_index"] if found else 0
+        datasets, _ = pretrain_data.build_datasets(**self.stream_args, start_file=start_file)
+        return datasets["train"]
+
+
+def _train_batches(shard, batch_size: int, device: torch.device, num_files: int, resume: dict | None):
     """Endless (x, y, position) batches from this worker's shard, epoch after epoch.
 
-    A position is how far the stream has got: the offset of the newest shard in the (rotated)
-    file order of this run. After a worker failure the trainer restarts the stream from its
-    beginning, so rows before the checkpoint's shard are skipped in the first epoch."""
-    num_files, start_file = stream["num_train_files"], stream["start_file"]
+    A position is how far the stream has got: {'epoch', 'offset' (of the newest shard in the
+    stream's rotated file order), 'stream_start' (the shard the stream started at, which every row
+    carries), 'skipped_rows'}. A stream that starts before the checkpoint's shard (none does:
+    TrainStreamFactory starts it there) has the rows before that shard skipped in its first
+    epoch; 'skipped_rows' counts them, the rows read again for nothing."""
     epoch = resume["epoch"] if resume else 0
-    skip_below = (resume["file_index"] - start_file) % num_files if resume else 0
+    first_epoch, skipped_rows = True, 0
     while True:
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, dtypes=torch.long):
-            offset = int(((batch["file_index"] - start_file) % num_files).max())
-            if offset < skip_below:
+            stream_start = int(batch["stream_start"][0])
+            offset = int(((batch["file_index"] - stream_start) % num_files).max())
+            if first_epoch and resume and offset < (resume["file_index"] - stream_start) % num_files:
+                skipped_rows += len(batch["tokens"])
                 continue
             rows = batch["tokens"].to(device, non_blocking=True)
-            yield rows[:, :-1], rows[:, 1:], {"epoch": epoch, "offset": offset}
+            yield rows[:, :-1], rows[:, 1:], {"epoch": epoch, "offset": offset, "stream_start": stream_start,
+                                              "skipped_rows": skipped_rows}
         epoch += 1
-        skip_below = 0
+        first_epoch = False
 
 
 @torch.no_grad()
@@ -278,11 +305,14 @@ def train_loop_per_worker(config: dict) -> None:
     metrics = TrainMetrics(cfg["run_name"], "nanochat_base", args.run, cfg) if rank == 0 else None
     progress = ProgressLine(num_steps, start_step)
 
-    stream = cfg["stream"]
-    train_iter = _train_batches(ray.train.get_dataset_shard("train"), args.device_batch_size, device, stream,
+    num_files = cfg["stream"]["num_train_files"]
+    train_iter = _train_batches(ray.train.get_dataset_shard("train"), args.device_batch_size, device, num_files,
                                 meta["data_position"] if meta else None)
     data_wait = Stopwatch()
     x, y, position = next(train_iter)  # the first batch waits for the pipeline to start: not counted
+    if meta:  # the checkpoint's shard, where the restored stream started, and the rows read again before it
+        history[-1].update(data_position=meta["data_position"], stream_start=position["stream_start"],
+                           skipped_rows=int(all_reduce(position["skipped_rows"], device)))
     val_bpb = meta.get("val_bpb") if meta else None
     core_tasks = None  # fetched from the object store at the first CORE evaluation
 
@@ -314,7 +344,7 @@ def train_loop_per_worker(config: dict) -> None:
         if save_now:
             slowest = int(all_reduce(position["offset"], device, op=torch.distributed.ReduceOp.MIN))
             data_position = {"epoch": position["epoch"],
-                             "file_index": (stream["start_file"] + slowest) % stream["num_train_files"]}
+                             "file_index": (position["stream_start"] + slowest) % num_files}
             checkpoint_meta = {"model_config": cfg["model_config"], "data_position": data_position,
                                "user_config": cfg["args"], "val_bpb": val_bpb, "rng_state": rng_state(),
                                "horizon": horizon, "history": history}
@@ -375,11 +405,13 @@ def main(argv=None) -> dict:
     try:
         cfg = resolve_config(args)
         print_config(cfg)
-        previous = previous_run(cfg, args)
-        start_file = previous["data_position"]["file_index"] if previous else 0
-        datasets, cfg["stream"] = pretrain_data.build_datasets(
-            source=args.source, data_dir=args.data_dir, tokenizer_dir=cfg["tokenizer_dir"],
-            sequence_len=args.max_seq_len, buffer_docs=args.pack_buffer_docs, start_file=start_file)
+        previous_run(cfg, args)  # refuses a run with checkpoints unless --resume
+        train_stream = TrainStreamFactory(cfg, args)
+        # Built once here as well: unusable shards stop the run with a message before it starts, and
+        # building sets the ingest options (preserve_order) on this driver's DataContext, which the
+        # trainer takes along to the stream's split.
+        train_stream()
+        cfg["stream"] = {"num_train_files": len(resolve_source(args.source, args.data_dir).train_files)}
         val_rows = validation_rows(resolve_source(args.source, args.data_dir).val_files, cfg["tokenizer_dir"],
                                    args.device_batch_size, args.max_seq_len,
                                    cfg["val_batches_per_worker"] * args.num_workers)
@@ -407,7 +439,7 @@ def main(argv=None) -> dict:
     result = fit_trainer("base_train", train_loop_per_worker,
                          {"cfg": cfg, "refs": {"val_rows": ray.put(val_rows), "core_tasks": core_tasks}}, cfg, args,
                          None if cfg["use_gpu"] else {"CPU": cpus_per_worker},
-                         datasets={"train": datasets["train"]},
+                         datasets={"train": train_stream},
                          dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
     exported = export_final_model(result, cfg)
     print0(f"final model exported to {exported}")

@@ -4,7 +4,7 @@ packed rows of T+1 tokens, streamed into the Ray Train workers.
     read_datasource(ParquetRowGroupDatasource)  a read task per ~4 MB of row groups, in file order
       -> map_batches(tokenize_documents)  CPU tasks: BOS + tokens per document, parallel over the cluster
       -> map_batches(PackRows)            ONE stateful actor holding the best-fit buffer (nanochat.packing)
-      -> {'tokens': int32 (T+1,), 'file_index': int32}   one packed row per record
+      -> {'tokens': int32 (T+1,), 'file_index': int32, 'stream_start': int32}   one packed row per record
 
 Why not ray.data.read_parquet: in Ray 2.60 it packs small files into one read task (the whole
 30 MB sample came out as a single block, so nothing streamed and no tokenizing ran in parallel),
@@ -29,12 +29,17 @@ many documents the files hold (from the parquet footers, read on the driver) and
 when it has seen them all: per epoch only the last partial row (< T+1 tokens) is lost, instead
 of the whole buffer (buffer_docs documents, which for a small validation shard can be all of it).
 
-Resume: a row carries the index of the shard its newest document came from. A checkpoint records
-the shard the slowest worker had reached; a resumed run starts its stream at that shard (the file
-list is rotated, so every epoch still covers every shard once). What a resume repeats: the part
-of that shard already trained on. What it skips until the next epoch: the documents the packer
-had buffered but not yet emitted when the checkpoint was taken (at most buffer_docs documents, in
-practice mostly long ones, which best-fit places last).
+Resume: a row carries the index of the shard its newest document came from, and the index of
+the shard its stream started at (so a worker can place the row in the stream's file order
+whichever stream it was given). A checkpoint records the shard the slowest worker had reached; a
+resumed run starts its stream at that shard (the file list is rotated, so every epoch still
+covers every shard once), and so does a run that Ray Train restarts after a worker failure
+(base_train passes the trainer a factory of the train stream, which Ray Train calls at every
+start of the worker group, not the stream itself, which it would read again from the run's first
+shard). What a resume or a restart repeats: the part of that shard already trained on. What it
+skips until the next epoch: the documents the packer had buffered but not yet emitted when the
+checkpoint was taken (at most buffer_docs documents, in practice mostly long ones, which
+best-fit places last).
 
 Order is deterministic (Ray Data's preserve_order, set on the driver's DataContext because Ray
 Train takes its ingest options from there), so the same flags give the same stream and the
@@ -144,15 +149,16 @@ class PackRows:
 
     When the last of the stream's `documents_in_stream` documents has arrived, the buffer is
     drained and a summary logged. A row is labelled with the shard of the newest document read
-    when it was packed (see the module's note on resume). Every `log_every_rows` rows (0 = only
-    at the end) a line reports the crop fraction and the tokens/s the pipeline has delivered. The
-    clock starts when the actor is made, which is when the pipeline starts: a rate timed from the
-    first batch would count only the packer, because the stages before it run ahead while the
-    actor starts up.
+    when it was packed and with `stream_start`, the shard the stream started at (see the
+    module's note on resume). Every `log_every_rows` rows (0 = only at the end) a line reports
+    the crop fraction and the tokens/s the pipeline has delivered. The clock starts when the
+    actor is made, which is when the pipeline starts: a rate timed from the first batch would
+    count only the packer, because the stages before it run ahead while the actor starts up.
     """
 
     def __init__(self, sequence_len: int, bos_id: int, buffer_docs: int, documents_in_stream: int,
-                 log_every_rows: int = LOG_EVERY_ROWS, group_docs: int = PACK_GROUP_DOCS):
+                 log_every_rows: int = LOG_EVERY_ROWS, group_docs: int = PACK_GROUP_DOCS, stream_start: int = 0):
+        self.stream_start = stream_start
         self.packer = BestFitPacker(sequence_len, bos_id, min_buffer_docs=buffer_docs)
         self.group_docs = group_docs
         self.group: list[np.ndarray] = []  # documents received, not yet in the packer's buffer
@@ -181,7 +187,8 @@ class PackRows:
             print(self.log_line(), flush=True)
         # An explicit tensor column: Ray's automatic conversion gives up on empty (0, T+1) batches.
         return pa.table({"tokens": ArrowTensorArray.from_numpy(rows),
-                         "file_index": pa.array(np.full(len(rows), newest_file, dtype=np.int32))})
+                         "file_index": pa.array(np.full(len(rows), newest_file, dtype=np.int32)),
+                         "stream_start": pa.array(np.full(len(rows), self.stream_start, dtype=np.int32))})
 
     def _add_group(self, drain: bool = False) -> np.ndarray:
         self.packer.add(self.group)
@@ -207,7 +214,8 @@ def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int,
                    buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS, file_indices: list[int] | None = None,
                    log_every_rows: int = LOG_EVERY_ROWS) -> ray.data.Dataset:
     """A Ray Dataset of packed rows over `files`, read in this order. file_indices gives the index
-    each file's rows are labelled with (default: its position in `files`)."""
+    each file's rows are labelled with (default: its position in `files`); the first file's index
+    labels every row as the stream's start."""
     if not files:
         raise ValueError("no parquet files to read: the split is empty")
     if sequence_len <= 0:
@@ -215,7 +223,8 @@ def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int,
     if buffer_docs <= 0:
         raise ValueError(f"buffer_docs must be a positive number of documents, not {buffer_docs}")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    source = ParquetRowGroupDatasource(files, list(range(len(files))) if file_indices is None else file_indices)
+    file_indices = list(range(len(files))) if file_indices is None else file_indices
+    source = ParquetRowGroupDatasource(files, file_indices)
     bos_id = _tokenizer(tokenizer_dir).get_bos_token_id()
     ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=len(source.units))
     # batch_size=None: one call per read task's block, the unit of tokenizing and packing too.
@@ -223,7 +232,7 @@ def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int,
                         batch_size=None, num_cpus=TOKENIZE_CPUS)
     return ds.map_batches(PackRows, batch_format="pyarrow", batch_size=None, num_cpus=PACK_CPUS,
                           fn_constructor_args=(sequence_len, bos_id, buffer_docs, source.num_documents,
-                                               log_every_rows),
+                                               log_every_rows, PACK_GROUP_DOCS, file_indices[0]),
                           compute=ray.data.ActorPoolStrategy(size=1))
 
 

@@ -206,6 +206,24 @@ def test_killed_worker_is_replaced_and_the_run_completes(recovered, two_workers)
     assert _val_bpb(history)[STEPS] == pytest.approx(_val_bpb(two_workers["history"])[STEPS], rel=0.03)
 
 
+@pytest.mark.parametrize("run", ["recovered", "resumed"])
+def test_restored_stream_starts_at_the_checkpoints_shard(run, request):
+    # Ray Train restarts the worker group after the injected death (recovered), and --resume
+    # starts a new one (resumed): either way the stream must start at the shard the step-4
+    # checkpoint recorded, so no row of an earlier shard is read again (the rows read again are
+    # those of that shard already trained on: at most one shard's worth). A trainer given the
+    # stream itself instead of TrainStreamFactory restarts it at shard 0, and the workers then
+    # skip the ~20 rows of every shard before the checkpoint's.
+    history = request.getfixturevalue(run)["history"]
+    [restore] = [r for r in history if r.get("restored_from_checkpoint")]
+    checkpoint_shard = restore["data_position"]["file_index"]
+    # 4 steps of 8 rows, packed from documents up to 128 ahead (4 shards of 30): the checkpoint
+    # lies shards into the stream, so a stream restarted at shard 0 would read rows again
+    assert checkpoint_shard >= 4
+    assert restore["stream_start"] == checkpoint_shard
+    assert restore["skipped_rows"] == 0
+
+
 def test_stopped_run_resumes_to_the_loss_of_an_uninterrupted_run(resumed, two_workers):
     history = resumed["history"]
     assert [r["step"] for r in history if r.get("restored_from_checkpoint")] == [SAVE_EVERY]

@@ -184,13 +184,14 @@ def test_packer_actor_drains_at_end_of_stream_and_logs_crop_fraction_and_rate(ca
     batches = [[[BOS] + rng.integers(100, 200, size=int(rng.integers(0, 40))).tolist() for _ in range(25)]
                for _ in range(4)]
     pack = PackRows(sequence_len=15, bos_id=BOS, buffer_docs=20, documents_in_stream=100, log_every_rows=10,
-                    group_docs=10)
+                    group_docs=10, stream_start=2)
     outputs = [pack(_batch(docs, file_index)) for file_index, docs in enumerate(batches)]
 
     for file_index, out in enumerate(outputs):
         rows = out.column("tokens").combine_chunks().to_numpy()
         assert rows.shape[1] == 16 and np.all(rows[:, 0] == BOS)
         assert out.column("file_index").to_pylist() == [file_index] * len(rows)
+        assert out.column("stream_start").to_pylist() == [2] * len(rows)
     packer = pack.packer
     # after the last document only a partial row is left, and every document went into the buffer
     assert pack.group == [] and packer.tokens_read == sum(len(d) for docs in batches for d in docs)
