@@ -214,8 +214,7 @@ class TrainStreamFactory:
     def __call__(self) -> ray.data.Dataset:
         found = latest_run_checkpoint(self.storage_path, self.run_name)
         start_file = found[1]["data_position"]["file_index"] if found else 0
-        datasets, _ = pretrain_data.build_datasets(**self.stream_args, start_file=start_file)
-        return datasets["train"]
+        return pretrain_data.train_dataset(**self.stream_args, start_file=start_file)
 
 
 def _train_batches(shard, batch_size: int, device: torch.device, num_files: int, resume: dict | None):

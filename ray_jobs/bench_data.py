@@ -45,7 +45,11 @@ import ray.data
 from nanochat.dataset import SOURCES, TEXT_COLUMN, resolve_source
 from nanochat.packing import DEFAULT_MIN_BUFFER_DOCS
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+from ray_jobs.bench_results import result_line
 from ray_jobs.pretrain_data import PackRows, ParquetRowGroupDatasource, packed_dataset
+
+# More logical CPUs must not make the stream slower: the most CPUs against the fewest, within noise.
+MORE_CPUS_TARGET = 0.95
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -198,6 +202,14 @@ def main(argv=None) -> None:
         if len(set(counts.values())) != 1:
             raise SystemExit(f"T={seq_len}: the runs made different numbers of rows {counts}: the stream is not "
                              "deterministic")
+    ray_runs = sorted({r["cpus"] for r in results if r["cpus"]})
+    for seq_len in args.seq_lens:
+        if len(ray_runs) < 2:
+            break
+        rate = {r["cpus"]: r["tokens_out"] / r["seconds"] for r in results if r["seq_len"] == seq_len and r["cpus"]}
+        # more CPUs must never make the stream slower (within a machine's noise)
+        print(result_line(f"ray_{ray_runs[-1]}cpu_vs_{ray_runs[0]}cpu_T{seq_len}", rate[ray_runs[-1]] / rate[ray_runs[0]],
+                          ">=", MORE_CPUS_TARGET))
 
 
 if __name__ == "__main__":

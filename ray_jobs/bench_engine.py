@@ -47,6 +47,7 @@ from nanochat.kv_cache import KVCache
 from nanochat.scheduler import Scheduler
 from nanochat.tokenizer import Tokenizer
 from ray_jobs import engine_timing
+from ray_jobs.bench_results import result_line
 
 KV_CACHE_TARGET = 5.0    # KV-cache decode at least this many times the naive loop
 SCHEDULER_TARGET = 3.0   # 8 concurrent requests at least this many times one request's throughput
@@ -227,11 +228,6 @@ def bench_against_reference(args) -> tuple[dict, dict]:
         return {key: (min if key.startswith("engine_step_us") else max)(r[key] for r in rounds) for key in rounds[0]}
 
     return best(ours), best(theirs)
-
-
-def result_line(name: str, value: float, op: str, target: float) -> str:
-    passed = value >= target if op == ">=" else value <= target
-    return f"RESULT {name} {value:.2f} target {op} {target:g} {'PASS' if passed else 'FAIL'}"
 
 
 def main(argv=None) -> dict:

@@ -55,6 +55,7 @@ from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier, muon_momentum, weight_decay_at
 from ray_jobs import base_train
 from ray_jobs.base_eval import packed_batches
+from ray_jobs.bench_results import result_line
 from ray_jobs.train_common import measure_matmul_flops
 
 
@@ -275,12 +276,6 @@ def stand_in_main(args) -> dict:
             percent = 100 * r["total"] / (step_ms / 1000)
             print(result_line(f"ray_overhead_percent_{step_ms:g}ms", percent, "<=", STAND_IN_TARGET_PERCENT))
     return results
-
-
-def result_line(name: str, value: float, op: str, target: float) -> str:
-    """The benchmark's machine-readable verdict on one target."""
-    passed = value >= target if op == ">=" else value <= target
-    return f"RESULT {name} {value:.3f} target {op} {target} {'PASS' if passed else 'FAIL'}"
 
 
 def main(argv=None) -> dict:

@@ -236,22 +236,26 @@ def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int,
                           compute=ray.data.ActorPoolStrategy(size=1))
 
 
-def build_datasets(source: str, tokenizer_dir: str, sequence_len: int, data_dir: str | None = None,
-                   buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS,
-                   start_file: int = 0) -> tuple[dict[str, ray.data.Dataset], dict]:
-    """{'train': ..., 'val': ...} for the trainer, and a description of the stream
-    ({'num_train_files', 'start_file'}) that the workers use to track their position.
-
-    The train stream starts at shard `start_file` (modulo the number of train shards) and labels
-    rows with shard indices in the sorted train file list; the val stream reads the validation
-    shard and labels its rows 0."""
-    shards = resolve_source(source, data_dir)
-    train_files = shards.train_files
+def train_dataset(source: str, tokenizer_dir: str, sequence_len: int, data_dir: str | None = None,
+                  buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS, start_file: int = 0) -> ray.data.Dataset:
+    """The train stream, starting at shard `start_file` (modulo the number of train shards); rows
+    are labelled with shard indices in the sorted train file list."""
+    train_files = resolve_source(source, data_dir).train_files
     start_file = start_file % len(train_files)
     rotated = train_files[start_file:] + train_files[:start_file]
     indices = [(start_file + i) % len(train_files) for i in range(len(train_files))]
+    return packed_dataset(rotated, tokenizer_dir, sequence_len, buffer_docs, file_indices=indices)
+
+
+def build_datasets(source: str, tokenizer_dir: str, sequence_len: int, data_dir: str | None = None,
+                   buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS,
+                   start_file: int = 0) -> tuple[dict[str, ray.data.Dataset], dict]:
+    """{'train': train_dataset(...), 'val': ...} and a description of the stream
+    ({'num_train_files', 'start_file'}); the val stream reads the validation shard and labels its
+    rows 0."""
+    shards = resolve_source(source, data_dir)
     datasets = {
-        "train": packed_dataset(rotated, tokenizer_dir, sequence_len, buffer_docs, file_indices=indices),
+        "train": train_dataset(source, tokenizer_dir, sequence_len, data_dir, buffer_docs, start_file),
         "val": packed_dataset(shards.val_files, tokenizer_dir, sequence_len, buffer_docs),
     }
-    return datasets, {"num_train_files": len(train_files), "start_file": start_file}
+    return datasets, {"num_train_files": len(shards.train_files), "start_file": start_file % len(shards.train_files)}
