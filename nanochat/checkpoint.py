@@ -79,6 +79,16 @@ def _optim_record_path(ckpt_dir: str, step: int, rank: int) -> str:
     return os.path.join(ckpt_dir, f"optim_{step:06d}_rank{rank}.json")
 
 
+_OPTIM_FILE = re.compile(r"^optim_\d+_rank(\d+)\.(pt|json)$")
+
+
+def optimizer_shard_rank(filename: str) -> int | None:
+    """The rank whose optimizer shard (or shard record) a checkpoint file is, None for the files
+    that every rank reads (meta, model, tokenizer copy)."""
+    match = _OPTIM_FILE.match(os.path.basename(filename))
+    return int(match.group(1)) if match else None
+
+
 def _how_to_create(path: str) -> str:
     """The command that writes checkpoints into `path`, judged by the phase dir in it."""
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
@@ -381,7 +391,7 @@ def check_step_files(ckpt_dir: str, step: int, filesystem: pyarrow.fs.FileSystem
     return meta
 
 
-def _verify_model_file(ckpt_dir: str, step: int, meta: dict) -> str:
+def _verify_model_file(ckpt_dir: str, step: int, meta: dict, hash_check: bool = True) -> str:
     model_path = _model_path(ckpt_dir, step)
     fix = "the file is truncated or corrupted; load an earlier step or copy the checkpoint again"
     if not os.path.isfile(model_path):
@@ -390,7 +400,7 @@ def _verify_model_file(ckpt_dir: str, step: int, meta: dict) -> str:
     size = os.path.getsize(model_path)
     if size != expected["bytes"]:
         raise CheckpointError(f"{model_path} has {size} bytes but its meta records {expected['bytes']}: {fix}")
-    if _sha256_file(model_path) != expected["sha256"]:
+    if hash_check and _sha256_file(model_path) != expected["sha256"]:
         raise CheckpointError(f"{model_path} does not match the sha256 in its meta: {fix}")
     return model_path
 
@@ -438,17 +448,25 @@ def _verify_tokenizer_copy(ckpt_dir: str, meta: dict) -> str | None:
     return tokenizer_dir
 
 
+def verify_model_file(ckpt_dir: str, step: int) -> None:
+    """Check one step's model file against the size and sha256 in its meta (CheckpointError if not)."""
+    step = _check_step(step)
+    _verify_model_file(ckpt_dir, step, _read_meta(ckpt_dir, step))
+
+
 def load_checkpoint(ckpt_dir: str, step: int, device: torch.device | str, load_optimizer: bool = False,
-                    rank: int = 0) -> tuple[dict, dict | None, dict]:
+                    rank: int = 0, model_verified: bool = False) -> tuple[dict, dict | None, dict]:
     """(model_state, optimizer_state or None, meta) of one step, tensors on `device`.
 
-    The model file is checked against the size and sha256 in the meta, the tokenizer copy (if
-    the checkpoint carries one) against its recorded hashes, and with `load_optimizer` this
-    rank's optimizer shard against its record, before anything is returned.
+    The model file is checked against the size and sha256 in the meta (only its size when
+    `model_verified` says verify_model_file already passed, as one rank per node does for the
+    others on restore: hashing a d20 model takes seconds), the tokenizer copy (if the checkpoint
+    carries one) against its recorded hashes, and with `load_optimizer` this rank's optimizer
+    shard against its record, before anything is returned.
     """
     step = _check_step(step)
     meta = _read_meta(ckpt_dir, step)
-    model_path = _verify_model_file(ckpt_dir, step, meta)
+    model_path = _verify_model_file(ckpt_dir, step, meta, hash_check=not model_verified)
     _verify_tokenizer_copy(ckpt_dir, meta)
     try:
         model_state = torch.load(model_path, map_location=device, weights_only=True)

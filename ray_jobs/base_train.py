@@ -4,7 +4,8 @@
 
 The driver resolves the config from the single `--depth` dial (and prints it), builds the packed
 Ray Data stream (ray_jobs.pretrain_data) and runs a `TorchTrainer`: every worker builds the GPT,
-reads its shard of the stream with `get_dataset_shard('train')`, and steps the distributed
+reads its own lane of the stream (read, tokenized and packed for it alone) with
+`get_dataset_shard('train_<rank>')`, and steps the distributed
 MuonAdamW (which averages the gradients itself: no DDP). Every step is reported to
 `ray.train.report` and to Ray metrics gauges; rank 0 prints one line per step. On schedule the
 workers evaluate validation bits per byte together, and CORE (each rank scoring a share of the
@@ -12,7 +13,7 @@ examples on its in-memory model), and rank 0 prints greedy samples. Checkpoints 
 `--save-every` steps, keeping the last K; `--resume` continues a run from its newest checkpoint,
 and `FailureConfig(max_failures)` replaces a dead worker and continues from the last checkpoint
 with nobody acting. Either way the train stream starts at the checkpoint's shard: the trainer is
-given a factory of the stream (TrainStreamFactory), which Ray Train calls at every start of the
+given a factory of each lane (TrainStreamFactory), which Ray Train calls at every start of the
 worker group, so a restart does not read, tokenize and pack again every shard before it. At the
 end the final model is exported to <base>/base_checkpoints/<model_tag>/ for the later stages,
 and the run's metrics history (kept in every checkpoint) is returned.
@@ -46,11 +47,10 @@ from nanochat.training import lr_multiplier, muon_momentum, resolve_horizon, wei
 from ray_jobs import pretrain_data
 from ray_jobs.base_eval import packed_batches
 from ray_jobs.gpus import resolve_use_gpu
-from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
-                                   device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint,
-                                   latest_run_checkpoint_meta, maybe_compile, previous_run, report_step,
-                                   report_with_checkpoint,
-                                   restore_from_checkpoint, restore_rng_state, rng_state, start_worker)
+from ray_jobs.train_common import (Checkpointer, ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce,
+                                   build_model, device_peak_flops, export_final_model, fit_trainer,
+                                   latest_run_checkpoint, latest_run_checkpoint_meta, maybe_compile, previous_run,
+                                   report_step, restore_from_checkpoint, restore_rng_state, rng_state, start_worker)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -99,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Ray
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU)")
     p.add_argument("--cpus-per-worker", type=float, default=-1.0,
-                   help="CPUs per CPU-only train worker; -1 = share the CPUs, leaving 1.5 for Ray Data")
+                   help="CPUs per CPU-only train worker; -1 = share the CPUs, leaving Ray Data a quarter per packer and 1 more")
     add_run_flags(p, "base")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model (auto = on CUDA, and on CPU when a C++ compiler is installed)")
@@ -200,16 +200,18 @@ def worker_val_batches(rows: np.ndarray, batch_size: int, rank: int, world: int,
 
 
 class TrainStreamFactory:
-    """The train stream for Ray Train, built when called: Ray Train V2 calls a callable dataset at
-    every start of the worker group (the first, and each restart after a worker failure), and the
-    stream then starts at the shard of the run's newest complete checkpoint in storage, the one the
-    restarted workers restore (restore_from_checkpoint), or at shard 0 when there is none. Given
-    the stream itself, a restart would read, tokenize and pack again every shard before it."""
+    """One worker's lane of the train stream for Ray Train, built when called: Ray Train V2 calls a
+    callable dataset at every start of the worker group (the first, and each restart after a
+    worker failure), and the lane then starts at the shard of the run's newest complete checkpoint
+    in storage, the one the restarted workers restore (restore_from_checkpoint), or at shard 0
+    when there is none. Given the dataset itself, a restart would read, tokenize and pack again
+    every shard before it."""
 
-    def __init__(self, cfg: dict, args: argparse.Namespace):
+    def __init__(self, cfg: dict, args: argparse.Namespace, lane: int):
         self.storage_path, self.run_name = cfg["storage_path"], cfg["run_name"]
         self.stream_args = {"source": args.source, "data_dir": args.data_dir, "tokenizer_dir": cfg["tokenizer_dir"],
-                            "sequence_len": args.max_seq_len, "buffer_docs": args.pack_buffer_docs}
+                            "sequence_len": args.max_seq_len, "buffer_docs": args.pack_buffer_docs,
+                            "lane": lane, "num_lanes": args.num_workers}
 
     def __call__(self) -> ray.data.Dataset:
         found = latest_run_checkpoint(self.storage_path, self.run_name)
@@ -289,7 +291,8 @@ def train_loop_per_worker(config: dict) -> None:
     history = meta["history"] if meta else []  # every report of the run so far (rank 0 keeps it)
     if meta:
         restore_rng_state(meta["rng_state"])
-        history.append({"step": start_step, "restored_from_checkpoint": True})
+        history.append({"step": start_step, "restored_from_checkpoint": True,
+                        "model_verifications": meta["model_verifications"]})
     train_model = maybe_compile(model, args.compile, device)
 
     num_steps = horizon["num_iterations"]
@@ -303,10 +306,11 @@ def train_loop_per_worker(config: dict) -> None:
         print0(f"MFU against {peak / 1e12:.3g} TFLOP/s per worker ({peak_source})" if peak > 0 else "MFU: n/a")
     metrics = TrainMetrics(cfg["run_name"], "nanochat_base", args.run, cfg) if rank == 0 else None
     progress = ProgressLine(num_steps, start_step)
+    checkpointer = Checkpointer(cfg["tokenizer_dir"], device)
 
     num_files = cfg["stream"]["num_train_files"]
-    train_iter = _train_batches(ray.train.get_dataset_shard("train"), args.device_batch_size, device, num_files,
-                                meta["data_position"] if meta else None)
+    train_iter = _train_batches(ray.train.get_dataset_shard(f"train_{rank}"), args.device_batch_size, device,
+                                num_files, meta["data_position"] if meta else None)
     data_wait = Stopwatch()
     x, y, position = next(train_iter)  # the first batch waits for the pipeline to start: not counted
     if meta:  # the checkpoint's shard, where the restored stream started, and the rows read again before it
@@ -341,23 +345,25 @@ def train_loop_per_worker(config: dict) -> None:
             if metrics is not None:
                 metrics.publish(step, record)
         if save_now:
-            slowest = int(all_reduce(position["offset"], device, op=torch.distributed.ReduceOp.MIN))
-            data_position = {"epoch": position["epoch"],
+            # the lanes' epochs end at different steps: the slowest is the smallest (epoch, offset)
+            stream_progress = position["epoch"] * num_files + position["offset"]
+            slowest = int(all_reduce(stream_progress, device, op=torch.distributed.ReduceOp.MIN))
+            data_position = {"epoch": slowest // num_files,
                              "file_index": (position["stream_start"] + slowest) % num_files}
             checkpoint_meta = {"model_config": cfg["model_config"], "data_position": data_position,
                                "user_config": cfg["args"], "val_bpb": val_bpb, "rng_state": rng_state(),
                                "horizon": horizon, "history": history}
             saving = time.perf_counter()
-            report_with_checkpoint(record, step, model, optimizer, checkpoint_meta, cfg["tokenizer_dir"])
-            record["checkpoint_seconds"] = time.perf_counter() - saving  # in the history of later checkpoints
+            checkpointer.save(record, step, model, optimizer, checkpoint_meta, wait=last_step)
+            record["checkpoint_seconds"] = time.perf_counter() - saving  # the stall, kept in later checkpoints
         elif eval_now or core_now:
             ray.train.report(record)
         if last_step:
             break
 
         # --- one optimizer step over grad_accum micro-batches
-        if args.fail_at_step == step and not meta and rank == world - 1:
-            os._exit(1)  # injected worker death (tests): FailureConfig must bring the run back
+        if args.fail_at_step == step and not meta:  # injected worker death (tests): FailureConfig must bring the run back
+            checkpointer.crash_after_stored(cfg, rank, world)
         t0 = time.perf_counter()
         lrm = lr_multiplier(step, num_steps, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac,
                             args.warmup_steps)
@@ -391,7 +397,7 @@ def train_loop_per_worker(config: dict) -> None:
                   "time": time.time()}
         if mfu is not None:
             record["mfu"] = mfu
-        record.update(report_step(record, history, metrics, progress))
+        record.update(report_step(record, history, metrics, progress, checkpointer))
     if metrics is not None:
         metrics.close()
 
@@ -405,11 +411,12 @@ def main(argv=None) -> dict:
         cfg = resolve_config(args)
         print_config(cfg)
         previous_run(cfg, args)  # refuses a run with checkpoints unless --resume
-        train_stream = TrainStreamFactory(cfg, args)
-        # Built once here as well: unusable shards stop the run with a message before it starts, and
-        # building sets the ingest options (preserve_order) on this driver's DataContext, which the
-        # trainer takes along to the stream's split.
-        train_stream()
+        train_lanes = {f"train_{lane}": TrainStreamFactory(cfg, args, lane) for lane in range(args.num_workers)}
+        # Built once here as well: unusable shards (or too few for the workers) stop the run with a
+        # message before it starts, and building sets the ingest options (preserve_order) on this
+        # driver's DataContext, which the trainer takes along to the lanes.
+        for lane in train_lanes.values():
+            lane()
         cfg["stream"] = {"num_train_files": len(resolve_source(args.source, args.data_dir).train_files)}
         val_rows = validation_rows(resolve_source(args.source, args.data_dir).val_files, cfg["tokenizer_dir"],
                                    args.device_batch_size, args.max_seq_len,
@@ -433,13 +440,13 @@ def main(argv=None) -> dict:
     cpus_per_worker = args.cpus_per_worker
     if cpus_per_worker <= 0:
         # Logical CPUs only schedule work (each worker sets its torch threads from the node's
-        # cores); leave 1.5 for Ray Data's read, tokenize and pack stages.
-        cpus_per_worker = max(0.1, min(1.0, (ray.cluster_resources().get("CPU", 2) - 1.5) / args.num_workers))
+        # cores); leave each lane's packer its share, and one CPU for the read and tokenize tasks.
+        data_cpus = 1.0 + pretrain_data.PACK_CPUS * args.num_workers
+        cpus_per_worker = max(0.1, min(1.0, (ray.cluster_resources().get("CPU", 2) - data_cpus) / args.num_workers))
     result = fit_trainer("base_train", train_loop_per_worker,
                          {"cfg": cfg, "refs": {"val_rows": ray.put(val_rows), "core_tasks": core_tasks}}, cfg, args,
                          None if cfg["use_gpu"] else {"CPU": cpus_per_worker},
-                         datasets={"train": train_stream},
-                         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+                         datasets=train_lanes, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     exported = export_final_model(result, cfg)
     print0(f"final model exported to {exported}")
     meta = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])  # the final checkpoint's

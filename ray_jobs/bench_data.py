@@ -15,6 +15,21 @@ Rows of the table, for every sequence length T:
   processes use every core in each run; what changes is the pipeline's parallelism, as it would on
   a cluster node with that many CPUs.
 
+Then one table for packing at scale: --consumers simulated train workers (Ray actors, each a
+process of its own as a train worker is, reading as fast as they can) take rows of
+T = --consumer-seq-len from one fresh local Ray with --consumer-cpus logical CPUs, the shards
+streamed --copies times in a pass (--packing-copies when only packing runs) so that start-up
+weighs little, in four runs:
+- `one packer, full`: the whole stream through a single packer actor, split among the consumers
+  with `streaming_split` (how base_train fed its workers before lanes);
+- `lanes, full`: one lane per consumer (ray_jobs.pretrain_data: the read units dealt
+  round-robin, each lane with its own packer), as base_train feeds its workers now;
+- `one packer, packing only` and `lanes, packing only`: the same two designs fed with documents
+  tokenized beforehand and held in the object store, so that the packers alone set the rate. This
+  is the ceiling of each design once a cluster has CPUs enough to tokenize: one packer's is fixed
+  at what one process packs, the lanes' grows with the consumers. On a machine with fewer cores
+  than consumers the lanes share the cores, so the ratio measured here understates a cluster's.
+
 Columns: `pass s` is the wall time of one pass, from asking for the first row to the last, the
 fastest of --repeats passes; `first row s` is the part of that pass spent starting (the packer
 actor is a new process each pass, Ray's tasks are scheduled, the packer's buffer fills), which a
@@ -46,10 +61,15 @@ from nanochat.dataset import SOURCES, TEXT_COLUMN, resolve_source
 from nanochat.packing import DEFAULT_MIN_BUFFER_DOCS
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from ray_jobs.bench_results import result_line
-from ray_jobs.pretrain_data import PackRows, ParquetRowGroupDatasource, packed_dataset
+from ray_jobs.pretrain_data import (PackRows, ParquetRowGroupDatasource, pack_stage, packed_dataset, read_row_groups,
+                                    tokenize_documents)
 
 # More logical CPUs must not make the stream slower: the most CPUs against the fewest, within noise.
 MORE_CPUS_TARGET = 0.95
+# Lanes against one packer for the same consumers: never slower over the whole pipeline (within
+# noise), and faster where only packing works, on any machine with two cores or more.
+LANES_FULL_TARGET = 0.95
+LANES_PACKING_TARGET = 1.3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,8 +83,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="documents the best-fit packer chooses from")
     parser.add_argument("--max-files", type=int, default=0, help="stream only the first N training shards (0 = all)")
     parser.add_argument("--repeats", type=int, default=2, help="passes per run and T; the fastest is reported")
+    parser.add_argument("--consumers", type=int, default=8, help="simulated train workers for the packing table "
+                        "(0 = skip it)")
+    parser.add_argument("--consumer-seq-len", type=int, default=2048, help="T of the rows the consumers take")
+    parser.add_argument("--copies", type=int, default=4,
+                        help="times the training shards are streamed in one pass of a 'full' run of the packing "
+                        "table, so that start-up weighs little")
+    parser.add_argument("--packing-copies", type=int, default=32,
+                        help="the same for the 'packing only' runs, which go through the documents much faster")
+    parser.add_argument("--consumer-cpus", type=int, default=4,
+                        help="logical CPUs of the Ray for the packing table (each lane's packer holds 0.25)")
     # Set by the benchmark for the subprocess that runs one CPU count.
     parser.add_argument("--child-cpus", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--child-consumers", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("cpus", "seq_lens"):
@@ -78,6 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         setattr(args, name, sorted(set(values)))
     if args.buffer_docs < 1 or args.max_files < 0 or args.repeats < 1:
         parser.error("--buffer-docs and --repeats must be at least 1, --max-files at least 0")
+    if (args.consumers < 0 or args.consumer_seq_len < 1 or min(args.copies, args.packing_copies) < 1
+            or args.consumer_cpus * 4 < args.consumers + 3):
+        parser.error("--consumers must be at least 0, --consumer-seq-len, --copies and --packing-copies at least "
+                     "1, and --consumer-cpus must hold a quarter CPU per lane's packer and one CPU besides for "
+                     "reading and tokenizing")
     args.tokenizer_dir = args.tokenizer_dir or get_tokenizer_dir()
     return args
 
@@ -144,20 +180,122 @@ def run_child(args) -> None:
         json.dump(results, f)
 
 
-def run_cpu_count(cpus: int, argv: list[str], workdir: str) -> list[dict]:
-    result_file = os.path.join(workdir, f"cpus_{cpus}.json")
-    log_file = os.path.join(workdir, f"cpus_{cpus}.log")
-    command = [sys.executable, "-m", "ray_jobs.bench_data", *argv, "--child-cpus", str(cpus),
-               "--result-file", result_file]
-    print(f"starting a local Ray with {cpus} CPU", flush=True)
+@ray.remote(num_cpus=0)
+class Consumer:
+    """A simulated train worker: a process of its own that reads a stream (a lane's dataset or a
+    split's iterator) to its end as fast as it can, as a train worker's ingest does."""
+
+    def read(self, stream) -> tuple[int, float, float]:
+        """(rows, wall time of the first row, wall time of the end)."""
+        rows, first = 0, None
+        for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+            if first is None and len(batch["tokens"]):
+                first = time.time()
+            rows += len(batch["tokens"])
+        return rows, first, time.time()
+
+
+def consume_concurrently(consumers: list, streams: list) -> dict:
+    """Each consumer reads its stream, all at once. Returns the rows in all, the seconds until the
+    last consumer is done, the seconds until the last one got its first row (the start-up: packer
+    actors and tasks starting, buffers filling), and rows/s over the whole pass."""
+    started = time.time()
+    results = ray.get([consumer.read.remote(stream) for consumer, stream in zip(consumers, streams, strict=True)])
+    if any(first is None for _, first, _ in results):
+        raise SystemExit("a consumer got no rows: the shards hold too little text for this many consumers")
+    rows = sum(r for r, _, _ in results)
+    seconds = max(end for _, _, end in results) - started
+    return {"rows": rows, "seconds": seconds, "first_row_seconds": max(first for _, first, _ in results) - started,
+            "rows_per_s": rows / seconds}
+
+
+def tokenized_units(files: list[str], tokenizer_dir: str) -> list[pa.Table]:
+    """The stream's read units tokenized in this process, as the tokenize stage makes them."""
+    units = ParquetRowGroupDatasource(files, list(range(len(files)))).units
+    return [tokenize_documents(table, tokenizer_dir) for path, row_groups, index, _, _ in units
+            for table in read_row_groups(path, row_groups, index)]
+
+
+def packing_streams(design: str, files: list[str], tokenized: list, args) -> list:
+    """What the consumers read, for one design: 'one packer' (a single packer, split among the
+    consumers) or 'lanes' (a lane per consumer); over the shards, or with `tokenized` documents
+    already in the object store (then only the packers work)."""
+    n, seq_len = args.consumers, args.consumer_seq_len
+    bos = Tokenizer.from_directory(args.tokenizer_dir).get_bos_token_id()
+
+    def packed_from_store(tables: list) -> ray.data.Dataset:
+        return pack_stage(ray.data.from_arrow_refs(tables), seq_len, bos, args.buffer_docs,
+                          sum(ray.get(table).num_rows for table in tables), log_every_rows=0)
+
+    if design == "one packer":
+        whole = (packed_from_store(tokenized) if tokenized else
+                 packed_dataset(files, args.tokenizer_dir, seq_len, args.buffer_docs, log_every_rows=0))
+        return whole.streaming_split(n, equal=True)
+    if tokenized:
+        return [packed_from_store(tokenized[lane::n]) for lane in range(n)]
+    return [packed_dataset(files, args.tokenizer_dir, seq_len, args.buffer_docs, log_every_rows=0, lane=lane,
+                           num_lanes=n) for lane in range(n)]
+
+
+def run_consumers_child(args) -> None:
+    """Inside the subprocess for the packing table: one local Ray, the four runs, as JSON."""
+    files, val_files = split_files(args)
+    ray.init(address="local", num_cpus=args.consumer_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    try:
+        stream_with_ray(val_files, args, args.consumer_seq_len)  # warm-up: start the workers
+        tokenized = [ray.put(table) for table in tokenized_units(files, args.tokenizer_dir)] * args.packing_copies
+        files = files * args.copies
+        consumers = [Consumer.remote() for _ in range(args.consumers)]
+        ray.get([consumer.__ray_ready__.remote() for consumer in consumers])
+        results = []
+        for stage in ("full", "packing only"):
+            for design in ("one packer", "lanes"):
+                passes = [consume_concurrently(consumers, packing_streams(
+                    design, files, tokenized if stage == "packing only" else [], args)) for _ in range(args.repeats)]
+                best = max(passes, key=lambda p: p["rows_per_s"])
+                print(f"  {design}, {stage}: {best['rows']:,} rows in {best['seconds']:.1f}s", flush=True)
+                results.append({"design": design, "stage": stage, **best})
+    finally:
+        ray.shutdown()
+    with open(args.result_file, "w") as f:
+        json.dump(results, f)
+
+
+def run_child_process(label: str, flags: list[str], argv: list[str], workdir: str) -> list:
+    """Run this benchmark in a subprocess with `flags` (a fresh local Ray); its JSON results."""
+    name = label.replace(" ", "_")
+    result_file = os.path.join(workdir, f"{name}.json")
+    log_file = os.path.join(workdir, f"{name}.log")
+    command = [sys.executable, "-m", "ray_jobs.bench_data", *argv, *flags, "--result-file", result_file]
+    print(f"starting a local Ray for {label}", flush=True)
     with open(log_file, "w") as log:
         status = subprocess.run(command, stderr=log, check=False).returncode
     if status != 0:
         with open(log_file) as log:
             tail = log.read()[-3000:]
-        raise SystemExit(f"the run with {cpus} CPU failed (exit status {status}); the end of its log:\n{tail}")
+        raise SystemExit(f"the run for {label} failed (exit status {status}); the end of its log:\n{tail}")
     with open(result_file) as f:
         return json.load(f)
+
+
+def print_packing_table(results: list[dict], args) -> None:
+    print(f"\npacking for {args.consumers} consumer processes, T={args.consumer_seq_len}, {args.consumer_cpus} "
+          f"logical CPUs, the shards streamed {args.copies} times in a full pass, {args.packing_copies} in a packing "
+          "one")
+    header = (f"{'design':<12} {'stage':<13} {'rows':>7} {'pass s':>7} {'first row s':>11} {'rows/s':>8} "
+              f"{'vs one packer':>13}")
+    print(header)
+    print("-" * len(header))
+    rate = {(r["design"], r["stage"]): r["rows_per_s"] for r in results}
+    for r in results:
+        ratio = rate[(r["design"], r["stage"])] / rate[("one packer", r["stage"])]
+        print(f"{r['design']:<12} {r['stage']:<13} {r['rows']:>7,} {r['seconds']:>7.1f} "
+              f"{r['first_row_seconds']:>11.1f} {r['rows_per_s']:>8,.0f} {ratio:>12.2f}x")
+    for stage, target in (("full", LANES_FULL_TARGET), ("packing only", LANES_PACKING_TARGET)):
+        print(result_line(f"lanes_vs_one_packer_{stage.replace(' ', '_')}_{args.consumers}consumers",
+                          rate[("lanes", stage)] / rate[("one packer", stage)], ">=", target))
 
 
 def print_table(results: list[dict], tokens_read: int) -> None:
@@ -183,6 +321,9 @@ def main(argv=None) -> None:
     if args.child_cpus:
         run_child(args)
         return
+    if args.child_consumers:
+        run_consumers_child(args)
+        return
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
     files, _ = split_files(args)
     print(f"source {args.source!r}: {len(files)} training shard(s), {tokenizer.get_vocab_size():,}-token vocabulary, "
@@ -194,7 +335,10 @@ def main(argv=None) -> None:
         print(f"  no Ray, T={seq_len}: {results[-1]['rows']:,} rows in {results[-1]['seconds']:.1f}s", flush=True)
     tokens_read = results[0]["tokens_read"]
     with tempfile.TemporaryDirectory(prefix="bench_data_") as workdir:
-        results += [r for cpus in args.cpus for r in run_cpu_count(cpus, argv, workdir)]
+        results += [r for cpus in args.cpus
+                    for r in run_child_process(f"{cpus} CPU", ["--child-cpus", str(cpus)], argv, workdir)]
+        packing = (run_child_process(f"{args.consumers} consumers", ["--child-consumers"], argv, workdir)
+                   if args.consumers else [])
     print(f"{tokens_read:,} tokens read per pass")
     print_table(results, tokens_read)
     for seq_len in args.seq_lens:
@@ -210,6 +354,9 @@ def main(argv=None) -> None:
         # more CPUs must never make the stream slower (within a machine's noise)
         print(result_line(f"ray_{ray_runs[-1]}cpu_vs_{ray_runs[0]}cpu_T{seq_len}", rate[ray_runs[-1]] / rate[ray_runs[0]],
                           ">=", MORE_CPUS_TARGET))
+
+    if packing:
+        print_packing_table(packing, args)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ from nanochat.tasks import get_task
 from nanochat.tasks.common import DatasetDownloadError
 from nanochat.tokenizer import Tokenizer
 from ray_jobs.gpus import resolve_use_gpu
-from ray_jobs.train_common import (ProgressLine, TrainMetrics, add_run_flags, all_reduce, build_model,
+from ray_jobs.train_common import (Checkpointer, ProgressLine, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    export_final_model, fit_trainer, latest_run_checkpoint_meta, previous_run,
-                                   report_with_checkpoint, restore_from_checkpoint, start_worker)
+                                   restore_from_checkpoint, start_worker)
 
 RL_TASKS = ("gsm8k", "arithmetic")
 # Sizes of the generated task's splits (the real sets are used whole).
@@ -341,6 +341,7 @@ def train_loop_per_worker(config: dict) -> None:
         fleet.publish(model.state_dict(), start_step)
         fleet.sync()
     progress = ProgressLine(num_steps, start_step)
+    checkpointer = Checkpointer(cfg["tokenizer_dir"], device)
     eval_scores = {}
     try:
         for step in range(start_step, num_steps + 1):
@@ -358,10 +359,11 @@ def train_loop_per_worker(config: dict) -> None:
                 print0(f"step {step:5d} | pass@1 {eval_scores['pass_at_1']:.4f} | pass@{args.eval_k} "
                        f"{eval_scores['pass_at_k']:.4f} on {min(args.eval_examples, cfg['num_test'])} test problems")
             if save_now:
-                report_with_checkpoint(record, step, model, optimizer,
-                                       {"model_config": cfg["model_config"], "user_config": cfg["args"],
-                                        "source_model": cfg["source_checkpoint_dir"], "history": history,
-                                        **eval_scores}, cfg["tokenizer_dir"])
+                # written before the next step: RL steps do not report in between
+                checkpointer.save(record, step, model, optimizer,
+                                  {"model_config": cfg["model_config"], "user_config": cfg["args"],
+                                   "source_model": cfg["source_checkpoint_dir"], "history": history, **eval_scores},
+                                  wait=True)
             if last_step:
                 break
 

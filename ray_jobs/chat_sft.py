@@ -40,9 +40,9 @@ from nanochat.tasks import TaskMixture, get_task
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier
 from ray_jobs.gpus import resolve_use_gpu
-from ray_jobs.train_common import (ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce, build_model,
-                                   device_peak_flops, export_final_model, fit_trainer, latest_run_checkpoint_meta,
-                                   maybe_compile, previous_run, report_step, report_with_checkpoint,
+from ray_jobs.train_common import (Checkpointer, ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce,
+                                   build_model, device_peak_flops, export_final_model, fit_trainer,
+                                   latest_run_checkpoint_meta, maybe_compile, previous_run, report_step,
                                    restore_from_checkpoint, start_worker)
 
 # (task name, split, keyword arguments, copies): copies > 1 oversample small sets.
@@ -193,6 +193,7 @@ def train_loop_per_worker(config: dict) -> None:
         print0(f"MFU against {peak / 1e12:.3g} TFLOP/s per worker ({peak_source})" if peak > 0 else "MFU: n/a")
     metrics = TrainMetrics(cfg["run_name"], "nanochat_sft", args.run, cfg) if rank == 0 else None
     progress = ProgressLine(num_steps, start_step)
+    checkpointer = Checkpointer(cfg["tokenizer_dir"], device)
     batches = _train_batches(train_task, tokenizer, cfg["row_len"], batch_size, rank, world, device)
     for _ in range(start_step * grad_accum):  # a resumed run continues where the data stopped
         next(batches)
@@ -218,14 +219,14 @@ def train_loop_per_worker(config: dict) -> None:
             checkpoint_meta = {"model_config": cfg["model_config"], "user_config": cfg["args"], "val_loss": val_loss,
                                "base_model": cfg["base_checkpoint_dir"], "base_step": cfg["base_step"],
                                "history": history}
-            report_with_checkpoint(record, step, model, optimizer, checkpoint_meta, cfg["tokenizer_dir"])
+            checkpointer.save(record, step, model, optimizer, checkpoint_meta, wait=last_step)
         elif eval_now:
             ray.train.report(record)
         if last_step:
             break
 
-        if args.fail_at_step == step and not meta and rank == world - 1:
-            os._exit(1)  # injected worker death (tests): a restart or --resume continues from the checkpoint
+        if args.fail_at_step == step and not meta:  # injected worker death (tests): a restart or --resume continues from the checkpoint
+            checkpointer.crash_after_stored(cfg, rank, world)
         t0 = time.perf_counter()
         lrm = lr_multiplier(step, num_steps, 0.0, args.warmdown_ratio, 0.0)
         for group in optimizer.param_groups:
@@ -250,7 +251,7 @@ def train_loop_per_worker(config: dict) -> None:
                   "assistant_tokens": tokens, "step_seconds": dt, "data_wait_seconds": waited, "time": time.time()}
         if mfu is not None:
             record["mfu"] = mfu
-        report_step(record, history, metrics, progress)
+        report_step(record, history, metrics, progress, checkpointer)
     if metrics is not None:
         metrics.close()
 

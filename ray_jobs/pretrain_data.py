@@ -1,9 +1,9 @@
 """The pretraining data stream on Ray Data: parquet shards -> tokenized documents -> best-fit
-packed rows of T+1 tokens, streamed into the Ray Train workers.
+packed rows of T+1 tokens, one lane of the stream per Ray Train worker.
 
-    read_datasource(ParquetRowGroupDatasource)  a read task per ~4 MB of row groups, in file order
+    read_datasource(ParquetRowGroupDatasource)  this lane's read tasks, ~4 MB of row groups each, in file order
       -> map_batches(tokenize_documents)  CPU tasks: BOS + tokens per document, parallel over the cluster
-      -> map_batches(PackRows)            ONE stateful actor holding the best-fit buffer (nanochat.packing)
+      -> map_batches(PackRows)            the lane's own stateful actor holding a best-fit buffer (nanochat.packing)
       -> {'tokens': int32 (T+1,), 'file_index': int32, 'stream_start': int32}   one packed row per record
 
 Why not ray.data.read_parquet: in Ray 2.60 it packs small files into one read task (the whole
@@ -14,36 +14,45 @@ each, so a tiny row group does not cost a task of its own; one row group, about 
 the Hugging Face sets) stream in small units, keep the file order exactly, and need a quarter of a
 CPU. A read task is also the unit of tokenizing and packing (batch_size=None).
 
-Every row starts with BOS, has exactly T+1 tokens and no padding. A document lands in at most one
-row (the part of a cropped document that does not fit is dropped, as the seed does), and a row
-goes to exactly one worker (Ray Train's `streaming_split`), so within an epoch a document reaches
-at most one worker. Each epoch re-runs the pipeline over the same files in the same order.
+Lanes: the read units of the stream, in file order, are dealt round-robin to `num_lanes` lanes
+(unit u goes to lane u % num_lanes), and each lane is a dataset of its own with its own packer
+actor; base_train gives worker r lane r. Packing is sequential by nature (one best-fit buffer,
+rows in the order of the documents), so a single packer for the whole cluster would make every
+GPU wait on one Python process: one packer makes about 2,000 rows of 2049 tokens per second on
+one core (bench_data measures it), which a few 8-GPU nodes consume. With a packer per lane the
+packing capacity grows with the workers, and the deal depends only on the file list and the
+number of lanes, so the same flags give the same rows to the same worker on every run.
 
-Why one packer: the best-fit choice needs one buffer of candidates, the rows must come out in file
-order for the position labels below to mean anything, and one actor is the only place that sees
-the whole stream and so can tell where it ends. Packing is cheap next to tokenizing (bisections
-on a sorted buffer), so the single actor does not limit throughput; tokenizing scales with CPUs.
+Every row starts with BOS, has exactly T+1 tokens and no padding. A document lands in at most one
+row (the part of a cropped document that does not fit is dropped, as the seed does), and a read
+unit belongs to exactly one lane, so within an epoch a document reaches at most one worker. Each
+epoch re-runs a lane over the same units in the same order; lanes hold slightly different
+amounts of text, so their epochs end at different steps.
 
 End of stream: Ray Data gives a map_batches actor no end-of-input call, so the packer is told how
-many documents the files hold (from the parquet footers, read on the driver) and drains its buffer
-when it has seen them all: per epoch only the last partial row (< T+1 tokens) is lost, instead
-of the whole buffer (buffer_docs documents, which for a small validation shard can be all of it).
+many documents its lane holds (from the parquet footers, read on the driver) and drains its
+buffer when it has seen them all: per lane and epoch only the last partial row (< T+1 tokens) is
+lost, instead of the whole buffer (buffer_docs documents, which for a small validation shard can
+be all of it). A packer that Ray restarted would have lost its buffer and its count, so the
+packer actors are never restarted (max_restarts=0): a lost packer fails its worker's stream, and
+Ray Train restarts the worker group from the newest checkpoint, whose position is exact.
 
 Resume: a row carries the index of the shard its newest document came from, and the index of
-the shard its stream started at (so a worker can place the row in the stream's file order
-whichever stream it was given). A checkpoint records the shard the slowest worker had reached; a
-resumed run starts its stream at that shard (the file list is rotated, so every epoch still
+the shard its stream started at (so a worker can place the row in the stream's file order). A
+checkpoint records the position of the slowest worker (the smallest epoch and shard offset); a
+resumed run starts every lane at that shard (the file list is rotated, so every epoch still
 covers every shard once), and so does a run that Ray Train restarts after a worker failure
-(base_train passes the trainer a factory of the train stream, which Ray Train calls at every
-start of the worker group, not the stream itself, which it would read again from the run's first
-shard). What a resume or a restart repeats: the part of that shard already trained on. What it
-skips until the next epoch: the documents the packer had buffered but not yet emitted when the
-checkpoint was taken (at most buffer_docs documents, in practice mostly long ones, which
-best-fit places last).
+(base_train passes the trainer factories of the lanes, which Ray Train calls at every start of
+the worker group, not the datasets themselves, which it would read again from the run's first
+shard). What a resume or a restart repeats: the shards from the slowest worker's to the fastest
+worker's, in part (the lanes move through neighbouring units in step, so about one shard per
+worker at most). What it skips until the next epoch: the documents the packers had buffered but
+not yet emitted when the checkpoint was taken (at most buffer_docs documents per lane, in
+practice mostly long ones, which best-fit places last).
 
 Order is deterministic (Ray Data's preserve_order, set on the driver's DataContext because Ray
 Train takes its ingest options from there), so the same flags give the same stream and the
-validation stream is the same on every run.
+validation stream is the same on every build.
 """
 
 import functools
@@ -82,7 +91,7 @@ def _tokenizer(tokenizer_dir: str) -> Tokenizer:
     return Tokenizer.from_directory(tokenizer_dir)
 
 
-def _read_row_groups(path: str, row_groups: list[int], file_index: int) -> Iterable[pa.Table]:
+def read_row_groups(path: str, row_groups: list[int], file_index: int) -> Iterable[pa.Table]:
     """A read task's work: the texts of some row groups of one file, labelled with its shard's index."""
     texts = pq.ParquetFile(path).read_row_groups(row_groups, columns=[TEXT_COLUMN]).column(TEXT_COLUMN)
     return [pa.table({TEXT_COLUMN: texts, "file_index": pa.array(np.full(len(texts), file_index, dtype=np.int32))})]
@@ -92,10 +101,15 @@ class ParquetRowGroupDatasource(Datasource):
     """The 'text' column of parquet files, read in the order given, a few row groups per task.
 
     Only the footers are read on the driver: they say how many row groups and documents there are.
-    Consecutive row groups of a file share a read task until it holds READ_TASK_BYTES of text."""
+    Consecutive row groups of a file share a read task until it holds READ_TASK_BYTES of text.
+    With num_lanes > 1 only the units of one lane are read: every num_lanes-th unit, from the
+    lane-th (see the module's note on lanes)."""
 
-    def __init__(self, files: list[str], file_indices: list[int], read_task_bytes: int = READ_TASK_BYTES):
+    def __init__(self, files: list[str], file_indices: list[int], read_task_bytes: int = READ_TASK_BYTES,
+                 lane: int = 0, num_lanes: int = 1):
         super().__init__()
+        if not 0 <= lane < num_lanes:
+            raise ValueError(f"lane {lane} does not exist: the stream has lanes 0 to {num_lanes - 1}")
         self.units = []  # (path, row groups, file index, documents, uncompressed bytes)
         for path, file_index in zip(files, file_indices, strict=True):
             metadata = pq.read_metadata(path)
@@ -111,6 +125,11 @@ class ParquetRowGroupDatasource(Datasource):
                 if size >= read_task_bytes or row_group == metadata.num_row_groups - 1:
                     self.units.append((path, groups, file_index, rows, size))
                     groups, rows, size = [], 0, 0
+        if len(self.units) < num_lanes:
+            raise ValueError(f"the {len(files)} file(s) make {len(self.units)} read unit(s) of up to "
+                             f"{read_task_bytes / 2**20:.0f} MB of text, fewer than the {num_lanes} workers that "
+                             "each need a lane of their own: use fewer workers, or more (or smaller) row groups")
+        self.units = self.units[lane::num_lanes]
 
     @property
     def num_documents(self) -> int:
@@ -122,7 +141,7 @@ class ParquetRowGroupDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         # One task per unit whatever parallelism Ray suggests: the units are what streams, in order.
-        return [ReadTask(functools.partial(_read_row_groups, path, row_groups, file_index),
+        return [ReadTask(functools.partial(read_row_groups, path, row_groups, file_index),
                          BlockMetadata(num_rows=rows, size_bytes=size, exec_stats=None, input_files=[path]))
                 for path, row_groups, file_index, rows, size in self.units]
 
@@ -148,17 +167,19 @@ class PackRows:
     sample at T=256 cropping took 0.52 of the tokens, against 0.38 in groups of 128.)
 
     When the last of the stream's `documents_in_stream` documents has arrived, the buffer is
-    drained and a summary logged. A row is labelled with the shard of the newest document read
-    when it was packed and with `stream_start`, the shard the stream started at (see the
-    module's note on resume). Every `log_every_rows` rows (0 = only at the end) a line reports
+    drained and a summary logged under `name`. A row is labelled with the shard of the newest
+    document read when it was packed and with `stream_start`, the shard the stream started at
+    (see the module's note on resume). Every `log_every_rows` rows (0 = only at the end) a line reports
     the crop fraction and the tokens/s the pipeline has delivered. The clock starts when the
     actor is made, which is when the pipeline starts: a rate timed from the first batch would
     count only the packer, because the stages before it run ahead while the actor starts up.
     """
 
     def __init__(self, sequence_len: int, bos_id: int, buffer_docs: int, documents_in_stream: int,
-                 log_every_rows: int = LOG_EVERY_ROWS, group_docs: int = PACK_GROUP_DOCS, stream_start: int = 0):
+                 log_every_rows: int = LOG_EVERY_ROWS, group_docs: int = PACK_GROUP_DOCS, stream_start: int = 0,
+                 name: str = "packer"):
         self.stream_start = stream_start
+        self.name = name
         self.packer = BestFitPacker(sequence_len, bos_id, min_buffer_docs=buffer_docs)
         self.group_docs = group_docs
         self.group: list[np.ndarray] = []  # documents received, not yet in the packer's buffer
@@ -205,17 +226,19 @@ class PackRows:
 
     def log_line(self, label: str = "") -> str:
         s = self.stats()
-        return (f"packer{' ' + label if label else ''}: {s['documents']:,}/{self.documents_in_stream:,} documents, "
+        return (f"{self.name}{' ' + label if label else ''}: "
+                f"{s['documents']:,}/{self.documents_in_stream:,} documents, "
                 f"{s['rows']:,} rows, {s['tokens_per_second']:,.0f} tokens/s, "
                 f"crop fraction {s['crop_fraction']:.4f}")
 
 
 def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int,
                    buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS, file_indices: list[int] | None = None,
-                   log_every_rows: int = LOG_EVERY_ROWS) -> ray.data.Dataset:
-    """A Ray Dataset of packed rows over `files`, read in this order. file_indices gives the index
-    each file's rows are labelled with (default: its position in `files`); the first file's index
-    labels every row as the stream's start."""
+                   log_every_rows: int = LOG_EVERY_ROWS, lane: int = 0, num_lanes: int = 1) -> ray.data.Dataset:
+    """A Ray Dataset of packed rows over `files`, read in this order (with num_lanes > 1, over the
+    read units of one lane only). file_indices gives the index each file's rows are labelled with
+    (default: its position in `files`); the first file's index labels every row as the stream's
+    start."""
     if not files:
         raise ValueError("no parquet files to read: the split is empty")
     if sequence_len <= 0:
@@ -224,38 +247,36 @@ def packed_dataset(files: list[str], tokenizer_dir: str, sequence_len: int,
         raise ValueError(f"buffer_docs must be a positive number of documents, not {buffer_docs}")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     file_indices = list(range(len(files))) if file_indices is None else file_indices
-    source = ParquetRowGroupDatasource(files, file_indices)
+    source = ParquetRowGroupDatasource(files, file_indices, lane=lane, num_lanes=num_lanes)
     bos_id = _tokenizer(tokenizer_dir).get_bos_token_id()
     ds = ray.data.read_datasource(source, num_cpus=READ_CPUS, override_num_blocks=len(source.units))
     # batch_size=None: one call per read task's block, the unit of tokenizing and packing too.
     ds = ds.map_batches(tokenize_documents, fn_kwargs={"tokenizer_dir": tokenizer_dir}, batch_format="pyarrow",
                         batch_size=None, num_cpus=TOKENIZE_CPUS)
-    return ds.map_batches(PackRows, batch_format="pyarrow", batch_size=None, num_cpus=PACK_CPUS,
-                          fn_constructor_args=(sequence_len, bos_id, buffer_docs, source.num_documents,
-                                               log_every_rows, PACK_GROUP_DOCS, file_indices[0]),
-                          compute=ray.data.ActorPoolStrategy(size=1))
+    return pack_stage(ds, sequence_len, bos_id, buffer_docs, source.num_documents, stream_start=file_indices[0],
+                      name=f"packer lane {lane}/{num_lanes}" if num_lanes > 1 else "packer",
+                      log_every_rows=log_every_rows)
+
+
+def pack_stage(tokenized: ray.data.Dataset, sequence_len: int, bos_id: int, buffer_docs: int, documents: int,
+               stream_start: int = 0, name: str = "packer", log_every_rows: int = LOG_EVERY_ROWS) -> ray.data.Dataset:
+    """The packing stage over a dataset of tokenized documents ({'ids', 'file_index'}, `documents`
+    of them): one PackRows actor, never restarted (a restarted packer would go on without its
+    buffer and its document count; see the module's note on the end of stream)."""
+    return tokenized.map_batches(PackRows, batch_format="pyarrow", batch_size=None, num_cpus=PACK_CPUS,
+                                 fn_constructor_args=(sequence_len, bos_id, buffer_docs, documents, log_every_rows,
+                                                      PACK_GROUP_DOCS, stream_start, name),
+                                 compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0)
 
 
 def train_dataset(source: str, tokenizer_dir: str, sequence_len: int, data_dir: str | None = None,
-                  buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS, start_file: int = 0) -> ray.data.Dataset:
-    """The train stream, starting at shard `start_file` (modulo the number of train shards); rows
-    are labelled with shard indices in the sorted train file list."""
+                  buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS, start_file: int = 0, lane: int = 0,
+                  num_lanes: int = 1) -> ray.data.Dataset:
+    """Lane `lane` of `num_lanes` of the train stream, starting at shard `start_file` (modulo the
+    number of train shards); rows are labelled with shard indices in the sorted train file list."""
     train_files = resolve_source(source, data_dir).train_files
     start_file = start_file % len(train_files)
     rotated = train_files[start_file:] + train_files[:start_file]
     indices = [(start_file + i) % len(train_files) for i in range(len(train_files))]
-    return packed_dataset(rotated, tokenizer_dir, sequence_len, buffer_docs, file_indices=indices)
-
-
-def build_datasets(source: str, tokenizer_dir: str, sequence_len: int, data_dir: str | None = None,
-                   buffer_docs: int = DEFAULT_MIN_BUFFER_DOCS,
-                   start_file: int = 0) -> tuple[dict[str, ray.data.Dataset], dict]:
-    """{'train': train_dataset(...), 'val': ...} and a description of the stream
-    ({'num_train_files', 'start_file'}); the val stream reads the validation shard and labels its
-    rows 0."""
-    shards = resolve_source(source, data_dir)
-    datasets = {
-        "train": train_dataset(source, tokenizer_dir, sequence_len, data_dir, buffer_docs, start_file),
-        "val": packed_dataset(shards.val_files, tokenizer_dir, sequence_len, buffer_docs),
-    }
-    return datasets, {"num_train_files": len(shards.train_files), "start_file": start_file % len(shards.train_files)}
+    return packed_dataset(rotated, tokenizer_dir, sequence_len, buffer_docs, file_indices=indices, lane=lane,
+                          num_lanes=num_lanes)

@@ -4,7 +4,8 @@
 - the device's peak FLOP/s for MFU: the GPU's datasheet number, or on CPU the measured matmul rate;
 - checkpoints through `ray.train.report(checkpoint=...)`: each rank writes its optimizer shard,
   rank 0 the weights, the meta record and the tokenizer copy, in nanochat.checkpoint's layout,
-  and Ray merges the ranks' folders into one checkpoint in the run's storage path;
+  from a copy in host memory in a background thread (Checkpointer), and Ray merges the ranks'
+  folders into one checkpoint in the run's storage path;
 - restoring from the newest complete checkpoint of the run (after `--resume` or a worker failure):
   a step counts only when every rank's optimizer shard arrived (nanochat.checkpoint.check_step_files),
   and exporting a run's final checkpoint to the base dir for the next stage;
@@ -15,6 +16,8 @@
 """
 
 import base64
+import copy
+import hashlib
 import logging
 import math
 import argparse
@@ -23,6 +26,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 
 import pyarrow.fs
@@ -35,7 +39,8 @@ from ray.train.torch import TorchTrainer
 from ray.util import metrics as ray_metrics
 
 from nanochat.checkpoint import (RESERVED_META_KEYS, CheckpointError, check_step_files, checkpoint_dir,
-                                 find_last_step, load_checkpoint, save_checkpoint)
+                                 find_last_step, load_checkpoint, optimizer_shard_rank, save_checkpoint,
+                                 verify_model_file)
 from nanochat.common import peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
 from ray_jobs.gpus import GPUsUnavailableError, add_gpu_flags, reserve_gpus
@@ -182,6 +187,11 @@ def world_info() -> tuple[int, int]:
     return ctx.get_world_rank(), ctx.get_world_size()
 
 
+def local_rank() -> int:
+    """This worker's rank among the workers of its node."""
+    return ray.train.get_context().get_local_rank()
+
+
 def configure_cpu_threads() -> int:
     """Give each CPU train worker its share of its node's cores; returns the thread count.
 
@@ -241,30 +251,121 @@ def restore_rng_state(state: str) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state)), dtype=torch.uint8))
 
 
-def report_with_checkpoint(metrics: dict, step: int, model: GPT, optimizer, meta: dict,
-                           tokenizer_dir: str | None) -> None:
-    """Every rank calls this at the same step: it writes its part to a local folder and reports it
-    to Ray Train, which merges the parts into the run's checkpoint `step_<step>` in storage and
-    keeps the last K.
+def host_copy(state):
+    """A copy of a (nested) state dict whose tensors live in host memory and share nothing with the
+    live ones, so training can go on changing its weights while the copy is written."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: host_copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(host_copy(value) for value in state)
+    return copy.deepcopy(state)
 
-    Only the local write stalls training: the upload to storage (a copy to the shared folder, or
-    S3) runs in Ray Train's background thread (CheckpointUploadMode.ASYNC), which deletes the local
-    folder when it is done and registers the checkpoint with the controller after that. Until
-    then the step is incomplete in storage, and a resume never picks it (complete_run_steps);
-    the worker's end waits for the last upload."""
-    rank, world = world_info()
-    local = tempfile.mkdtemp(prefix="nanochat_ckpt_")
-    save_checkpoint(local, step, model.state_dict() if rank == 0 else None, meta if rank == 0 else None,
-                    optimizer_state=optimizer.state_dict(), rank=rank,
-                    tokenizer_dir=tokenizer_dir if rank == 0 else None, world_size=world)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
-                     checkpoint_dir_name=f"step_{step:06d}", checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                     delete_local_checkpoint_after_upload=True)
+
+class BackgroundSave:
+    """One rank's part of a checkpoint, written to a fresh local folder by a thread from a copy in
+    host memory: the caller stalls only for the copy. `done()` says whether the files are all on
+    disk (meta last, atomic files: a folder whose write was cut short never loads), `wait()`
+    joins the thread and raises what the write raised."""
+
+    def __init__(self, step: int, model_state: dict | None, optimizer_state: dict, meta: dict | None, rank: int,
+                 world: int, tokenizer_dir: str | None):
+        self.step = step
+        self.folder = tempfile.mkdtemp(prefix="nanochat_ckpt_")
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._write, name=f"checkpoint-{step}", daemon=True,
+                                       args=(model_state, optimizer_state, meta, rank, world, tokenizer_dir))
+        self.thread.start()
+
+    def _write(self, model_state, optimizer_state, meta, rank, world, tokenizer_dir) -> None:
+        try:
+            save_checkpoint(self.folder, self.step, model_state, meta, optimizer_state=optimizer_state, rank=rank,
+                            tokenizer_dir=tokenizer_dir, world_size=world)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self.error = exc
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def wait(self) -> str:
+        """The folder, once written; re-raises the write's error in the caller's thread."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.folder
+
+
+class Checkpointer:
+    """Checkpoints through `ray.train.report(checkpoint=...)` that stall training only for a copy
+    of the state to host memory. Every rank calls `save` at the same step: rank 0 snapshots the
+    weights, the meta record and the tokenizer copy, every rank its optimizer shard, in
+    nanochat.checkpoint's layout, and a thread writes them to a local folder. At the end of each
+    later step (report_step) the ranks agree whether all their writes are done (one scalar
+    all-reduce, only while a save is pending), and then report the folder to Ray Train, which
+    uploads it to the run's storage in its own background thread
+    (CheckpointUploadMode.ASYNC), deletes the local folder and registers the checkpoint; until
+    then the step is incomplete in storage and a resume never picks it (complete_run_steps).
+
+    At most one save is in flight: a save, and the end of the run (`finish`), first wait for the
+    previous one and report it. With `wait=True` (the run's last step) the save is written and
+    reported before `save` returns. The step stall for a d20-sized state went from the whole
+    write to the copy (bench_train --checkpoint-stall)."""
+
+    def __init__(self, tokenizer_dir: str | None, device: torch.device):
+        self.tokenizer_dir, self.device = tokenizer_dir, device
+        self.pending: tuple[BackgroundSave, dict] | None = None
+        self.reported_step: int | None = None
+
+    def crash_after_stored(self, cfg: dict, rank: int, world: int, timeout_s: float = 120.0) -> None:
+        """Fault injection (tests' --fail-at-step): every rank reports the pending save, then the
+        last rank waits until the newest reported step is complete in storage (Ray Train uploads
+        in the background) and dies, so that a restart has that checkpoint to go on from."""
+        self.finish()
+        if rank != world - 1:
+            return
+        deadline = time.monotonic() + timeout_s
+        while self.reported_step is not None and time.monotonic() < deadline:
+            found = latest_run_checkpoint(cfg["storage_path"], cfg["run_name"])
+            if found and found[1]["step"] >= self.reported_step:
+                break
+            time.sleep(0.05)
+        os._exit(1)
+
+    def save(self, metrics: dict, step: int, model: GPT, optimizer, meta: dict, wait: bool = False) -> None:
+        self.finish()
+        rank, world = world_info()
+        write = BackgroundSave(step, host_copy(model.state_dict()) if rank == 0 else None,
+                               host_copy(optimizer.state_dict()), copy.deepcopy(meta) if rank == 0 else None,
+                               rank, world, self.tokenizer_dir if rank == 0 else None)
+        self.pending = (write, dict(metrics))
+        if wait:
+            self.finish()
+
+    def report_if_written(self) -> bool:
+        """At a report step of every rank: report the pending save if every rank's write is done."""
+        if self.pending is None or all_reduce(float(self.pending[0].done()), self.device, op=dist.ReduceOp.MIN) < 1:
+            return False
+        self.finish()
+        return True
+
+    def finish(self) -> None:
+        """Wait for the pending save, if any, and report it (a collective: every rank calls it)."""
+        if self.pending is None:
+            return
+        write, metrics = self.pending
+        self.pending = None
+        self.reported_step = write.step
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(write.wait()),
+                         checkpoint_dir_name=f"step_{write.step:06d}",
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
 
 
 def restore_from_checkpoint(model: GPT, optimizer, device: torch.device, cfg: dict) -> dict | None:
     """Load weights and this rank's optimizer shard from the newest complete checkpoint of the
-    run, and return its meta; None on a fresh start.
+    run, and return its meta, with 'model_verifications': the number of ranks that hashed the
+    model file (one per node); None on a fresh start.
 
     The run's folder in storage (cfg's storage_path and run_name) is scanned when the workers
     start, not Ray Train's record of the run taken as it is: Ray registers a checkpoint only when
@@ -273,23 +374,82 @@ def restore_from_checkpoint(model: GPT, optimizer, device: torch.device, cfg: di
     push it through: see report_step), and a rank that dies during its upload leaves a registered
     checkpoint without that rank's shard. So rank 0 looks for the newest step whose every file
     arrived (complete_run_steps) and tells the other ranks, which then all load the same step even
-    if storage changes while they look."""
+    if storage changes while they look.
+
+    Once per node, not once per rank: the first rank of each node copies the shared files (meta,
+    model, tokenizer copy) from remote storage into a folder on the node (node_checkpoint_folder)
+    and hashes the model file against its meta; every rank copies only its own optimizer shard.
+    On a filesystem the node mounts (a local path, NFS) the files are read in place. For d20
+    that is one read and one hash of a 2 GB model per node, where every rank used to download
+    the whole checkpoint (9 GB with all the optimizer shards) and hash the model itself."""
     rank, _ = world_info()
     found = [latest_run_checkpoint(cfg["storage_path"], cfg["run_name"]) if rank == 0 else None]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
         dist.broadcast_object_list(found, src=0, device=device)
     if found[0] is None:
         if ray.train.get_checkpoint() is not None:
             print0(f"no complete checkpoint of run {cfg['run_name']!r} in {cfg['storage_path']}: starting it from scratch")
         return None
-    checkpoint = ray.train.Checkpoint(found[0][0])
-    with checkpoint.as_directory() as folder:
-        step = find_last_step(folder)
-        model_state, optimizer_state, meta = load_checkpoint(folder, step, device, load_optimizer=True, rank=rank)
+    path = found[0][0]
+    node_leader = local_rank() == 0
+    filesystem, storage_dir = storage_filesystem(path)
+    folder, copied = node_checkpoint_folder(filesystem, storage_dir, rank, node_leader)
+    step = find_last_step(folder)
+    failure = None
+    if node_leader:
+        try:
+            verify_model_file(folder, step)
+        except CheckpointError as exc:
+            failure = exc
+    # Every rank learns whether a node's copy failed (and no rank reads the model before its node's
+    # hash is checked): the reduction is also the barrier.
+    failed, verifications = all_reduce(float(failure is not None), device), all_reduce(float(node_leader), device)
+    if failed:
+        raise failure or CheckpointError(f"the model file of {path} failed its check on another node")
+    model_state, optimizer_state, meta = load_checkpoint(folder, step, device, load_optimizer=True, rank=rank,
+                                                         model_verified=True)
     model.load_state_dict(model_state, strict=True)
     optimizer.load_state_dict(optimizer_state)
-    print0(f"resumed from checkpoint step {step} ({checkpoint.path})")
-    return meta
+    if copied:
+        if distributed:
+            dist.barrier()  # the node's ranks have all read the shared files
+        if node_leader:
+            shutil.rmtree(folder, ignore_errors=True)
+    print0(f"resumed from checkpoint step {step} ({path}); the model was hashed on {int(verifications)} node(s)")
+    return {**meta, "model_verifications": int(verifications)}
+
+
+def storage_filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(filesystem, path on it) of storage given as a local path or a URI pyarrow understands."""
+    if "://" in path:
+        return pyarrow.fs.FileSystem.from_uri(path)
+    return pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+
+
+def node_checkpoint_folder(filesystem: pyarrow.fs.FileSystem, storage_dir: str, rank: int,
+                           node_leader: bool) -> tuple[str, bool]:
+    """(a folder this node reads a checkpoint from, whether it is a copy to remove after loading).
+
+    A local filesystem is read in place. From any other (S3, GCS, ...) the node's leader copies
+    the files every rank reads, and each rank copies only its own optimizer shard and record,
+    into one folder per checkpoint under the node's temp dir."""
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return storage_dir, False
+    folder = os.path.join(tempfile.gettempdir(), "nanochat_restore",
+                          hashlib.sha256(storage_dir.encode()).hexdigest()[:16])
+    os.makedirs(folder, exist_ok=True)
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(storage_dir)):
+        directory = info.type == pyarrow.fs.FileType.Directory  # the tokenizer copy
+        shard_rank = None if directory else optimizer_shard_rank(info.base_name)
+        # what every rank reads (meta, model, tokenizer copy) comes through the node's leader
+        if (node_leader if shard_rank is None else shard_rank == rank):
+            target = os.path.join(folder, info.base_name)
+            if directory:
+                os.makedirs(target, exist_ok=True)
+            pyarrow.fs.copy_files(info.path, target, source_filesystem=filesystem,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return folder, True
 
 
 def export_final_model(result: ray.train.Result, cfg: dict) -> str:
@@ -331,8 +491,7 @@ def latest_run_checkpoint(storage_path: str, run_name: str) -> tuple[str, dict] 
     """(path, meta record) of the newest complete `step_*` checkpoint of a run in storage (local
     path or any URI pyarrow understands; complete_run_steps), or None; the path is a URI where
     the storage is one."""
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage_path) if "://" in storage_path else (
-        pyarrow.fs.LocalFileSystem(), os.path.abspath(storage_path))
+    filesystem, root = storage_filesystem(storage_path)
     run_dir = f"{root}/{run_name}"
     found = next(complete_run_steps(filesystem, run_dir), None)
     if found is None:
@@ -406,14 +565,16 @@ class ProgressLine:
                 f"ETA {format_seconds(eta)}{extra}")
 
 
-def report_step(record: dict, history: list, metrics: TrainMetrics | None, progress: ProgressLine) -> dict:
+def report_step(record: dict, history: list, metrics: TrainMetrics | None, progress: ProgressLine,
+                checkpointer: Checkpointer | None = None) -> dict:
     """The end of a training step on every rank. `record` holds step, loss, step_seconds,
     tokens_per_second, data_wait_seconds and, where known, mfu. Rank 0 (the rank that holds
     `metrics`) keeps it in the run's history (saved with every checkpoint), publishes it as gauges
     and prints the progress line, every step. Every REPORT_EVERY_STEPS steps every rank also
     reports it to Ray Train: a report is a barrier across the workers (an actor round trip) and
     wakes the controller, work that per step took a measurable share of a small node's CPUs, and
-    nothing reads Ray Train's copy of the per-step metrics more often than that.
+    nothing reads Ray Train's copy of the per-step metrics more often than that. A checkpoint
+    whose background write every rank has finished is reported at the first step after.
 
     Returns what this took, {'gauge_seconds' (gauges and progress line), 'report_seconds'}, for
     the caller to keep with the step (bench_train's account of what Ray adds to a step)."""
@@ -427,6 +588,8 @@ def report_step(record: dict, history: list, metrics: TrainMetrics | None, progr
     published = time.perf_counter()
     if record["step"] % REPORT_EVERY_STEPS == 0:  # the same steps on every rank: a report is collective
         ray.train.report(record)
+    if checkpointer is not None:
+        checkpointer.report_if_written()
     return {"gauge_seconds": published - started, "report_seconds": time.perf_counter() - published}
 
 

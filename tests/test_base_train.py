@@ -14,10 +14,11 @@ module-scoped runs (four `main()` calls) serve all the checks:
 Checkpoint choice on resume (ray_jobs.train_common: latest_run_checkpoint, restore_from_checkpoint)
 is tested without Ray Train, on run folders built with save_checkpoint as three ranks write them.
 
-Why the runs cannot agree exactly: Ray Data splits the train stream between workers block by
-block, so 1 and 2 workers put different rows into a step's global batch; and a restarted or
-resumed stream starts again at the beginning of the shard the checkpoint was taken in (see
-ray_jobs.pretrain_data), so it trains on some rows twice. Each tolerance below says how much that
+Why the runs cannot agree exactly: each worker reads its own lane of the stream (the read units
+dealt round-robin, each lane packed on its own), so 1 and 2 workers put different rows into a
+step's global batch; and a restarted or resumed stream starts again at the beginning of the
+shard of the slowest worker when the checkpoint was taken (see ray_jobs.pretrain_data), so it
+trains on some rows twice. Each tolerance below says how much that
 can move the number it checks, and what a broken run would do instead.
 """
 
@@ -25,15 +26,17 @@ import json
 import math
 import os
 import random
+import tempfile
 
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
 import ray.train
 import torch
 
-from nanochat.checkpoint import find_last_step, load_model, save_checkpoint
+from nanochat.checkpoint import find_last_step, load_checkpoint, load_model, save_checkpoint
 from nanochat.core_eval import core_score, evaluate_task, load_core_tasks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
@@ -222,6 +225,8 @@ def test_restored_stream_starts_at_the_checkpoints_shard(run, request):
     assert checkpoint_shard >= 4
     assert restore["stream_start"] == checkpoint_shard
     assert restore["skipped_rows"] == 0
+    # one node: one rank hashed the model file for all of them
+    assert restore["model_verifications"] == 1
 
 
 def test_stopped_run_resumes_to_the_loss_of_an_uninterrupted_run(resumed, two_workers):
@@ -302,7 +307,7 @@ def tiny_model_and_optimizer(seed: int) -> tuple[GPT, object]:
 
 
 def save_run_steps(run_dir, steps) -> dict[int, GPT]:
-    """Checkpoint folders step_<step> of a run as report_with_checkpoint leaves them in storage:
+    """Checkpoint folders step_<step> of a run as the Checkpointer leaves them in storage:
     the files of three ranks merged; each step's model has its own weights. Returns them by step."""
     models = {}
     for step in steps:
@@ -349,11 +354,12 @@ def test_restore_falls_back_from_an_incomplete_registered_checkpoint(tmp_path, m
     # Ray registered step 6 (it took that report, and the shard upload failed after it).
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(run_dir / "step_000006")))
     monkeypatch.setattr(train_common, "world_info", lambda: (0, 3))
+    monkeypatch.setattr(train_common, "local_rank", lambda: 0)
     model, optimizer = tiny_model_and_optimizer(seed=0)
     cfg = {"storage_path": str(tmp_path / "storage"), "run_name": "run_b"}
 
     meta = restore_from_checkpoint(model, optimizer, torch.device("cpu"), cfg)
-    assert meta["step"] == 2
+    assert meta["step"] == 2 and meta["model_verifications"] == 1
     assert torch.equal(model.lm_head.weight, models[2].lm_head.weight)
     output = capsys.readouterr().out
     assert "optim_000006_rank1.pt is missing" in output and "optim_000004_rank2.json is missing" in output
@@ -363,3 +369,33 @@ def test_restore_falls_back_from_an_incomplete_registered_checkpoint(tmp_path, m
     (run_dir / "step_000002" / "model_000002.pt").unlink()
     assert restore_from_checkpoint(model, optimizer, torch.device("cpu"), cfg) is None
     assert f"no complete checkpoint of run 'run_b' in {tmp_path / 'storage'}" in capsys.readouterr().out
+
+
+def test_a_node_copies_from_remote_storage_the_shared_files_once_and_each_rank_its_own_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node_tmp"))  # the node's copy goes there
+    os.makedirs(tempfile.tempdir)
+    # A filesystem that is not the local one, as S3 is: the checkpoint is copied to the node.
+    model, optimizer = tiny_model_and_optimizer(seed=2)
+    tokenizer_dir = str(tmp_path / "tokenizer")
+    Tokenizer.train_from_iterator(iter(_documents(50, seed=1)), 300).save(tokenizer_dir)
+    folder = str(tmp_path / "storage" / "run_c" / "step_000002")
+    for rank in (2, 1):
+        save_checkpoint(folder, 2, None, None, optimizer_state=optimizer.state_dict(), rank=rank, world_size=3)
+    save_checkpoint(folder, 2, model.state_dict(), {"model_config": model.config_dict()},
+                    optimizer_state=optimizer.state_dict(), tokenizer_dir=tokenizer_dir, world_size=3)
+    remote = pyarrow.fs.SubTreeFileSystem(str(tmp_path / "storage"), pyarrow.fs.LocalFileSystem())
+    shared = {"meta_000002.json", "model_000002.pt", "tokenizer"}
+    leader_folder, copied = train_common.node_checkpoint_folder(remote, "run_c/step_000002", rank=0, node_leader=True)
+    assert leader_folder.startswith(tempfile.tempdir)
+    assert copied and set(os.listdir(leader_folder)) == shared | {"optim_000002_rank0.pt", "optim_000002_rank0.json"}
+    other_folder, _ = train_common.node_checkpoint_folder(remote, "run_c/step_000002", rank=2, node_leader=False)
+    assert other_folder == leader_folder  # the node's ranks share one copy
+    assert set(os.listdir(leader_folder)) == shared | {f"optim_000002_rank{r}.{ext}" for r in (0, 2)
+                                                       for ext in ("pt", "json")}
+    model_state, optimizer_state, _ = load_checkpoint(leader_folder, 2, "cpu", load_optimizer=True, rank=2,
+                                                      model_verified=True)
+    assert torch.equal(model_state["lm_head.weight"], model.lm_head.weight) and optimizer_state is not None
+    # A local path is read in place, nothing is copied.
+    folder, copied = train_common.node_checkpoint_folder(pyarrow.fs.LocalFileSystem(),
+                                                         str(tmp_path / "storage" / "run_c" / "step_000002"), 1, True)
+    assert folder == str(tmp_path / "storage" / "run_c" / "step_000002") and not copied

@@ -495,3 +495,52 @@ def test_a_step_saved_without_optimizer_expects_no_shards():
     assert check_step_files(ckpt_dir, 2)["optimizer_shards"] == 0
     with pytest.raises(ValueError, match="world_size must be an int above rank 2, got 2"):
         save_checkpoint(ckpt_dir, 2, None, None, optimizer_state={}, rank=2, world_size=2)
+
+
+def test_a_background_save_writes_the_state_as_it_was_when_saved_and_reports_its_errors(tmp_path):
+    from ray_jobs.train_common import BackgroundSave, host_copy
+
+    model = make_model(seed=3)
+    optimizer = model.setup_optimizer()
+    optimizer.load_state_dict(optimizer_state_after_one_step(make_model(seed=3), seed=4))
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    momentum = {index: {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+                for index, state in optimizer.state_dict()["state"].items()}
+    write = BackgroundSave(5, host_copy(model.state_dict()), host_copy(optimizer.state_dict()), meta_for(model),
+                           rank=0, world=1, tokenizer_dir=None)
+    # training goes on at once, changing the live tensors in place while the thread writes
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                value.mul_(-3.0)
+    folder = write.wait()
+    assert write.done() and find_last_step(folder) == 5
+    model_state, optimizer_state, _ = load_checkpoint(folder, 5, "cpu", load_optimizer=True)
+    assert model_state.keys() == weights.keys()
+    for key, value in weights.items():
+        assert torch.equal(model_state[key], value), key
+    assert momentum and any(momentum.values())
+    for index, state in momentum.items():
+        for key, value in state.items():
+            assert torch.equal(optimizer_state["state"][index][key], value), (index, key)
+
+    # an error of the write (here a meta without model_config) reaches the caller's thread
+    failing = BackgroundSave(6, host_copy(model.state_dict()), None, {"no": "model_config"}, rank=0, world=1,
+                             tokenizer_dir=None)
+    with pytest.raises(ValueError, match="model_config"):
+        failing.wait()
+    with pytest.raises(CheckpointNotFoundError):
+        find_last_step(failing.folder)
+
+
+def test_the_checkpoint_benchmark_times_both_saves_and_says_its_result(capsys):
+    from ray_jobs import bench_checkpoint
+
+    result = bench_checkpoint.main(["--depth", "1"])
+    assert result["parameters"] > 0 and result["state_bytes"] > 4 * result["parameters"]
+    assert result["in_step_seconds"] > 0
+    assert 0 < result["background_stall_seconds"] < result["background_durable_seconds"]
+    assert "RESULT checkpoint_stall_seconds_d1 " in capsys.readouterr().out

@@ -1,14 +1,13 @@
-"""The Ray Data pretraining stream (ray_jobs.pretrain_data): the packing invariants after the data
-has gone through Ray (BOS first, exact length, every token from a real document), no document
-reaching two workers within an epoch, the stream going on over epochs with the same rows, a
-validation stream that is the same on every build, resume from a given shard with monotone
-position labels; and, without Ray, the read tasks (every row group once, in file order), the
-packer's rows not depending on how Ray batches documents, its end-of-stream drain and its log of
-crop fraction and tokens/s.
-
-Documents are identified by construction: the test copies a small `sample` build into a `local`
-source whose every text starts with a unique tag "[doc NNNNN]", so any piece of a row can be
-decoded and traced back to its document and shard.
+"""The Ray Data pretraining stream (ray_jobs.pretrain_data): the packing invariants after the data has
+gone through Ray (BOS first, exact length, every token from a real document), the read units dealt
+to one lane per worker so that no document reaches two workers within an epoch, each lane going on
+over epochs with the same rows and giving them again when rebuilt, a validation stream that is the
+same on every build, resume from a given shard with monotone position labels; and, without Ray, the
+read tasks (every row group once, in file order), the packer's rows not depending on how Ray batches
+documents, its end-of-stream drain and its log of crop fraction and tokens/s. Documents are
+identified by construction: the test copies a small `sample` build into a `local` source whose every
+text starts with a unique tag "[doc NNNNN]", so any piece of a row can be decoded and traced back to
+its document and shard.
 """
 
 import re
@@ -22,7 +21,7 @@ import pytest
 
 from nanochat.dataset import build_sample_shards, iter_text
 from nanochat.tokenizer import Tokenizer
-from ray_jobs.pretrain_data import PackRows, ParquetRowGroupDatasource, build_datasets
+from ray_jobs.pretrain_data import PackRows, ParquetRowGroupDatasource, packed_dataset, train_dataset
 
 TAG = re.compile(r"^\[doc (\d{5})\] ")
 SEQ_LEN = 512
@@ -63,22 +62,20 @@ def corpus(tmp_path_factory) -> Corpus:
                   doc_shard, len(sample) - 1)
 
 
-def _split_rows(dataset, epochs: int) -> list[list[dict]]:
-    """What each of WORKERS consumers of streaming_split (Ray Train's path) reads, per epoch:
-    result[epoch][worker] = {'tokens': (n, T+1), 'file_index': (n,)}. The consumers must read
-    concurrently, as train workers do."""
-    splits = dataset.streaming_split(WORKERS, equal=True)
-
-    def consume(split):
+def _lane_rows(lanes: list, epochs: int) -> list[list[dict]]:
+    """What each worker reads from its own lane, per epoch: result[epoch][worker] =
+    {'tokens': (n, T+1), 'file_index': (n,)}. The lanes are read concurrently, as train workers
+    read them."""
+    def consume(lane):
         per_epoch = []
         for _ in range(epochs):
-            batches = list(split.iter_batches(batch_size=64, batch_format="numpy"))
+            batches = list(lane.iter_batches(batch_size=64, batch_format="numpy"))
             per_epoch.append({key: np.concatenate([b[key] for b in batches]) for key in ("tokens", "file_index")})
         return per_epoch
 
-    with ThreadPoolExecutor(WORKERS) as pool:
-        per_worker = [f.result() for f in [pool.submit(consume, s) for s in splits]]
-    return [[per_worker[w][e] for w in range(WORKERS)] for e in range(epochs)]
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        per_worker = [f.result() for f in [pool.submit(consume, lane) for lane in lanes]]
+    return [[per_worker[w][e] for w in range(len(lanes))] for e in range(epochs)]
 
 
 def _pieces(row: np.ndarray, bos: int) -> list[np.ndarray]:
@@ -111,60 +108,76 @@ def _check_rows_and_identify(corpus: Corpus, rows: np.ndarray) -> tuple[list[tup
     return found, num_pieces
 
 
+def _train_lanes(corpus: Corpus, start_file: int, num_lanes: int = WORKERS) -> list:
+    return [train_dataset("local", corpus.tokenizer_dir, SEQ_LEN, data_dir=corpus.tagged_dir, buffer_docs=BUFFER_DOCS,
+                          start_file=start_file, lane=lane, num_lanes=num_lanes) for lane in range(num_lanes)]
+
+
 @pytest.mark.usefixtures("ray_local")
-def test_train_stream_packs_splits_without_overlap_resumes_and_continues_over_epochs(corpus):
+def test_train_lanes_pack_without_overlap_resume_and_repeat_their_rows_over_epochs(corpus):
     start_file = 1
-    datasets, stream = build_datasets("local", corpus.tokenizer_dir, SEQ_LEN, data_dir=corpus.tagged_dir,
-                                      buffer_docs=BUFFER_DOCS, start_file=start_file)
-    assert stream == {"num_train_files": corpus.num_train_shards, "start_file": start_file}
     train_docs = {n for n, shard in enumerate(corpus.doc_shard) if shard < corpus.num_train_shards}
+    # one read unit per shard here: from the rotated list [1, 2, 3, 0], lane 0 reads shards 1 and 3
+    units = [ParquetRowGroupDatasource([f"{corpus.tagged_dir}/shard_{i:05d}.parquet"], [i]).units
+             for i in range(corpus.num_train_shards)]
+    assert all(len(u) == 1 for u in units)
+    lane_shards = [{1, 3}, {2, 0}]
 
     def offset(shard):
         return (shard - start_file) % corpus.num_train_shards
 
-    docs_per_epoch, rows_per_epoch = [], []
-    for epoch, workers in enumerate(_split_rows(datasets["train"], epochs=2)):
+    epochs = _lane_rows(_train_lanes(corpus, start_file), epochs=2)
+    docs_per_epoch = []
+    for epoch, workers in enumerate(epochs):
         seen: dict[int, int] = {}
-        first_labels, num_pieces = [], 0
+        num_pieces = 0
         for worker, out in enumerate(workers):
-            assert len(out["tokens"]) > 100, f"epoch {epoch}: worker {worker} got almost nothing"
+            assert len(out["tokens"]) > 50, f"epoch {epoch}: worker {worker} got almost nothing"
             labels = out["file_index"]
-            first_labels.append(int(labels[0]))
+            assert set(labels) == lane_shards[worker]  # the deal: every other read unit
             # position labels only move forward within an epoch (preserve_order)
             assert np.all(np.diff([offset(f) for f in labels]) >= 0)
             found, pieces = _check_rows_and_identify(corpus, out["tokens"])
             num_pieces += pieces
             for doc, row in found:
                 assert doc not in seen, f"epoch {epoch}: document {doc} reached worker {seen[doc]} and {worker}"
+                assert corpus.doc_shard[doc] in lane_shards[worker]
                 seen[doc] = worker
-        assert start_file in first_labels  # the stream starts at the resume shard
+        assert int(workers[0]["file_index"][0]) == start_file  # the stream starts at the resume shard
         assert set(seen) <= train_docs  # the validation shard is never trained on
         # every train document once: each piece is a different document, and only the end-of-stream
-        # remainder (under one row) and the rows that equal splitting drops are missing
-        assert 0.99 * len(train_docs) <= num_pieces <= len(train_docs), (num_pieces, len(train_docs))
+        # remainder of each lane (under one row) and the last partial batch are missing
+        assert 0.98 * len(train_docs) <= num_pieces <= len(train_docs), (num_pieces, len(train_docs))
         assert len(seen) >= 0.8 * len(train_docs)
-        assert {corpus.doc_shard[d] for d in seen} == set(range(corpus.num_train_shards))
         docs_per_epoch.append(set(seen))
-        rows = np.concatenate([out["tokens"] for out in workers])
-        rows_per_epoch.append(rows[np.lexsort(rows.T[::-1])])
-    # the stream went on into a second epoch over the same documents, packed into the same rows
-    # (which worker gets a row may differ: the split hands out blocks as workers ask)
+    # each lane went on into a second epoch with the same rows, and a new build of the lanes (what
+    # Ray Train's restart calls) deals and packs the same rows to the same workers again
     assert docs_per_epoch[1] == docs_per_epoch[0]
-    np.testing.assert_array_equal(rows_per_epoch[1], rows_per_epoch[0])
+    rebuilt = _lane_rows(_train_lanes(corpus, start_file), epochs=1)[0]
+    for worker in range(WORKERS):
+        np.testing.assert_array_equal(epochs[1][worker]["tokens"], epochs[0][worker]["tokens"])
+        np.testing.assert_array_equal(rebuilt[worker]["tokens"], epochs[0][worker]["tokens"])
+
+
+def test_lanes_need_a_read_unit_each_and_a_valid_index(corpus):
+    with pytest.raises(ValueError, match=r"make 4 read unit\(s\).*fewer than the 5 workers"):
+        _train_lanes(corpus, 0, num_lanes=5)
+    with pytest.raises(ValueError, match="lane 2 does not exist"):
+        ParquetRowGroupDatasource([f"{corpus.tagged_dir}/shard_00000.parquet"], [0], lane=2, num_lanes=2)
 
 
 @pytest.mark.usefixtures("ray_local")
 def test_val_stream_is_the_same_on_every_build_and_drained_at_its_end(corpus):
-    def val_rows(start_file):
-        # the sample source's own shards; the default buffer (1000 documents) is larger than the
-        # validation shard, so every val row comes from the end-of-stream drain
-        datasets, _ = build_datasets("sample", corpus.tokenizer_dir, SEQ_LEN, data_dir=corpus.sample_dir,
-                                     start_file=start_file)
-        return np.concatenate([b["tokens"] for b in datasets["val"].iter_batches(batch_size=None,
-                                                                                  batch_format="numpy")])
+    val_file = f"{corpus.sample_dir}/shard_{corpus.num_train_shards:05d}.parquet"
 
-    first, second = val_rows(0), val_rows(2)
-    assert pq.read_metadata(f"{corpus.sample_dir}/shard_{corpus.num_train_shards:05d}.parquet").num_rows < 1000
+    def val_rows():
+        # the sample source's own validation shard; the default buffer (1000 documents) is larger
+        # than the shard, so every val row comes from the end-of-stream drain
+        dataset = packed_dataset([val_file], corpus.tokenizer_dir, SEQ_LEN)
+        return np.concatenate([b["tokens"] for b in dataset.iter_batches(batch_size=None, batch_format="numpy")])
+
+    first, second = val_rows(), val_rows()
+    assert pq.read_metadata(val_file).num_rows < 1000
     assert len(first) > 50
     np.testing.assert_array_equal(first, second)
     bos = corpus.tokenizer.get_bos_token_id()
@@ -263,8 +276,11 @@ def test_read_tasks_cover_every_row_group_once_in_file_order(tmp_path):
         ParquetRowGroupDatasource([bad], [0])
 
 
-def test_build_datasets_rejects_bad_arguments_with_clear_messages(corpus):
+def test_packed_dataset_rejects_bad_arguments_with_clear_messages(corpus):
+    val_file = f"{corpus.sample_dir}/shard_{corpus.num_train_shards:05d}.parquet"
     with pytest.raises(ValueError, match="sequence_len"):
-        build_datasets("sample", corpus.tokenizer_dir, 0, data_dir=corpus.sample_dir)
+        packed_dataset([val_file], corpus.tokenizer_dir, 0)
     with pytest.raises(ValueError, match="buffer_docs"):
-        build_datasets("sample", corpus.tokenizer_dir, 64, data_dir=corpus.sample_dir, buffer_docs=0)
+        packed_dataset([val_file], corpus.tokenizer_dir, 64, buffer_docs=0)
+    with pytest.raises(ValueError, match="no parquet files"):
+        packed_dataset([], corpus.tokenizer_dir, 64)
