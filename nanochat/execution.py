@@ -1,4 +1,4 @@
-"""Run untrusted Python (HumanEval answers, the chat model's python tool) in a separate,
+"""Run untrusted Python (model-written code such as HumanEval answers) in a separate,
 constrained process and report what happened.
 
 `execute_code(code)` writes the program into a fresh temporary directory, starts this very
@@ -69,6 +69,7 @@ import resource
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -517,7 +518,9 @@ _LANDLOCK_FILE_RIGHTS = _LANDLOCK_EXECUTE | _LANDLOCK_WRITE_FILE | _LANDLOCK_REA
 # it imported and used the standard library: the dynamic loader's cache (every extension module
 # that loads a library), OpenSSL's configuration (hashlib), the online CPUs (os.cpu_count), and
 # what start-up reads and locale.setlocale or time.tzset read again (locale aliases, the local
-# time zone). Missing ones are skipped, so other distributions simply get fewer rules.
+# time zone). None is essential (without them Python falls back: default OpenSSL settings, UTC,
+# another count of the CPUs), but with them the stdlib behaves as it does outside. Missing
+# ones are skipped, so other distributions simply get fewer rules.
 _SYSTEM_FILES_READ = ("/etc/ld.so.cache", "/usr/lib/ssl/openssl.cnf",
                       "/sys/devices/system/cpu/online", "/usr/share/locale/locale.alias",
                       "/etc/localtime")
@@ -551,8 +554,8 @@ def _confine_file_access(libc, workdir) -> bool:
     rules += [(path, _LANDLOCK_READ_FILE | _LANDLOCK_WRITE_FILE) for path in _DEVICES_READ_WRITE]
     try:
         for path, access in rules:
-            if not _add_landlock_rule(syscall, ruleset_fd, path, access):
-                return False
+            # A rule that cannot be added only takes an allowance away: the sandbox stays closed.
+            _add_landlock_rule(syscall, ruleset_fd, path, access)
         return syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd),
                        ctypes.c_uint32(0)) == 0
     finally:
@@ -577,20 +580,22 @@ def _readable_paths() -> list[str]:
     paths.update(_SYSTEM_FILES_READ)
     paths.update(_DEVICES_READ)
     paths.add(f"/proc/{os.getpid()}")
-    return sorted(path for path in paths if os.path.exists(path))
+    return sorted(paths)
 
 
-def _add_landlock_rule(syscall, ruleset_fd, path, access) -> bool:
+def _add_landlock_rule(syscall, ruleset_fd, path, access) -> None:
     """Allow `access` beneath `path` (a directory) or on `path` itself (a file); the path's
     links are followed, so the rule is on what it resolves to."""
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
-        if not os.path.isdir(path):
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
             access &= _LANDLOCK_FILE_RIGHTS
         rule = _LandlockPathBeneathAttr(allowed_access=access, parent_fd=fd)
-        return syscall(ctypes.c_long(_SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset_fd),
-                       ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
-                       ctypes.c_uint32(0)) == 0
+        syscall(ctypes.c_long(_SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset_fd),
+                ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
     finally:
         os.close(fd)
 
