@@ -106,7 +106,7 @@ class ExecutionResult:
 
     layers: which kernel layers of the sandbox were in force while the program ran (each of
     SANDBOX_LAYERS: True or False), as the child reported them before the program started; all
-    False when the child died before reporting.
+    False when the child died before reporting, and so before the program could start.
     """
 
     success: bool
@@ -155,14 +155,16 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256,
                                              max_output_bytes, require_sandbox)
     finally:
         _remove_tree(sandbox_root)
-    missing = result.missing_layers
+    # A child that did not report its layers died before the program started (a timeout during
+    # start-up, say): its result is a failure like any other.
+    missing = result.missing_layers if layers_reported else []
     if require_sandbox and missing:
         raise SandboxUnavailableError(
             "refusing to run model-written code: the sandbox layers "
             f"{', '.join(missing)} are not in force on this host ({_host()}). Run it on a Linux "
             "host that allows Landlock, seccomp and user namespaces, or leave out require_sandbox "
             "(--require-sandbox) to accept the layers that remain.")
-    if missing and layers_reported:
+    if missing:
         _log_missing_layers_once(missing)
     return result
 
