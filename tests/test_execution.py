@@ -312,19 +312,16 @@ needs_syscall_filter = pytest.mark.skipif(
 BOTH_WAYS = pytest.mark.parametrize("way", ["python", "ctypes"])
 
 
-# Home folders (the test's own, root's), the rest of /tmp and /etc, another process, secrets.
+# Home folders (the test's own, root's), the rest of /tmp and /etc, another process, the users.
 OUTSIDE = [("list a directory outside", path) for path in
            dict.fromkeys([os.path.expanduser("~"), "/root", "/tmp", "/etc"])]
-OUTSIDE += [("read a file outside", path) for path in
-            ["/proc/1/cmdline", "/etc/passwd", os.path.expanduser("~/.bashrc")]]
+OUTSIDE += [("read a file outside", path) for path in ["/proc/1/cmdline", "/etc/passwd"]]
 
 
 @needs_landlock
 @BOTH_WAYS
 @pytest.mark.parametrize("escape, path", OUTSIDE)
 def test_homes_system_folders_and_other_processes_cannot_be_read(way, escape, path):
-    if not os.path.exists(path):
-        pytest.skip(f"{path} does not exist here")
     assert attempt(escape, way, path) == errno.EACCES
 
 
@@ -366,7 +363,7 @@ def test_what_the_sandbox_may_read():
         print(open('mine.txt').read(), os.listdir('.'))
         print(open('/proc/self/status').read().startswith('Name:'), len(os.listdir('/proc/self/fd')) > 0)
         print(open(os.devnull, 'w').write('gone'), len(open('/dev/urandom', 'rb').read(8)))
-        import hashlib, sqlite3, decimal
+        import hashlib, sqlite3
         print(hashlib.sha256(b'').hexdigest()[:8], sqlite3.connect(':memory:').execute('select 2').fetchone())
     """)
     result = execute_code(code)
