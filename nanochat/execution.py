@@ -1,4 +1,4 @@
-"""Run untrusted Python (HumanEval answers, the chat model's python tool) in a separate,
+"""Run untrusted Python (model-written code such as HumanEval answers) in a separate,
 constrained process and report what happened.
 
 `execute_code(code)` writes the program into a fresh temporary directory, starts this very
@@ -19,7 +19,13 @@ Before the untrusted code runs, the child shuts itself in, layer by layer:
     even loopback) and none of the host's capabilities; where that is refused, root drops all
     capabilities instead;
   - Linux with Landlock: it may write, create, remove and truncate files only inside its working
-    directory, and it cannot ptrace or read /proc/<pid>/environ of processes outside itself;
+    directory, and read files and list directories only there and in what the interpreter needs:
+    its prefixes (standard library, site-packages), the directories of the shared libraries it
+    has loaded, a few system files that Python and the standard library open (the loader cache,
+    OpenSSL's configuration, the online CPUs, locale aliases, the local time zone), /dev/null,
+    /dev/urandom and its own /proc/<pid>. Everything else, such as home folders, the rest of /tmp
+    and /etc, other processes' /proc entries, gives EACCES. It can execute no file at all, and
+    it cannot ptrace processes outside itself;
   - Linux on x86_64 and aarch64: a seccomp filter makes the kernel refuse new processes (threads
     stay allowed), exec, signals to other processes, ptrace and process memory access, sockets,
     io_uring, and deleting, renaming or chmod-ing files;
@@ -31,13 +37,23 @@ The parent enforces a wall-clock limit, keeps at most `max_output_bytes` of stdo
 (the rest is counted and dropped, so a flood neither blocks the child nor fills the parent's
 memory) and never trusts the child for more than a bounded JSON status.
 
+Each result says which kernel layers held (ExecutionResult.layers: namespaces, landlock_read,
+landlock_write, seccomp, rlimits), as the child reports them before the program starts, on a
+line the program cannot get ahead of. The first run in a process that misses one logs a warning;
+`require_sandbox=True` refuses to run the program at all unless every layer is in force
+(SandboxUnavailableError).
+
 This is a best-effort sandbox for evaluating model-written code, not a security boundary like a
 container or a virtual machine. The Python-level guards can be undone by the code they guard (for
-example by re-importing a module); the kernel layers are much harder to escape but depend on the
+example by re-importing ctypes); the kernel layers are much harder to escape but depend on the
 host: a kernel without Landlock or user namespaces, another CPU architecture, or a container that
-forbids these calls leaves only the layers that remain. Files outside the working directory stay
-readable, and the code can use as much disk inside its directory as the file-size limit allows
-per file. Run untrusted code on machines whose other data you can afford to expose.
+forbids these calls leaves only the layers that remain. Even with all of them, what stays open:
+reading the interpreter's own directories (the whole virtual environment and base installation,
+the system library directory) and its own /proc/<pid>; the metadata of any path (os.stat,
+os.path.exists and readlink need no Landlock right, so the code can learn whether a file exists
+and its size, owner and times, but not its contents or a directory's listing); CPU, memory and
+time up to the limits; and as much disk inside its directory as the file-size limit allows per
+file. Run untrusted code on machines whose other data you can afford to expose.
 """
 
 import ctypes
@@ -45,6 +61,7 @@ import dataclasses
 import errno
 import json
 import linecache
+import logging
 import math
 import os
 import platform
@@ -52,9 +69,11 @@ import resource
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -65,11 +84,30 @@ _ERROR_SUMMARY_CHARS = 2000
 # After the child is killed its pipes close at once; this only bounds a pathological wait.
 _DRAIN_GRACE_SECONDS = 1.0
 _PROGRAM_FILENAME = "<sandbox>"
+# The kernel-enforced layers, as ExecutionResult.layers names them.
+SANDBOX_LAYERS = ("namespaces", "landlock_read", "landlock_write", "seccomp", "rlimits")
+# The child's exit status when it refuses to run the program (require_sandbox, layers missing).
+_EXIT_SANDBOX_INCOMPLETE = 86
+
+logger = logging.getLogger("nanochat")
+
+
+def _no_layers() -> dict[str, bool]:
+    return dict.fromkeys(SANDBOX_LAYERS, False)
+
+
+def _missing(layers: dict) -> list[str]:
+    return [name for name in SANDBOX_LAYERS if layers.get(name) is not True]
 
 
 @dataclasses.dataclass
 class ExecutionResult:
-    """What happened to one program: success means it ran to the end without an exception."""
+    """What happened to one program: success means it ran to the end without an exception.
+
+    layers: which kernel layers of the sandbox were in force while the program ran (each of
+    SANDBOX_LAYERS: True or False), as the child reported them before the program started; all
+    False when the child died before reporting, and so before the program could start.
+    """
 
     success: bool
     stdout: str
@@ -77,15 +115,32 @@ class ExecutionResult:
     timed_out: bool = False
     memory_exceeded: bool = False
     error: str | None = None
+    layers: dict[str, bool] = dataclasses.field(default_factory=_no_layers)
+
+    @property
+    def missing_layers(self) -> list[str]:
+        """The kernel layers that were not in force, in the order of SANDBOX_LAYERS."""
+        return _missing(self.layers)
+
+
+class SandboxUnavailableError(RuntimeError):
+    """execute_code(require_sandbox=True) on a host where not every kernel layer holds: the
+    program was not run."""
 
 
 def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256,
-                 max_output_bytes: int = MAX_OUTPUT_BYTES) -> ExecutionResult:
+                 max_output_bytes: int = MAX_OUTPUT_BYTES,
+                 require_sandbox: bool = False) -> ExecutionResult:
     """Run `code` as a Python program in a sandboxed child process and return its outcome.
 
     timeout: wall-clock seconds for the whole run, interpreter start included.
     memory_limit_mb: address-space limit of the child.
     max_output_bytes: how much of stdout and of stderr is kept; the rest is replaced by a marker.
+    require_sandbox: refuse to run the program unless every layer of SANDBOX_LAYERS is in force;
+        the child then stops before the program starts and SandboxUnavailableError is raised.
+        Without it the program runs under the layers this host allows, the first run that
+        misses one logs a warning on the "nanochat" logger, and the result's `layers` says
+        which held.
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str of Python source, got {type(code).__name__}")
@@ -96,16 +151,50 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256,
                          "use at least 32")
     sandbox_root = tempfile.mkdtemp(prefix="nanochat_sandbox_")
     try:
-        return _run_child(code, sandbox_root, timeout, memory_limit_mb, max_output_bytes)
+        result, layers_reported = _run_child(code, sandbox_root, timeout, memory_limit_mb,
+                                             max_output_bytes, require_sandbox)
     finally:
         _remove_tree(sandbox_root)
+    # A child that did not report its layers died before the program started (a timeout during
+    # start-up, say): its result is a failure like any other.
+    missing = result.missing_layers if layers_reported else []
+    if require_sandbox and missing:
+        raise SandboxUnavailableError(
+            "refusing to run model-written code: the sandbox layers "
+            f"{', '.join(missing)} are not in force on this host ({_host()}). Run it on a Linux "
+            "host that allows Landlock, seccomp and user namespaces, or leave out require_sandbox "
+            "(--require-sandbox) to accept the layers that remain.")
+    if missing:
+        _log_missing_layers_once(missing)
+    return result
+
+
+_missing_layers_logged = False
+_missing_layers_log_lock = threading.Lock()
+
+
+def _log_missing_layers_once(missing) -> None:
+    global _missing_layers_logged
+    with _missing_layers_log_lock:
+        if _missing_layers_logged:
+            return
+        _missing_layers_logged = True
+    logger.warning(f"code sandbox: the layers {', '.join(missing)} are not in force on this host "
+                   f"({_host()}); model-written code runs under the remaining ones "
+                   "(require_sandbox / --require-sandbox refuses to run it instead). "
+                   "Logged once per process.")
+
+
+def _host() -> str:
+    return f"{platform.system()} {platform.release()}, {platform.machine()}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Parent side
 
 
-def _run_child(code, sandbox_root, timeout, memory_limit_mb, max_output_bytes):
+def _run_child(code, sandbox_root, timeout, memory_limit_mb, max_output_bytes, require_sandbox):
+    """Run the child; return its ExecutionResult and whether it reported its layers."""
     program_path = os.path.join(sandbox_root, "program.py")
     with open(program_path, "w", encoding="utf-8") as program_file:
         program_file.write(code)
@@ -119,7 +208,8 @@ def _run_child(code, sandbox_root, timeout, memory_limit_mb, max_output_bytes):
     # -I: ignore PYTHON* variables and the user site; -B: never write .pyc files from the
     # sandbox; -u: unbuffered, so output printed before a timeout still reaches us.
     command = [sys.executable, "-I", "-B", "-u", "-X", "utf8", os.path.abspath(__file__),
-               program_path, str(status_write), repr(float(timeout)), str(int(memory_limit_mb))]
+               program_path, str(status_write), repr(float(timeout)), str(int(memory_limit_mb)),
+               "require" if require_sandbox else "accept"]
     deadline = time.monotonic() + timeout
     try:
         child = subprocess.Popen(command, cwd=workdir, env=child_env, stdin=subprocess.DEVNULL,
@@ -150,8 +240,17 @@ def _run_child(code, sandbox_root, timeout, memory_limit_mb, max_output_bytes):
         child.stderr.close()
         os.close(status_read)
 
-    return _interpret(finished, returncode, stdout.text(), stderr.text(),
-                      _parse_status(status.data()), timeout)
+    # The first line is the bootstrap's report of its layers, written before the program
+    # started; what follows is the report on the program (which the program could forge).
+    layers_line, _, status_line = status.data().partition(b"\n")
+    reported = _parse_status(layers_line)
+    layers = _no_layers()
+    if reported is not None and isinstance(reported.get("layers"), dict):
+        layers.update({name: reported["layers"].get(name) is True for name in SANDBOX_LAYERS})
+    result = _interpret(finished, returncode, stdout.text(), stderr.text(),
+                        _parse_status(status_line), timeout)
+    result.layers = layers
+    return result, reported is not None
 
 
 def _interpret(finished, returncode, stdout, stderr, status, timeout) -> ExecutionResult:
@@ -277,13 +376,17 @@ def _remove_tree(path) -> None:
 # Child side: everything below runs in the sandboxed interpreter, before and around the program.
 
 
-def _sandbox_main(program_path, status_fd, timeout, memory_limit_mb) -> None:
+def _sandbox_main(program_path, status_fd, timeout, memory_limit_mb, require_sandbox) -> None:
     with open(program_path, encoding="utf-8") as program_file:
         source = program_file.read()
-    _isolate_from_host(os.getcwd(), timeout, memory_limit_mb)
+    layers = _isolate_from_host(os.getcwd(), timeout, memory_limit_mb)
     # Keep what reporting needs before the program can replace it.
     write, exit_now = os.write, os._exit
     _disable_dangerous_python_functions()
+    # One short line (below PIPE_BUF, so written whole) that the program cannot get ahead of.
+    write(status_fd, (json.dumps({"layers": layers}) + "\n").encode("utf-8"))
+    if require_sandbox and _missing(layers):
+        exit_now(_EXIT_SANDBOX_INCOMPLETE)
     status = _run_program(source, write)
     try:
         write(status_fd, json.dumps(status).encode("utf-8"))
@@ -331,21 +434,27 @@ def _run_program(source, write) -> dict:
     return {"error": None, "memory_exceeded": False}
 
 
-def _isolate_from_host(workdir, timeout, memory_limit_mb) -> None:
-    """Kernel-level confinement; the order matters (see each step)."""
+def _isolate_from_host(workdir, timeout, memory_limit_mb) -> dict[str, bool]:
+    """Kernel-level confinement; the order matters (see each step). Returns which of
+    SANDBOX_LAYERS are in force."""
+    layers = _no_layers()
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         # First: unshare needs a single-threaded process with its capabilities intact.
-        if not _enter_private_namespaces(libc):
+        layers["namespaces"] = _enter_private_namespaces(libc)
+        if not layers["namespaces"]:
             _drop_capabilities(libc)
         # Both Landlock and seccomp require no_new_privs when the process lacks CAP_SYS_ADMIN.
         libc.prctl(_PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
                    ctypes.c_ulong(0))
-        _restrict_writes_to(libc, workdir)
-    _apply_resource_limits(timeout, memory_limit_mb)
+        # After every file the bootstrap reads itself (the program, this module's imports).
+        landlock = _confine_file_access(libc, workdir)
+        layers["landlock_read"] = layers["landlock_write"] = landlock
+    layers["rlimits"] = _apply_resource_limits(timeout, memory_limit_mb)
     if sys.platform.startswith("linux"):
         # Last: after this the kernel refuses the calls the steps above needed.
-        _install_syscall_filter(libc)
+        layers["seccomp"] = _install_syscall_filter(libc)
+    return layers
 
 
 _CLONE_NEWUSER = 0x10000000
@@ -357,8 +466,8 @@ _SECCOMP_MODE_FILTER = 2
 
 def _enter_private_namespaces(libc) -> bool:
     """A new network namespace (no interfaces up, so no network at all), inside a new user
-    namespace when allowed, which also leaves the host's capabilities behind. True when the user
-    namespace was created."""
+    namespace when allowed, which also leaves the host's capabilities behind. True when both
+    were created."""
     if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
         return True
     libc.unshare(_CLONE_NEWNET)  # root without user namespaces; refused elsewhere, which is fine
@@ -395,48 +504,107 @@ class _LandlockPathBeneathAttr(ctypes.Structure):
 _SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 _LANDLOCK_CREATE_RULESET_VERSION = 1
 _LANDLOCK_RULE_PATH_BENEATH = 1
-# Access rights from linux/landlock.h: write a file (1 << 1), remove a directory or file (4, 5),
-# make a char device, directory, regular file, socket, fifo, block device or symlink (6 to 12).
-_LANDLOCK_WRITE_ACCESS_ABI1 = (1 << 1) | sum(1 << bit for bit in range(4, 13))
-_LANDLOCK_ACCESS_REFER = 1 << 13  # ABI 2: move or link files between directories
-_LANDLOCK_ACCESS_TRUNCATE = 1 << 14  # ABI 3
+# Access rights from linux/landlock.h. ABI 1: execute, write and read a file, list a directory
+# (bits 0 to 3), remove a directory or file (4, 5), make a char device, directory, regular file,
+# socket, fifo, block device or symlink (6 to 12). ABI 2: move or link files between directories
+# (13). ABI 3: truncate (14).
+_LANDLOCK_EXECUTE, _LANDLOCK_WRITE_FILE, _LANDLOCK_READ_FILE, _LANDLOCK_READ_DIR = 1, 2, 4, 8
+_LANDLOCK_CHANGE_TREE_ABI1 = sum(1 << bit for bit in range(4, 13))
+_LANDLOCK_REFER, _LANDLOCK_TRUNCATE = 1 << 13, 1 << 14
+_LANDLOCK_READ = _LANDLOCK_READ_FILE | _LANDLOCK_READ_DIR
+# The rights that a rule on a file (not a directory) may carry.
+_LANDLOCK_FILE_RIGHTS = _LANDLOCK_EXECUTE | _LANDLOCK_WRITE_FILE | _LANDLOCK_READ_FILE | (
+    _LANDLOCK_TRUNCATE)
+# Files outside the interpreter's directories that Python or the standard library open after the
+# sandbox is in place, found by tracing the child's openat calls (strace -f) on Debian 12 while
+# it imported and used the standard library: the dynamic loader's cache (every extension module
+# that loads a library), OpenSSL's configuration (hashlib), the online CPUs (os.cpu_count), and
+# what start-up reads and locale.setlocale or time.tzset read again (locale aliases, the local
+# time zone). None is essential (without them Python falls back: default OpenSSL settings, UTC,
+# another count of the CPUs), but with them the stdlib behaves as it does outside. Missing
+# ones are skipped, so other distributions simply get fewer rules.
+_SYSTEM_FILES_READ = ("/etc/ld.so.cache", "/usr/lib/ssl/openssl.cnf",
+                      "/sys/devices/system/cpu/online", "/usr/share/locale/locale.alias",
+                      "/etc/localtime")
+_DEVICES_READ = ("/dev/urandom",)
+_DEVICES_READ_WRITE = ("/dev/null",)
 
 
-def _restrict_writes_to(libc, workdir) -> None:
-    """Landlock: file writes, creation, removal and truncation only beneath `workdir`. Reads
-    stay unrestricted. Being in a Landlock domain also stops ptrace-style access (including
-    /proc/<pid>/environ and /proc/<pid>/mem) to processes outside it."""
+def _confine_file_access(libc, workdir) -> bool:
+    """Landlock: read, write, create, remove and truncate files beneath `workdir`; read (never
+    write or execute) only what the interpreter needs (see _readable_paths); execute nothing.
+    Everything else fails with EACCES. Being in a Landlock domain also stops ptrace-style access
+    (including /proc/<pid>/environ and /proc/<pid>/mem) to processes outside it. True when the
+    rules are in force."""
     syscall = libc.syscall
     syscall.restype = ctypes.c_long
     abi = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0),
                   ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     if abi < 1:
-        return
-    access = _LANDLOCK_WRITE_ACCESS_ABI1
-    if abi >= 2:
-        access |= _LANDLOCK_ACCESS_REFER
-    if abi >= 3:
-        access |= _LANDLOCK_ACCESS_TRUNCATE
-    ruleset = _LandlockRulesetAttr(handled_access_fs=access)
+        return False
+    change_tree = _LANDLOCK_CHANGE_TREE_ABI1 | (_LANDLOCK_REFER if abi >= 2 else 0)
+    truncate = _LANDLOCK_TRUNCATE if abi >= 3 else 0
+    handled = _LANDLOCK_EXECUTE | _LANDLOCK_WRITE_FILE | _LANDLOCK_READ | change_tree | truncate
+    ruleset = _LandlockRulesetAttr(handled_access_fs=handled)
     ruleset_fd = syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(ruleset),
                          ctypes.c_size_t(ctypes.sizeof(ruleset)), ctypes.c_uint32(0))
     if ruleset_fd < 0:
-        return
-    workdir_fd = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
+        return False
+    read_write = _LANDLOCK_READ | _LANDLOCK_WRITE_FILE | truncate
+    rules = [(workdir, read_write | change_tree)]
+    rules += [(path, _LANDLOCK_READ) for path in _readable_paths()]
+    rules += [(path, _LANDLOCK_READ_FILE | _LANDLOCK_WRITE_FILE) for path in _DEVICES_READ_WRITE]
     try:
-        rule = _LandlockPathBeneathAttr(allowed_access=access, parent_fd=workdir_fd)
-        if syscall(ctypes.c_long(_SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset_fd),
-                   ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
-                   ctypes.c_uint32(0)) == 0:
-            syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd),
-                    ctypes.c_uint32(0))
+        for path, access in rules:
+            # A rule that cannot be added only takes an allowance away: the sandbox stays closed.
+            _add_landlock_rule(syscall, ruleset_fd, path, access)
+        return syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset_fd),
+                       ctypes.c_uint32(0)) == 0
     finally:
-        os.close(workdir_fd)
         os.close(ruleset_fd)
 
 
-def _apply_resource_limits(timeout, memory_limit_mb) -> None:
-    """Soft and hard limits are set together, so the program cannot raise them again."""
+def _readable_paths() -> list[str]:
+    """What the interpreter reads once the program runs: its prefixes (standard library,
+    site-packages), the directories of every file it has mapped (its shared libraries, found in
+    /proc/self/maps, and so the libraries that extension modules load later, which lie beside
+    them), a few system files, /dev/urandom and its own /proc/<pid> (/proc/self is a link to it).
+    The workdir's own rule covers the program's files."""
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            # Mapped files have an absolute path; pseudo-mappings are [heap], [stack] and the like.
+            if len(fields) == 6 and fields[5].startswith("/"):
+                mapped = fields[5].rstrip("\n")
+                if os.path.isfile(mapped):
+                    paths.add(os.path.dirname(mapped))
+    paths.update(_SYSTEM_FILES_READ)
+    paths.update(_DEVICES_READ)
+    paths.add(f"/proc/{os.getpid()}")
+    return sorted(paths)
+
+
+def _add_landlock_rule(syscall, ruleset_fd, path, access) -> None:
+    """Allow `access` beneath `path` (a directory) or on `path` itself (a file); the path's
+    links are followed, so the rule is on what it resolves to."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            access &= _LANDLOCK_FILE_RIGHTS
+        rule = _LandlockPathBeneathAttr(allowed_access=access, parent_fd=fd)
+        syscall(ctypes.c_long(_SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset_fd),
+                ctypes.c_int(_LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0))
+    finally:
+        os.close(fd)
+
+
+def _apply_resource_limits(timeout, memory_limit_mb) -> bool:
+    """Soft and hard limits are set together, so the program cannot raise them again. True when
+    every limit is in place."""
     memory_bytes = memory_limit_mb * 1024 * 1024
     cpu_seconds = math.ceil(timeout)
     limits = [(resource.RLIMIT_AS, memory_bytes, memory_bytes),
@@ -447,6 +615,7 @@ def _apply_resource_limits(timeout, memory_limit_mb) -> None:
               (resource.RLIMIT_CORE, 0, 0)]
     if hasattr(resource, "RLIMIT_NPROC"):
         limits.append((resource.RLIMIT_NPROC, 0, 0))
+    applied = hasattr(resource, "RLIMIT_NPROC")
     for which, soft, hard in limits:
         _, current_hard = resource.getrlimit(which)
         if current_hard != resource.RLIM_INFINITY:
@@ -454,7 +623,8 @@ def _apply_resource_limits(timeout, memory_limit_mb) -> None:
         try:
             resource.setrlimit(which, (soft, hard))
         except (ValueError, OSError):
-            pass  # e.g. macOS refuses some address-space limits; the other layers remain
+            applied = False  # e.g. macOS refuses some address-space limits; the rest remain
+    return applied
 
 
 # Syscall numbers of the calls the filter refuses, per architecture (from the kernel's unistd
@@ -528,15 +698,16 @@ def _syscall_filter_program(machine: str, own_pid: int) -> list[tuple[int, int, 
     return program
 
 
-def _install_syscall_filter(libc) -> None:
+def _install_syscall_filter(libc) -> bool:
+    """True when the filter is in force."""
     machine = platform.machine()
     if machine not in _SYSCALL_NUMBERS:
-        return
+        return False
     instructions = _syscall_filter_program(machine, os.getpid())
     filters = (_SockFilter * len(instructions))(*[_SockFilter(*inst) for inst in instructions])
     fprog = _SockFprog(len(instructions), filters)
-    libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog),
-               ctypes.c_ulong(0), ctypes.c_ulong(0))
+    return libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog),
+                      ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
 
 
 def _refused(qualified_name):
@@ -600,4 +771,5 @@ def _disable_dangerous_python_functions() -> None:
 
 
 if __name__ == "__main__":
-    _sandbox_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
+    _sandbox_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]),
+                  sys.argv[5] == "require")

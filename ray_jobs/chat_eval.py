@@ -3,7 +3,7 @@
     python -m ray_jobs.chat_eval --source sft [--model-tag d20] [--step N]
         [--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spellingbee] [--max-problems N]
         [--num-samples K] [--temperature T] [--top-k K] [--max-new-tokens N] [--seed S]
-        [--num-actors N] [--use-gpu auto|on|off] [--gpu-wait-s S] [--batch-size B]
+        [--num-actors N] [--use-gpu auto|on|off] [--gpu-wait-s S] [--batch-size B] [--require-sandbox]
 
 How answers are scored (categorical by letter logits, generative by sampling, pass@k, ChatCORE)
 is nanochat.chat_eval. The problems are cut into chunks that a pool of Ray
@@ -12,6 +12,10 @@ CPU-only machine, as in base_eval; fewer when Serve or another job holds some of
 is what ray_jobs.gpus.actor_pool can reserve). A score does not depend on how the problems are cut: problem
 i is always sampled with seed `seed + i`, and categorical batches always cover the same problems
 (chunks start at multiples of the batch size), so 1 actor and 8 actors give the same numbers.
+
+HumanEval runs the model's code in the sandbox of nanochat.execution. An actor on a host where one
+of the sandbox's kernel layers is missing logs that once; with --require-sandbox it refuses to run
+the code there instead, and the job stops with the reason.
 
 The results print as a table and are written to <base>/chat_eval/<source>_<model_tag>_<step>.json
 for the report.
@@ -30,6 +34,7 @@ from ray.util import ActorPool
 
 from nanochat.checkpoint import PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model, find_last_step
 from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.execution import SandboxUnavailableError
 from nanochat.chat_eval import ModelAnswerer, Sampling, chatcore, score_problems, summarize
 from nanochat.report import Report
 from nanochat.tasks import Task, get_task
@@ -137,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "fewer when not all can be reserved")
     add_gpu_flags(parser, "eval actors")
     parser.add_argument("--batch-size", type=int, default=8, help="categorical prompts per forward pass")
+    parser.add_argument("--require-sandbox", action="store_true",
+                        help="run model-written code (HumanEval) only where every kernel layer of the sandbox "
+                        "holds; stop the job otherwise")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     unknown = [name for name in names if name not in EVAL_TASKS]
@@ -171,11 +179,15 @@ def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> 
     return model_tag, step
 
 
-def load_tasks(names: list[str], max_problems: int | None) -> dict[str, Task]:
-    """The test split of each named task, cut to its first max_problems problems."""
+def load_tasks(names: list[str], max_problems: int | None, require_sandbox: bool = False) -> dict[str, Task]:
+    """The test split of each named task, cut to its first max_problems problems; require_sandbox
+    goes to the tasks that run model-written code (HumanEval)."""
     tasks = {}
     for name in names:
-        task = get_task(name, EVAL_SPLIT, **TASK_OPTIONS.get(name, {}))
+        options = dict(TASK_OPTIONS.get(name, {}))
+        if name == "humaneval":
+            options["require_sandbox"] = require_sandbox
+        task = get_task(name, EVAL_SPLIT, **options)
         tasks[name] = task if max_problems is None else task[:max_problems]
     return tasks
 
@@ -206,7 +218,7 @@ def main(argv=None) -> dict:
     if args.num_samples > 1 and args.temperature == 0:
         print("note: at --temperature 0 all samples of a problem are the same, so pass@k equals pass@1", flush=True)
 
-    tasks = load_tasks(args.tasks, args.max_problems)
+    tasks = load_tasks(args.tasks, args.max_problems, args.require_sandbox)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit`, or starts a local one
     started = time.time()
@@ -216,6 +228,10 @@ def main(argv=None) -> dict:
                                           gpu_wait_s=args.gpu_wait_s)
     except GPUsUnavailableError as exc:
         print(f"chat_eval: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except SandboxUnavailableError as exc:
+        # Raised in an actor: Ray's error carries the actor's traceback, its cause the reason.
+        print(f"chat_eval: {getattr(exc, 'cause', exc)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     score = chatcore(task_results)
     print_table(task_results, score, args.num_samples)

@@ -17,12 +17,14 @@ import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
 from nanochat.engine import Engine
+from nanochat.execution import SandboxUnavailableError
 from nanochat.tasks import Arithmetic, SpellingBee, Task
 from nanochat.tasks.common import MultipleChoiceTask, last_assistant_text, render_multiple_choice
 from nanochat.tokenizer import Tokenizer
 from ray_jobs.base_eval import CheckpointModel
 from nanochat.chat_eval import (ModelAnswerer, Sampling, chance_level, chatcore, evaluate_task,
                                 score_problems)
+import ray_jobs.chat_eval
 from ray_jobs.chat_eval import evaluate_on_actors, load_tasks, main, plan_chunks
 from tests.tiny import CHAT_TEXT, random_gpt
 
@@ -67,6 +69,21 @@ class EvenLength(Task):
 
     def evaluate(self, conversation: dict, answer: str) -> bool:
         return len(answer) % 2 == 0
+
+
+class CodeOnAnUnsandboxedHost(EvenLength):
+    """A task that would run its answers as code, on a host where the sandbox misses a layer and
+    its caller asked for all of them: it refuses, as HumanEval with require_sandbox does there."""
+
+    def __init__(self, require_sandbox: bool = False, **view):
+        super().__init__(**view)
+        self.require_sandbox = require_sandbox
+
+    def evaluate(self, conversation: dict, answer: str) -> bool:
+        if self.require_sandbox:
+            raise SandboxUnavailableError("refusing to run model-written code: the sandbox layers "
+                                          "landlock_read, landlock_write are not in force on this host")
+        return super().evaluate(conversation, answer)
 
 
 class AlwaysRight:
@@ -265,6 +282,23 @@ def test_a_missing_checkpoint_says_how_to_make_one(tiny_checkpoint, capsys):
         main(["--source", "sft", "--model-tag", MODEL_TAG, "--step", "5", "--tasks", "arithmetic"])
     assert exit_info.value.code == 1
     assert "no checkpoint for step 5" in capsys.readouterr().err
+
+
+def test_require_sandbox_reaches_the_code_task_and_its_refusal_stops_the_job(ray_local, tiny_checkpoint,
+                                                                            monkeypatch, capsys):
+    def get_task(name, split, **options):
+        return CodeOnAnUnsandboxedHost(**options) if name == "humaneval" else Arithmetic(split, **options)
+
+    monkeypatch.setattr(ray_jobs.chat_eval, "get_task", get_task)
+    tasks = load_tasks(["humaneval", "arithmetic"], 2, require_sandbox=True)
+    assert tasks["humaneval"].require_sandbox and len(tasks["arithmetic"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--source", "sft", "--model-tag", MODEL_TAG, "--tasks", "humaneval", "--max-problems", "2",
+              "--max-new-tokens", "2", "--num-actors", "1", "--require-sandbox"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "chat_eval: refusing to run model-written code: the sandbox layers landlock_read" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,20 +1,31 @@
 """The sandbox in nanochat/execution.py, attacked the ways model-written code might go wrong:
 loops, memory and fork bombs, deleting files, opening sockets, reading secrets, output floods.
 
+The escapes that only the kernel can stop (reading or listing outside the sandbox, writing there,
+sockets, fork, exec) are each tried twice: in plain Python, going around the Python guard where
+there is one without ctypes (the original socket class, a fresh copy of the posix module), and
+through the C library after re-importing ctypes, which undoes the Python guards. Both must fail
+with the kernel's error number.
+
 Every hostile program here is bounded on its own (a fixed number of forks whose children exit at
 once, a memory bomb under a small limit), so that a broken sandbox fails the test without taking
 down the machine.
 """
 
+import errno
+import json
 import os
 import platform
 import socket
+import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
 
-from nanochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, execute_code
+from nanochat.execution import (MAX_OUTPUT_BYTES, SANDBOX_LAYERS, ExecutionResult,
+                                 SandboxUnavailableError, execute_code)
 
 LINUX_WITH_SYSCALL_FILTER = sys.platform.startswith("linux") and platform.machine() in (
     "x86_64", "aarch64")
@@ -50,7 +61,62 @@ def processes_in_session(session_id: int) -> list[int]:
 def test_normal_code_prints_and_succeeds():
     result = execute_code("import math\nprint('hello')\nprint(math.factorial(5))\n")
     assert result == ExecutionResult(success=True, stdout="hello\n120\n", stderr="",
-                                     timed_out=False, memory_exceeded=False, error=None)
+                                     timed_out=False, memory_exceeded=False, error=None,
+                                     layers=result.layers)
+
+
+def test_humaneval_style_answers_using_the_standard_library_pass():
+    # The modules HumanEval answers import, loaded lazily after the sandbox is in place.
+    code = textwrap.dedent("""
+        import collections, functools, heapq, itertools, math, re, string
+        from typing import Dict, List, Optional, Tuple
+
+        def words(text: str) -> List[str]:
+            return re.findall(r"[a-z]+", text.lower())
+
+        def most_common(text: str) -> Optional[Tuple[str, int]]:
+            counts: Dict[str, int] = collections.Counter(words(text))
+            return max(counts.items(), key=lambda item: (item[1], item[0])) if counts else None
+
+        @functools.lru_cache(maxsize=None)
+        def fib(n: int) -> int:
+            return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+        def k_smallest(numbers: List[int], k: int) -> List[int]:
+            return heapq.nsmallest(k, numbers)
+
+        def check():
+            assert words("Hello, World!") == ["hello", "world"]
+            assert most_common("a b a c") == ("a", 2)
+            assert fib(30) == 832040
+            assert k_smallest([5, 1, 4, 2], 2) == [1, 2]
+            assert list(itertools.accumulate([1, 2, 3])) == [1, 3, 6]
+            assert math.isclose(math.sqrt(2) ** 2, 2.0)
+            assert string.ascii_lowercase.index("e") == 4
+            assert functools.reduce(lambda a, b: a * b, range(1, 6)) == 120
+
+        check()
+        print("ok")
+    """)
+    result = execute_code(code)
+    assert result.success, result.stderr
+    assert result.stdout == "ok\n"
+
+
+def test_each_result_reports_the_layers_in_force():
+    # The program writes a report of its own onto the status pipe (its descriptor is in argv):
+    # the bootstrap's report comes first and is the one that counts.
+    forged = json.dumps({"layers": dict.fromkeys(SANDBOX_LAYERS, False)})
+    result = execute_code(f"import os, sys\nos.write(int(sys.argv[2]), b'{forged}\\n')")
+    assert list(result.layers) == list(SANDBOX_LAYERS)
+    if sys.platform.startswith("linux"):
+        assert result.layers["landlock_read"] == result.layers["landlock_write"] == (
+            landlock_available())
+        assert result.layers["seccomp"] == LINUX_WITH_SYSCALL_FILTER
+        assert result.layers["rlimits"]
+    assert result.missing_layers == [name for name in SANDBOX_LAYERS if not result.layers[name]]
+    # A program that never gets to report its end still has its layers reported.
+    assert execute_code("while True:\n    pass\n", timeout=1.0).layers == result.layers
 
 
 def test_working_directory_is_fresh_writable_and_removed():
@@ -147,27 +213,6 @@ def test_other_ways_to_start_processes_are_refused(spawn):
     assert "PermissionError" in result.error
 
 
-@pytest.mark.skipif(not LINUX_WITH_SYSCALL_FILTER, reason="the system-call filter is Linux-only")
-def test_kernel_refuses_fork_when_python_guards_are_bypassed():
-    # Undo the ctypes import block and call the C library's fork directly; should it succeed,
-    # the child exits at once.
-    code = (
-        "import sys\n"
-        "for name in ('ctypes', '_ctypes'):\n"
-        "    sys.modules.pop(name, None)\n"
-        "import ctypes\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "pid = libc.fork()\n"
-        "if pid == 0:\n"
-        "    libc._exit(0)\n"
-        "print(pid, ctypes.get_errno())\n"
-    )
-    result = execute_code(code)
-    assert result.success
-    pid, error_number = result.stdout.split()
-    assert pid == "-1" and int(error_number) in (1, 11)  # EPERM (filter) or EAGAIN (NPROC)
-
-
 def test_files_outside_the_sandbox_survive(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
@@ -189,15 +234,6 @@ def test_files_outside_the_sandbox_survive(tmp_path):
     assert result.stdout.split() == ["refused"] * 7
     assert victim.read_text() == "precious"
     assert (victim.stat().st_mode & 0o777) != 0
-
-
-@pytest.mark.skipif(not landlock_available(), reason="needs Landlock to confine plain writes")
-def test_overwriting_a_file_outside_the_sandbox_is_refused(tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("precious")
-    result = execute_code(f"open({str(victim)!r}, 'w').write('gone')")
-    assert not result.success and "PermissionError" in result.error
-    assert victim.read_text() == "precious"
 
 
 def test_socket_to_localhost_fails():
@@ -228,17 +264,169 @@ def test_socket_to_localhost_fails():
         server.close()
 
 
-@pytest.mark.skipif(not LINUX_WITH_SYSCALL_FILTER, reason="the system-call filter is Linux-only")
-def test_kernel_refuses_sockets_when_python_guards_are_bypassed():
-    code = (
-        "import sys\n"
-        "for name in ('ctypes', '_ctypes'):\n"
-        "    sys.modules.pop(name, None)\n"
-        "import ctypes\n"
-        "libc = ctypes.CDLL(None, use_errno=True)\n"
-        "print(libc.socket(2, 1, 0))\n"  # AF_INET, SOCK_STREAM
-    )
-    assert execute_code(code).stdout == "-1\n"
+# Each escape as (Python attempt, C attempt): the Python one raises OSError, the C one returns -1
+# or NULL, when the kernel refuses. They may use PATH (the target) and, in C, libc and ctypes.
+FRESH_POSIX = ("import _imp, importlib.machinery\n"
+               "posix = _imp.create_builtin(importlib.machinery.ModuleSpec('posix', None))\n"
+               "_imp.exec_builtin(posix)\n")
+ESCAPES = {
+    "read a file outside": ("open(PATH, 'rb').read()", "libc.open(PATH.encode(), os.O_RDONLY)"),
+    "list a directory outside": ("os.listdir(PATH)", "libc.opendir(PATH.encode())"),
+    "write a file outside": ("open(PATH, 'w').write('x')",
+                             "libc.open(PATH.encode(), os.O_WRONLY | os.O_CREAT, 0o644)"),
+    "open a socket": ("import socket\nsocket.socket.__mro__[-2](socket.AF_INET, socket.SOCK_STREAM)",
+                      "libc.socket(2, 1, 0)"),  # AF_INET, SOCK_STREAM
+    # Should a fork get through, the child exits at once; should an exec, it runs /bin/true.
+    "fork": (FRESH_POSIX + "if posix.fork() == 0:\n    posix._exit(0)",
+             "pid = libc.fork()\nif pid == 0:\n    libc._exit(0)\npid"),
+    "exec": (FRESH_POSIX + "posix.execv(PATH, [PATH])",
+             "libc.execv(PATH.encode(), (ctypes.c_char_p * 2)(PATH.encode(), None))"),
+}
+CTYPES_REIMPORT = ("import sys\n"
+                   "for name in ('ctypes', '_ctypes', 'ctypes.util'):\n"
+                   "    sys.modules.pop(name, None)\n"
+                   "import ctypes\n"
+                   "libc = ctypes.CDLL(None, use_errno=True)\n"
+                   "libc.opendir.restype = ctypes.c_void_p\n")
+
+
+def attempt(escape: str, way: str, path: str = "") -> int | None:
+    """Run one escape in the sandbox: the errno it failed with, or None when it got through."""
+    python_attempt, c_attempt = ESCAPES[escape]
+    if way == "python":
+        body = (f"try:\n{textwrap.indent(python_attempt, '    ')}\n    print('escaped')\n"
+                "except OSError as error:\n    print(error.errno)\n")
+    else:
+        *setup, call = c_attempt.split("\n")
+        body = (CTYPES_REIMPORT + "\n".join(setup) + f"\nresult = {call}\n"
+                "print(ctypes.get_errno() if result in (-1, None) else 'escaped')\n")
+    result = execute_code(f"import os\nPATH = {path!r}\n" + body)
+    assert result.success, result.stderr
+    return None if result.stdout == "escaped\n" else int(result.stdout)
+
+
+needs_landlock = pytest.mark.skipif(not landlock_available(),
+                                    reason="this kernel has no Landlock to confine file access")
+needs_syscall_filter = pytest.mark.skipif(
+    not LINUX_WITH_SYSCALL_FILTER, reason="the system-call filter is Linux on x86_64 or aarch64 only")
+BOTH_WAYS = pytest.mark.parametrize("way", ["python", "ctypes"])
+
+
+# Home folders (the test's own, root's), the rest of /tmp and /etc, another process, the users.
+OUTSIDE = [("list a directory outside", path) for path in
+           dict.fromkeys([os.path.expanduser("~"), "/root", "/tmp", "/etc"])]
+OUTSIDE += [("read a file outside", path) for path in ["/proc/1/cmdline", "/etc/passwd"]]
+
+
+@needs_landlock
+@BOTH_WAYS
+@pytest.mark.parametrize("escape, path", OUTSIDE)
+def test_homes_system_folders_and_other_processes_cannot_be_read(way, escape, path):
+    assert attempt(escape, way, path) == errno.EACCES
+
+
+@needs_landlock
+@BOTH_WAYS
+def test_a_file_outside_the_sandbox_can_be_neither_read_nor_written(way, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    assert attempt("read a file outside", way, str(victim)) == errno.EACCES
+    assert attempt("write a file outside", way, str(victim)) == errno.EACCES
+    assert attempt("write a file outside", way, str(tmp_path / "new.txt")) == errno.EACCES
+    assert victim.read_text() == "precious" and not (tmp_path / "new.txt").exists()
+
+
+@needs_syscall_filter
+@BOTH_WAYS
+def test_the_kernel_refuses_sockets(way):
+    assert attempt("open a socket", way) == errno.EPERM
+
+
+@needs_syscall_filter
+@BOTH_WAYS
+def test_the_kernel_refuses_fork(way):
+    assert attempt("fork", way) in (errno.EPERM, errno.EAGAIN)  # the filter, or RLIMIT_NPROC
+
+
+@needs_syscall_filter
+@BOTH_WAYS
+def test_the_kernel_refuses_exec(way):
+    # EPERM from the filter; EACCES from Landlock, which grants no execute right anywhere.
+    assert attempt("exec", way, "/bin/true") in (errno.EPERM, errno.EACCES)
+
+
+@needs_landlock
+def test_what_the_sandbox_may_read():
+    code = textwrap.dedent("""
+        import os
+        open('mine.txt', 'w').write('mine')
+        print(open('mine.txt').read(), os.listdir('.'))
+        print(open('/proc/self/status').read().startswith('Name:'), len(os.listdir('/proc/self/fd')) > 0)
+        print(open(os.devnull, 'w').write('gone'), len(open('/dev/urandom', 'rb').read(8)))
+        import hashlib, sqlite3
+        print(hashlib.sha256(b'').hexdigest()[:8], sqlite3.connect(':memory:').execute('select 2').fetchone())
+    """)
+    result = execute_code(code)
+    assert result.success, result.stderr
+    assert result.stdout == "mine ['mine.txt']\nTrue True\n4 8\ne3b0c442 (2,)\n"
+
+
+# A process in which the kernel answers landlock_create_ruleset with ENOSYS, as one without
+# Landlock does (a seccomp filter that the sandboxed children inherit), runs the sandbox.
+WITHOUT_LANDLOCK = textwrap.dedent("""
+    import ctypes, sys
+    from nanochat.execution import SandboxUnavailableError, execute_code
+
+    class Instruction(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Instruction))]
+
+    # Load the call number; landlock_create_ruleset (444)? ENOSYS (38); otherwise allow.
+    code = (Instruction * 4)(Instruction(0x20, 0, 0, 0), Instruction(0x15, 0, 1, 444),
+                             Instruction(0x06, 0, 0, 0x00050000 | 38), Instruction(0x06, 0, 0, 0x7FFF0000))
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(38, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    assert libc.prctl(22, ctypes.c_ulong(2), ctypes.byref(Program(4, code)), ctypes.c_ulong(0),
+                      ctypes.c_ulong(0)) == 0
+    marker = sys.argv[1]
+    for _ in range(2):
+        result = execute_code("print('ran')")
+        print(result.stdout.strip(), result.missing_layers, flush=True)
+    try:
+        execute_code(f"open({marker!r}, 'w').write('ran')", require_sandbox=True)
+    except SandboxUnavailableError as error:
+        print("refused:", error, flush=True)
+""")
+
+
+@needs_syscall_filter
+def test_without_landlock_runs_warn_once_and_require_sandbox_refuses(tmp_path):
+    marker = tmp_path / "marker.txt"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", WITHOUT_LANDLOCK, str(marker)], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first, second, refusal = done.stdout.splitlines()
+    assert first == second and first.startswith("ran [")
+    assert "'landlock_read', 'landlock_write'" in first
+    assert done.stderr.count("code sandbox: the layers") == 1
+    assert "landlock_read, landlock_write" in done.stderr
+    assert refusal.startswith("refused: refusing to run model-written code: the sandbox layers")
+    assert "landlock_read, landlock_write" in refusal
+    # Without Landlock the program could have written the marker: it never ran.
+    assert not marker.exists()
+
+
+def test_require_sandbox_runs_where_every_layer_holds():
+    probe = execute_code("pass")
+    if probe.missing_layers:
+        with pytest.raises(SandboxUnavailableError, match=probe.missing_layers[0]):
+            execute_code("print('ran')", require_sandbox=True)
+    else:
+        assert execute_code("print('ran')", require_sandbox=True).stdout == "ran\n"
 
 
 def test_parent_environment_is_not_visible(monkeypatch):

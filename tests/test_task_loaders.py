@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from nanochat.execution import SandboxUnavailableError, execute_code
 from nanochat.tasks import get_task
 from nanochat.tasks.arc import ARC
 from nanochat.tasks.common import DatasetDownloadError, download_hf_file, hf_file_url, task_data_path
@@ -410,3 +411,11 @@ def test_humaneval_scores_completions_by_running_the_tests(hub):
     assert task.evaluate(problem, wrong) is False
     assert task.evaluate(problem, "I do not know.") is False
     assert task.reward(problem, wrong) == 0.0
+    # require_sandbox: the answer runs only where every kernel layer of the sandbox holds.
+    strict = get_task("humaneval", "test", base_url=hub.base_url, require_sandbox=True)
+    missing = execute_code("pass").missing_layers
+    if missing:
+        with pytest.raises(SandboxUnavailableError, match=missing[0]):
+            strict.evaluate(problem, HUMANEVAL_SOLUTION)
+    else:
+        assert strict.evaluate(problem, HUMANEVAL_SOLUTION) is True

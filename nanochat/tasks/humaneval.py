@@ -9,7 +9,9 @@ with the string columns task_id, prompt (imports, signature and docstring), cano
 The user message is the prompt; the reference answer is the whole function. An answer is scored
 by running it with the tests in the sandbox of nanochat.execution: the prompt, then the code of
 the answer (the first fenced code block when there is one), then the tests and
-check(<entry point>). Right means the program ran to the end.
+check(<entry point>). Right means the program ran to the end. With require_sandbox=True an
+answer is only run where every kernel layer of the sandbox holds (SandboxUnavailableError
+otherwise).
 """
 
 import re
@@ -48,11 +50,13 @@ class HumanEval(HFParquetTask):
     repo_id = "openai/openai_humaneval"
     eval_type = "generative"
 
-    def __init__(self, split: str = "test", timeout_s: float = 10.0, **kwargs):
+    def __init__(self, split: str = "test", timeout_s: float = 10.0, require_sandbox: bool = False,
+                 **kwargs):
         if split != "test":
             raise ValueError(f"HumanEval has only the split 'test', not {split!r}")
         self.split = split
         self.timeout_s = timeout_s
+        self.require_sandbox = require_sandbox
         super().__init__(["openai_humaneval/test-00000-of-00001.parquet"], COLUMNS, **kwargs)
 
     def conversation_from_row(self, row: dict) -> dict:
@@ -69,4 +73,5 @@ class HumanEval(HFParquetTask):
     def evaluate(self, conversation: dict, answer: str) -> bool:
         if not isinstance(answer, str):
             raise ValueError(f"the answer must be the assistant's text (a str), not {type(answer).__name__}")
-        return execute_code(program_for_answer(conversation, answer), timeout=self.timeout_s).success
+        return execute_code(program_for_answer(conversation, answer), timeout=self.timeout_s,
+                            require_sandbox=self.require_sandbox).success
