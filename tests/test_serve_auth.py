@@ -1,8 +1,8 @@
 """The chat service's API key, end to end: the real ChatAPI ingress with a key, on the session's
 Serve, in front of test_serve_ui's scripted stand-in for ChatModel (the key is the ingress's
 business, so no model needs loading). Clients as users run them: the official openai client with
-the right key, a wrong key and none; curl without the header; the web UI in Chromium, which asks
-for the key once. Then the key must be nowhere in Ray's logs of the session, nor in /stats."""
+the right key, a wrong key and none; curl without the header; `python -m serve.cli --url`; the
+web UI in Chromium, which asks for the key once. Then the key must be nowhere in Ray's logs of the session, nor in /stats."""
 
 import json
 import os
@@ -13,7 +13,8 @@ import pytest
 import ray
 from ray import serve
 
-from serve.api import bearer_key_matches, api_key_digest, exposure_warning
+from serve import cli
+from serve.api import API_KEY_ENV, api_key_digest, bearer_key_matches, exposure_warning
 from serve.app import ChatAPI, ChatAppArgs
 from tests.serve_helpers import serve_port
 from tests.test_serve_ui import GREETING_PIECES, SCRIPT, ScriptedChatModel, answer_after, browser, message_texts
@@ -112,6 +113,16 @@ def test_curl_without_the_header_gets_401_everywhere_but_health_and_the_page(key
     assert status == 200 and KEY not in body and api_key_digest(KEY) not in body
     status, body = _curl(keyed_url + "/chat/completions", *post, "-N", "-H", f"Authorization: Bearer {KEY}")
     assert status == 200 and '"done": true' in body
+
+
+def test_the_terminal_chat_sends_the_key_from_the_environment(keyed_url, capsys, monkeypatch):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert cli.main(["--url", keyed_url, "-p", "Hi!"]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 401" in err and "needs an API key" in err and API_KEY_ENV in err
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    assert cli.main(["--url", keyed_url, "-p", "Hi!"]) == 0
+    assert capsys.readouterr().out == GREETING + "\n"
 
 
 def test_the_ui_asks_for_the_key_once_and_keeps_it_for_the_session(browser, keyed_url):
