@@ -11,6 +11,11 @@ A second `make demo` reuses the running cluster and every stage's output (data, 
 checkpoints); `make demo ARGS=--fresh` starts the pipeline over. `--ray-port`, `--dashboard-port`
 and `--serve-port` move the demo off the default ports (6379, 8265, 8000) when others use them.
 The head keeps its sessions and logs in /tmp/ray_nanochat_demo (`--temp-dir`), not /tmp/ray.
+
+Ray's token authentication stays on: the head starts with RAY_AUTH_MODE=token, and this process,
+the speedrun job and every stage job send the token of ~/.ray/auth_token (made on the first run,
+readable by this user only), so no other user of the machine can submit jobs to the demo's head.
+The same token serves `ray job submit` and `serve` typed in a shell with RAY_AUTH_MODE=token.
 """
 
 import argparse
@@ -20,32 +25,43 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import psutil
 
 from nanochat.common import get_base_dir
 from nanochat.report import Report
+from ray_jobs.ray_auth import use_token_auth
 from ray_jobs.speedrun import Stage, run_as_job
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
-# Ray jobs run their entrypoint through a shell on the head: put this venv first on its PATH so
-# that `python` there is the interpreter this project is installed in. The demo cluster listens on
-# 127.0.0.1 only, so it runs without Ray's token authentication (which otherwise switches on when
-# a token file exists in ~/.ray, and then refuses drivers that do not carry it).
-VENV_ENV = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-            "RAY_AUTH_MODE": "disabled"}
 
 
 def cluster_is_up(dashboard: str) -> bool:
+    """Whether a Ray cluster's job server answers at `dashboard`. One that answers but refuses
+    this machine's Ray token is an error: the demo cannot use it, nor start a head in its place."""
     from ray.job_submission import JobSubmissionClient
 
     try:
         JobSubmissionClient(dashboard).list_jobs()
         return True
-    except Exception:  # any failure to talk to the dashboard means: no usable cluster there
+    except Exception as exc:  # any other failure to talk to the dashboard means: no cluster there
+        if "Authentication required" in str(exc) or "Authentication failed" in str(exc):
+            raise SystemExit(f"[demo] the Ray cluster at {dashboard} refuses this machine's Ray token (`ray "
+                             "get-auth-token` prints it): it was started with another one. Stop it, or run the "
+                             "demo on other ports (--ray-port, --dashboard-port, --serve-port).") from None
         return False
+
+
+def refuses_requests_without_token(dashboard: str) -> bool:
+    """Whether the job server at `dashboard` has token authentication on (asks anonymous callers for the token)."""
+    try:
+        urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=30).close()
+        return False
+    except urllib.error.HTTPError as error:
+        return error.code == 401
 
 
 def free_port() -> int:
@@ -64,15 +80,20 @@ def start_local_head(ray_port: int, dashboard_port: int, temp_dir: str) -> None:
     `<temp dir>/ray_current_cluster`, which every `ray start` on the machine rewrites (a test
     session's cluster, say): in the shared /tmp/ray the demo's jobs would join whichever cluster
     started last."""
+    use_token_auth(create=True)
     print(f"[demo] starting a local Ray head (ray start --head --port={ray_port} "
           f"--dashboard-port={dashboard_port})", flush=True)
+    # Ray jobs run their entrypoint through a shell on the head: this venv goes first on its PATH so
+    # that `python` there is the interpreter this project is installed in. RAY_AUTH_MODE=token
+    # (set above) reaches the head, hence every job driver, with the rest of the environment.
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     ports = {name: free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                             "ray-client-server-port", "node-manager-port", "object-manager-port",
                                             "runtime-env-agent-port", "metrics-export-port")}
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={ray_port}", f"--dashboard-host={HOST}", f"--dashboard-port={dashboard_port}",
                     *(f"--{name}={port}" for name, port in ports.items()), f"--temp-dir={temp_dir}",
                     "--disable-usage-stats"],
-                   check=True, env=VENV_ENV)
+                   check=True, env=env)
     dashboard = f"http://{HOST}:{dashboard_port}"
     for _ in range(60):
         if cluster_is_up(dashboard):
@@ -166,7 +187,6 @@ def deploy_chat_app(ray_port: int, serve_port: int) -> str:
 
 
 def main(argv=None) -> int:
-    os.environ.update(RAY_AUTH_MODE="disabled")  # this process talks to the dashboard too
     p = argparse.ArgumentParser(description="Run the offline tiny pipeline on a local Ray and serve the result")
     p.add_argument("--fresh", action="store_true", help="start over: redo every stage even when its output exists")
     p.add_argument("--no-serve", action="store_true", help="stop after the pipeline")
@@ -183,10 +203,15 @@ def main(argv=None) -> int:
         print(f"[demo] stopped {stop_head(args.ray_port)} process(es) of the Ray head at {HOST}:{args.ray_port}",
               flush=True)
         return 0
+    use_token_auth(create=True)  # this process talks to the dashboard and the GCS too
     if not cluster_is_up(dashboard):
         start_local_head(args.ray_port, args.dashboard_port, args.temp_dir)
     else:
         print(f"[demo] using the Ray cluster already running at {dashboard}", flush=True)
+        if not refuses_requests_without_token(dashboard):
+            print(f"[demo] warning: that cluster runs without Ray's token authentication (an older demo's head?): "
+                  f"any user of this machine can submit jobs to it. `make demo ARGS=--stop` (with its --ray-port) "
+                  "and a new `make demo` start one that has it.", flush=True)
         take_down_chat_app(args.ray_port)
 
     flags = ["--preset", "tiny", "--address", dashboard] + (["--fresh"] if args.fresh else [])

@@ -21,6 +21,10 @@ checkpoints go to `--storage-path`; for the GPU presets its default is $NANOCHAT
 cluster.yaml sets to an S3 prefix that every node reaches (the tiny preset keeps each stage's
 local default, <base>/ray_runs). A stage's job log is followed as its driver writes it
 (JobSubmissionClient.tail_job_logs), not downloaded again and again.
+
+The Job Submission client sends Ray's token (ray_jobs.ray_auth): run by hand, the speedrun turns
+token authentication on when RAY_AUTH_MODE is unset and a token exists (~/.ray/auth_token); as a
+job of a cluster with token authentication, it inherits RAY_AUTH_MODE=token from the cluster.
 """
 
 import argparse
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field
 
 from nanochat.common import get_base_dir
 from nanochat.report import Report, git_commit
+from ray_jobs.ray_auth import use_token_auth
 
 
 # The tiny preset's settings, tuned on 2 CPUs: a depth-2 model (300 steps) that learns the sample
@@ -153,6 +158,7 @@ def run_as_job(stage: Stage, address: str, working_dir: str, entrypoint_num_cpus
     does not succeed."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    use_token_auth()
     client = JobSubmissionClient(address)
     entrypoint = shlex.join(["python", "-m", stage.module, *stage.flags])
     job_id = None

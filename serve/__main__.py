@@ -5,14 +5,20 @@ Runs the Serve app of serve/app.py on the Ray cluster this machine already belon
 foreground until Ctrl-C, which takes the app down again. For a long-lived deployment use
 `serve deploy serve/config.yaml` instead.
 
+`--api-key` (or NANOCHAT_API_KEY in the environment, which keeps the key out of the process list)
+makes every endpoint but GET /health and the UI's page ask for `Authorization: Bearer <key>`;
+listening beyond 127.0.0.1 (`--host 0.0.0.0`) without one prints a warning.
+
 The checkpoint is looked up before Ray starts, so a machine without one learns in a second which
 command makes one (exit status 1) instead of watching replicas fail to start.
 """
 
 import argparse
+import os
 import sys
 import time
 
+from serve.api import API_KEY_ENV, api_key_digest, exposure_warning
 from serve.app import APP_NAME, ChatAppArgs, build_app, resolve_checkpoint
 
 
@@ -24,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--step", type=int, help="checkpoint step (default: the last one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", help=f"require `Authorization: Bearer <key>` (default: ${API_KEY_ENV}, else no key)")
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per replica")
@@ -56,6 +63,7 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as error:
         print(f"error: nothing to serve: {error}", file=sys.stderr)
         return 1
+    key = args.api_key or os.environ.get(API_KEY_ENV)
     try:
         app_args = ChatAppArgs(source=args.source, model_tag=model_tag, step=step, device=args.device,
                                max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
@@ -65,10 +73,14 @@ def main(argv=None) -> int:
                                ingress_max_replicas=args.ingress_max_replicas,
                                ingress_max_queued_requests=args.ingress_max_queued_requests,
                                retry_after_s=args.retry_after_s, temperature=args.temperature, top_k=args.top_k,
-                               max_tokens=args.max_tokens)
+                               max_tokens=args.max_tokens, api_key_sha256=api_key_digest(key) if key else None)
     except ValidationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+    warning = exposure_warning(args.host, app_args.api_key_sha256 is not None)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
     import ray
     from ray import serve
@@ -81,6 +93,8 @@ def main(argv=None) -> int:
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"nanochat ({args.source}/{model_tag}, step {step}) is up: http://{shown_host}:{args.port}/")
     print("  API: POST /chat/completions (SSE), POST /v1/chat/completions (OpenAI), GET /stats. Ctrl-C stops it.")
+    if app_args.api_key_sha256 is not None:
+        print("  Every endpoint but GET /health and the UI's page wants the header Authorization: Bearer <key>.")
     try:
         while True:
             time.sleep(3600)

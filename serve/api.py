@@ -16,6 +16,13 @@ field and the limit. Pydantic checks only the types, so a body that is not JSON 
 shape is a 422. The one limit that needs the tokenizer (the prompt plus max_tokens must fit the
 model's context) is checked by the replica before it queues the request.
 
+The API key (optional, off by default): `ApiKeyGate` is the ASGI middleware that answers every
+request except `GET /health` and the UI's page with HTTP 401 and an OpenAI-style error unless its
+`Authorization: Bearer <key>` header carries the key. The service keeps only the key's SHA-256
+digest and compares digests with `hmac.compare_digest`, so the time taken says nothing about how
+much of a wrong key was right, and the key itself is in no log, no /stats answer, no app config
+and no pickled argument of a deployment.
+
 `TextStream` turns the generated token ids into text pieces: it holds back a piece that ends
 inside a multi-byte character, and text that might be the start of a stop sequence, so a client
 never sees half a character or any part of a stop sequence.
@@ -23,11 +30,14 @@ never sees half a character or any part of a stop sequence.
 Nothing here imports Ray or torch, so the contract can be tested on its own.
 """
 
+import hashlib
+import hmac
+import ipaddress
 import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from pydantic import BaseModel, ConfigDict
@@ -65,10 +75,85 @@ class RequestError(Exception):
 
 
 def error_body(message: str, field: str | None = None, limit: str | None = None,
-               error_type: str = "invalid_request_error") -> dict:
+               error_type: str = "invalid_request_error", code: str | None = None) -> dict:
     """The JSON of an error answer, shaped as OpenAI's so that its clients show the message;
-    `param` is OpenAI's name for the offending field."""
-    return {"error": {"message": message, "type": error_type, "param": field, "limit": limit}}
+    `param` is OpenAI's name for the offending field, `code` its machine-readable reason."""
+    return {"error": {"message": message, "type": error_type, "param": field, "code": code, "limit": limit}}
+
+
+# ------------------------------------------------------------------------------------ the API key
+
+API_KEY_ENV = "NANOCHAT_API_KEY"
+# What answers without the key: liveness for load balancers, and the UI's page, which is static
+# HTML holding nothing (it asks for the key when the service answers 401, see ui.html).
+OPEN_ROUTES = frozenset({("GET", "/health"), ("GET", "/")})
+
+
+def api_key_digest(key: str) -> str:
+    """What the service keeps of its key: the SHA-256 hex digest."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer_key_matches(authorization: str | None, digest: str) -> bool:
+    """Whether an Authorization header is `Bearer <key>` with the key whose digest is `digest`.
+    The digests are compared in constant time, also when the header is missing or malformed."""
+    scheme, _, presented = (authorization or "").strip().partition(" ")
+    scheme_ok = scheme.lower() == "bearer"
+    return hmac.compare_digest(api_key_digest(presented.strip()), digest) and scheme_ok
+
+
+def exposure_warning(host: str, has_key: bool) -> str | None:
+    """The warning to log when the service listens beyond this machine without an API key."""
+    if has_key:
+        return None
+    try:
+        local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        local = False
+    if local:
+        return None
+    return (f"the chat service listens on {host}, beyond this machine, and has no API key: anyone who reaches "
+            f"the port can use the model. Set {API_KEY_ENV} (or api_key_sha256 in serve/config.yaml, --api-key "
+            "of python -m serve) before binding to a reachable address.")
+
+
+class ApiKeyGate:
+    """ASGI middleware: with a key set, a request outside OPEN_ROUTES gets HTTP 401 and an
+    OpenAI-style error unless it carries `Authorization: Bearer <key>`. `digest_of()` returns the
+    key's digest, or None when the service runs without a key (then every request passes)."""
+
+    def __init__(self, app, digest_of: Callable[[], str | None]):
+        self.app = app
+        self.digest_of = digest_of
+
+    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]],
+                       send: Callable[[dict], Awaitable[None]]) -> None:
+        digest = self.digest_of() if scope["type"] == "http" else None
+        if digest is None or (scope["method"], route_path(scope)) in OPEN_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization", b"").decode("latin-1")
+        if bearer_key_matches(authorization, digest):
+            await self.app(scope, receive, send)
+            return
+        if authorization:
+            message = "the API key is not valid: send the service's key as `Authorization: Bearer <key>`"
+        else:
+            message = "this service needs an API key: send it as `Authorization: Bearer <key>`"
+        body = json.dumps(error_body(message, code="invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def route_path(scope: dict) -> str:
+    """The request's path inside the app: without the route prefix (`root_path`) it is served under."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path or "/"
 
 
 # ------------------------------------------------------------------------------------ request bodies

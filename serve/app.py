@@ -30,6 +30,11 @@ Text is made in the replica (it has the tokenizer): the stream between the two d
 carries small dict events, `start` (prompt size) or `rejected` (the prompt does not fit the
 context), then `text` pieces, then `end` (finish reason and token count).
 
+With an API key (NANOCHAT_API_KEY where the app is built, or the key's SHA-256 digest as
+`api_key_sha256` of ChatAppArgs: Serve logs the args of an app built from a config), the ingress answers every request but GET /health and the UI's page with 401 unless it carries
+`Authorization: Bearer <key>` (serve.api.ApiKeyGate); the ingress holds only the key's digest. An
+ingress replica logs a warning when Serve listens beyond 127.0.0.1 and no key is set.
+
 Build the app with `build_app(ChatAppArgs(...))`; `serve run serve/config.yaml` does that from the
 `args:` of the config, and `python -m serve` from its flags.
 """
@@ -47,16 +52,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from ray_jobs.gpus import cluster_can_have_gpus
 
-from serve.api import (ChatRequest, GenerationSettings, OpenAIChatRequest, RequestError, ServingDefaults,
-                       TextStream, error_body, new_completion_id, openai_chunk, openai_completion,
-                       openai_usage, server_sent_event, settings_from_chat_request,
-                       settings_from_openai_request, validation_error_message)
+from serve.api import (API_KEY_ENV, ApiKeyGate, ChatRequest, GenerationSettings, OpenAIChatRequest, RequestError,
+                       ServingDefaults, TextStream, api_key_digest, error_body, exposure_warning,
+                       new_completion_id, openai_chunk, openai_completion, openai_usage, server_sent_event,
+                       settings_from_chat_request, settings_from_openai_request, validation_error_message)
 
 logger = logging.getLogger("ray.serve")
 
@@ -251,6 +257,9 @@ async def merge_streams(streams: list[ModelStream]):
 
 
 fastapi_app = FastAPI(title="nanochat", description="Chat with a nanochat model served by Ray Serve.")
+# Every route, FastAPI's /docs and /openapi.json included, sits behind the key of the ChatAPI
+# replica that serves the request (None: no key).
+fastapi_app.add_middleware(ApiKeyGate, digest_of=lambda: serve.get_replica_context().servable_object.api_key_digest)
 
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
@@ -258,8 +267,14 @@ fastapi_app = FastAPI(title="nanochat", description="Chat with a nanochat model 
 class ChatAPI:
     """The HTTP face of the service; it holds no model, only a handle to the ChatModel replicas."""
 
-    def __init__(self, model: DeploymentHandle, defaults: dict | None = None, retry_after_s: int = 2):
+    def __init__(self, model: DeploymentHandle, defaults: dict | None = None, retry_after_s: int = 2,
+                 api_key_digest: str | None = None):
+        """`api_key_digest`: serve.api.api_key_digest of the service's API key, None for no key."""
         self.model = model
+        self.api_key_digest = api_key_digest
+        warning = exposure_warning(_get_global_client().http_config.host, api_key_digest is not None)
+        if warning:
+            logger.warning(warning)
         self.defaults = ServingDefaults(**(defaults or {}))
         self.retry_after_s = retry_after_s
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -554,6 +569,9 @@ class ChatAppArgs(BaseModel):
     temperature: float = Field(default=0.8, ge=0, le=2)
     top_k: int = Field(default=50, ge=0, le=200)
     max_tokens: int = Field(default=512, ge=1, le=4096)
+    # The API key's SHA-256 hex digest, never the key itself: Serve logs these args when it builds
+    # the app from a config. None: $NANOCHAT_API_KEY where the app is built, or no key.
+    api_key_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
 def replica_resources(args: ChatAppArgs) -> dict:
@@ -594,8 +612,11 @@ def build_app(args: ChatAppArgs) -> serve.Application:
         # Streams are long: scale out when the replicas are half full on average.
         "target_ongoing_requests": max(1, args.ingress_max_ongoing_requests // 2),
     }
+    digest = args.api_key_sha256
+    if digest is None and os.environ.get(API_KEY_ENV):
+        digest = api_key_digest(os.environ[API_KEY_ENV])
     ingress = ChatAPI.options(max_ongoing_requests=args.ingress_max_ongoing_requests,
                               max_queued_requests=args.ingress_max_queued_requests, backpressure_config=backpressure,
                               autoscaling_config=ingress_autoscaling)
     return ingress.bind(model.bind(args.source, model_tag, step, args.max_batch_size, args.device), defaults,
-                        args.retry_after_s)
+                        args.retry_after_s, digest)

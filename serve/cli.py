@@ -9,7 +9,8 @@ Two ways to reach a model, one conversation loop:
   completion without history.
 - remote (--url http://host:port): send the conversation to a running nanochat Serve app
   (POST {url}/chat/completions) and print the server-sent events `data: {"token": ...}` until
-  `data: {"done": true}`. Nothing is loaded locally, so this works from any laptop.
+  `data: {"done": true}`. Nothing is loaded locally, so this works from any laptop. A service
+  with an API key gets it from NANOCHAT_API_KEY, as `Authorization: Bearer <key>`.
 
 `-p "prompt"` answers once and exits; without it the chat is interactive ('clear' starts a new
 conversation, 'quit' or Ctrl-D leaves). When there is no checkpoint to load, the error says which
@@ -18,10 +19,13 @@ command makes one and the exit status is 1.
 
 import argparse
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+
+from serve.api import API_KEY_ENV
 
 SOURCES = ("sft", "rl", "base")
 QUIT_COMMANDS = ("quit", "exit")
@@ -143,6 +147,9 @@ class RemoteChat:
 
     def __init__(self, url: str, max_tokens: int, temperature: float, top_k: int | None):
         self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if os.environ.get(API_KEY_ENV):
+            self.headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
         self.settings = {"temperature": temperature, "top_k": top_k, "max_tokens": max_tokens}
         self.messages: list[dict] = []
 
@@ -152,9 +159,7 @@ class RemoteChat:
     def reply(self, user_text: str) -> Iterator[str]:
         messages = self.messages + [{"role": "user", "content": user_text}]
         body = json.dumps({"messages": messages, **self.settings}).encode()
-        request = urllib.request.Request(self.endpoint, data=body, method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  "Accept": "text/event-stream"})
+        request = urllib.request.Request(self.endpoint, data=body, method="POST", headers=self.headers)
         answer = []
         try:
             with urllib.request.urlopen(request, timeout=300) as response:
@@ -170,7 +175,8 @@ class RemoteChat:
                     raise ChatError(f"the stream from {self.endpoint} ended without its final "
                                     '`data: {"done": true}`; the server may have stopped, check its log')
         except urllib.error.HTTPError as error:
-            raise ChatError(f"{self.endpoint} answered HTTP {error.code}: {http_error_message(error)}") from None
+            hint = f" (put the service's key in {API_KEY_ENV})" if error.code == 401 else ""
+            raise ChatError(f"{self.endpoint} answered HTTP {error.code}: {http_error_message(error)}{hint}") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise ChatError(f"could not reach {self.endpoint} ({reason}); check --url and that the nanochat "

@@ -78,12 +78,35 @@ def test_cluster_yaml_installs_the_project_with_cuda_torch_and_shares_the_base_d
     assert any("$RAY_HEAD_IP:/mnt/nanochat /mnt/nanochat" in cmd for cmd in worker_only)
 
 
-def test_cluster_yaml_file_mounts_point_at_this_checkout():
-    mounts = _prepared_cluster_config()["file_mounts"]
+def test_cluster_yaml_file_mounts_point_at_this_checkout_and_carry_rays_token():
+    mounts = dict(_prepared_cluster_config()["file_mounts"])
+    assert mounts.pop("~/.ray/auth_token") == "~/.ray/auth_token"
     assert set(mounts) == {f"~/nanochat-ray/{name}" for name in
                            ("pyproject.toml", "README.md", "nanochat", "ray_jobs", "serve")}
     for local in mounts.values():
         assert os.path.exists(os.path.join(REPO, local)), f"{local} is not in the repository"
+
+
+def test_cluster_yaml_nodes_start_ray_with_token_authentication(tmp_path):
+    """The token setup commands run in a home with the token that file_mounts copied; then the
+    head's start commands run, in a shell that reads ~/.bashrc as Ray's login shells do, with a
+    stand-in `ray` that prints its environment: `ray start --head` gets RAY_AUTH_MODE=token, and
+    only the node's user can read the token."""
+    config = _prepared_cluster_config()
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ray", "serve"):
+        (bin_dir / tool).write_text("#!/bin/sh\n[ \"$1\" = start ] && env\nexit 0\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    token_setup = [cmd for cmd in config["setup_commands"] if "auth_token" in cmd or "RAY_AUTH_MODE" in cmd]
+    subprocess.run(["bash", "-c", "; ".join(token_setup)], env=env, check=True)
+    out = subprocess.run(["bash", "-c", "source ~/.bashrc; " + "; ".join(config["head_start_ray_commands"])],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert "RAY_AUTH_MODE=token" in out.splitlines()
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
 
 
 def test_cluster_yaml_head_exposes_dashboard_and_serve_ports():
@@ -103,7 +126,7 @@ def test_cluster_yaml_head_offers_no_cpus_so_job_drivers_run_on_the_workers():
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     submits = [line for line in readme.splitlines() if line.startswith("ray job submit ")]
-    assert len(submits) == 12 and all("--entrypoint-num-cpus=1" in line for line in submits)
+    assert len(submits) == 13 and all("--entrypoint-num-cpus=1" in line for line in submits)
     header_submit = next(line for line in open(CLUSTER_YAML) if "ray job submit" in line)
     assert "--entrypoint-num-cpus=1" in header_submit
 
