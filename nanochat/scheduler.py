@@ -50,8 +50,9 @@ THROUGHPUT_WINDOW_S = 10.0  # tokens/s in stats() is measured over the steps of 
 class GenerationRequest:
     """The handle of one submitted request: its settings, and the tokens it has produced so far.
 
-    Iterate it (`for token in request` or `async for token in request`) to receive its token ids as
-    they are generated; the iteration ends when the request finishes, without the final
+    Iterate it (`for token in request` or `async for token in request`, or `token_batches()` for
+    lists of the tokens ready at once) to receive its token ids as they are generated; the
+    iteration ends when the request finishes, without the final
     <|assistant_end|>/<|bos|>. `masks` tells which tokens the python tool forced (0) and which the
     model sampled (1). `finish_reason` is None while it runs, then one of FINISH_*.
     """
@@ -118,7 +119,11 @@ class GenerationRequest:
                 self._raise_if_failed()
                 return
 
-    async def _iterate_async(self):
+    async def token_batches(self):
+        """Async iteration over the new tokens in lists: each list holds every token published
+        since the previous one was taken (one token while the consumer keeps up; more when it
+        lags behind the decode steps, so a slow consumer makes fewer, larger hand-offs instead of
+        falling further behind). Nothing is held back to make a list longer."""
         loop = asyncio.get_running_loop()
         wake_up = asyncio.Event()
         waiter = (loop, wake_up)
@@ -132,8 +137,8 @@ class GenerationRequest:
                 with self._changed:
                     new_tokens = self._tokens[position:]
                     finished = self.finish_reason is not None
-                for token in new_tokens:
-                    yield token
+                if new_tokens:
+                    yield new_tokens
                 position += len(new_tokens)
                 if finished and not new_tokens:
                     self._raise_if_failed()
@@ -143,6 +148,11 @@ class GenerationRequest:
         finally:
             with self._changed:
                 self._async_waiters.discard(waiter)
+
+    async def _iterate_async(self):
+        async for tokens in self.token_batches():
+            for token in tokens:
+                yield token
 
     def __aiter__(self):
         return self._iterate_async()

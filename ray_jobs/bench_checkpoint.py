@@ -9,7 +9,9 @@ Two ways of saving the same state, in nanochat.checkpoint's layout (meta last, a
   the step waits for the whole write (torch.save, sha256 of every file, fsync);
 - `background`: what ray_jobs.train_common.Checkpointer does: the step waits only for a copy of
   the state into host memory (host_copy), and a thread (BackgroundSave) writes the copy. The
-  table gives the stall and the seconds until the files are durable.
+  first save allocates the host copy; every later one fills it again (no page faults), and its
+  stall is the one a run pays at each checkpoint. The table gives the stall and the seconds
+  until the files are durable.
 
 Ray Train's upload of the folder to storage runs in its own thread in both cases and is not
 timed. The model is built on the meta device and given memory without an initialisation, and
@@ -17,7 +19,7 @@ one optimizer step on zero gradients creates the optimizer state, so building co
 values do not matter to the timing. One rank saves the whole state here, as a single worker
 does; on more ranks the one that writes the weights has the most to copy. On a GPU the copy to
 host memory runs at the rate of the host link rather than memcpy's. The run ends with a RESULT
-line: the background stall at most STALL_TARGET_SECONDS.
+line: the stall of a later background save at most STALL_TARGET_SECONDS.
 """
 
 import argparse
@@ -87,23 +89,28 @@ def main(argv=None) -> dict:
         sync_seconds = time.perf_counter() - started
         shutil.rmtree(in_step)
 
-        started = time.perf_counter()
-        write = BackgroundSave(2, host_copy(model.state_dict()), host_copy(optimizer.state_dict()), dict(meta),
-                               rank=0, world=1, tokenizer_dir=None)
-        stall_seconds = time.perf_counter() - started
-        shutil.rmtree(write.wait())
-        durable_seconds = time.perf_counter() - started
+        background = []  # (stall, durable after) of the first save, then of one that reuses its copies
+        copies = (None, None)
+        for step in (2, 3):
+            started = time.perf_counter()
+            copies = (host_copy(model.state_dict(), copies[0]), host_copy(optimizer.state_dict(), copies[1]))
+            write = BackgroundSave(step, *copies, dict(meta), rank=0, world=1, tokenizer_dir=None)
+            stall = time.perf_counter() - started
+            shutil.rmtree(write.wait())
+            background.append((stall, time.perf_counter() - started))
     finally:
         if not args.folder:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\n{'save':<12} {'step stall s':>12} {'durable after s':>15}")
-    print("-" * 41)
-    print(f"{'in the step':<12} {sync_seconds:>12.2f} {sync_seconds:>15.2f}")
-    print(f"{'background':<12} {stall_seconds:>12.2f} {durable_seconds:>15.2f}")
-    print(result_line(f"checkpoint_stall_seconds_d{args.depth}", stall_seconds, "<=", STALL_TARGET_SECONDS))
+    print(f"\n{'save':<30} {'step stall s':>12} {'durable after s':>15}")
+    print("-" * 59)
+    print(f"{'in the step':<30} {sync_seconds:>12.2f} {sync_seconds:>15.2f}")
+    print(f"{'background, first save':<30} {background[0][0]:>12.2f} {background[0][1]:>15.2f}")
+    print(f"{'background, every later save':<30} {background[1][0]:>12.2f} {background[1][1]:>15.2f}")
+    print(result_line(f"checkpoint_stall_seconds_d{args.depth}", background[1][0], "<=", STALL_TARGET_SECONDS))
     return {"parameters": parameters, "state_bytes": total, "in_step_seconds": sync_seconds,
-            "background_stall_seconds": stall_seconds, "background_durable_seconds": durable_seconds}
+            "first_stall_seconds": background[0][0], "first_durable_seconds": background[0][1],
+            "background_stall_seconds": background[1][0], "background_durable_seconds": background[1][1]}
 
 
 if __name__ == "__main__":

@@ -378,6 +378,23 @@ class TextStream:
         self._undecoded = []
         return self._release(final=False)
 
+    def push_many(self, tokens: Sequence[int]) -> str:
+        """Add several tokens at once; the same text as pushing them one by one. Without stop
+        sequences they are decoded in one call; with stop sequences one by one, so that the count
+        of tokens stops at the one that completes a stop."""
+        if self._stop:
+            return "".join(self.push(token) for token in tokens)
+        if self.stopped or not tokens:
+            return ""
+        self.tokens += len(tokens)
+        self._undecoded.extend(tokens)
+        decoded = self._decode(self._undecoded)
+        if decoded.endswith("\ufffd"):
+            return ""
+        self.text += decoded
+        self._undecoded = []
+        return self._release(final=False)
+
     def finish(self) -> str:
         """The text still held back once the sequence has ended."""
         if self.stopped:

@@ -28,10 +28,12 @@ weights as the running ones, even when a newer step has been saved since. /v1/mo
 
 Text is made in the replica (it has the tokenizer): the stream between the two deployments
 carries small dict events, `start` (prompt size) or `rejected` (the prompt does not fit the
-context), then `text` pieces, then `end` (finish reason and token count).
+context), then `text` pieces (each the text of every token ready when the replica looked, so a
+busy replica sends fewer, larger pieces), then `end` (finish reason and token count).
 
 With an API key (NANOCHAT_API_KEY where the app is built, or the key's SHA-256 digest as
-`api_key_sha256` of ChatAppArgs: Serve logs the args of an app built from a config), the ingress answers every request but GET /health and the UI's page with 401 unless it carries
+`api_key_sha256` of ChatAppArgs: Serve logs the args of an app built from a config), the ingress
+answers every request but GET /health and the UI's page with 401 unless it carries
 `Authorization: Bearer <key>` (serve.api.ApiKeyGate); the ingress holds only the key's digest. An
 ingress replica logs a warning when Serve listens beyond 127.0.0.1 and no key is set.
 
@@ -189,8 +191,10 @@ class ChatModel:
         text = TextStream(self.tokenizer.decode, settings["stop"])
         finish_reason, error = None, None
         try:
-            async for token in request:
-                piece = text.push(token)
+            # All the tokens ready at once go out as one event: under load the replica hands
+            # fewer, larger messages to the ingress instead of falling behind the decode steps.
+            async for tokens in request.token_batches():
+                piece = text.push_many(tokens)
                 if piece:
                     yield {"type": "text", "text": piece}
                 if text.stopped:

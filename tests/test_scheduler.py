@@ -213,10 +213,21 @@ def test_streaming_from_the_loop_thread_to_a_thread_and_to_asyncio(model, tokeni
             request = scheduler.submit(prompt, max_tokens=10, temperature=0.0)
             return request, [token async for token in request]
 
+        async def consume_in_batches(prompt):
+            request = scheduler.submit(prompt, max_tokens=10, temperature=0.0)
+            batches = []
+            async for tokens in request.token_batches():
+                batches.append(tokens)
+                await asyncio.sleep(0.3)  # a slow consumer: the tokens of several steps wait for it
+            return request, batches
+
         async def consume_both():
             return await asyncio.gather(consume(prompts[1]), consume(prompts[2]))
 
         streamed = asyncio.run(consume_both())
+        batched, batches = asyncio.run(consume_in_batches(prompts[1]))
+        assert [token for batch in batches for token in batch] == batched.tokens == streamed[0][1]
+        assert all(batches) and len(batches) < len(batched.tokens)  # whole lists, several tokens in some
         reader.join(timeout=60)
         assert received_in_thread == threaded.result(timeout=60) and len(received_in_thread) == 12
         engine = Engine(model, tokenizer)

@@ -279,6 +279,20 @@ class TestTextStream:
         assert "".join(pieces) == "hello wor"
         assert stream.stopped
 
+    @pytest.mark.parametrize("stop", [(), ("ld, b",)])
+    def test_tokens_pushed_in_batches_give_the_text_and_count_of_one_by_one(self, stop):
+        text = "aé€ hello world, bye 😀 end"
+        one_by_one, single = self.pieces(text, stop)
+        for size in (2, 3, 7, 100):
+            stream = TextStream(self.decode, stop)
+            data = list(text.encode())
+            pieces = [stream.push_many(data[i:i + size]) for i in range(0, len(data), size)] + [stream.finish()]
+            # the same text, cut at a character boundary wherever a batch ends inside a character
+            assert "".join(pieces) == "".join(one_by_one), size
+            assert all("\ufffd" not in piece for piece in pieces)
+            assert (stream.tokens, stream.stopped) == (single.tokens, single.stopped), size
+        assert len(one_by_one) > (len(text) // 2 if not stop else 5)  # (one by one: about a piece per character)
+
     def test_text_that_only_starts_like_a_stop_sequence_is_released_in_the_end(self):
         pieces, stream = self.pieces("say STO", stop=["STOP"])
         assert pieces[-1].endswith("STO") and "".join(pieces) == "say STO"
