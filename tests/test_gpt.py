@@ -121,6 +121,7 @@ def test_kv_cache_rows_at_different_positions():
         cache.k[:, row, :n] = solo.k[:, 0, :n]
         cache.v[:, row, :n] = solo.v[:, 0, :n]
         cache.cache_seqlens[row] = n
+        cache.prev_embedding[row] = solo.prev_embedding[0]  # what the smear of the next token reads
     step = model(torch.cat([a[:, -1:], b[:, -1:]]), kv_cache=cache)
     torch.testing.assert_close(step[0, 0], model(a)[0, -1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(step[1, 0], model(b)[0, -1], rtol=1e-4, atol=1e-4)
@@ -186,7 +187,7 @@ def test_estimate_flops_counts_matmuls_and_attention():
     config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SL")
     model = GPT(config)
-    matmul_params = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 32 + 64 * 64  # blocks (+ one ve_gate) + lm_head
+    matmul_params = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 12 + 64 * 64  # blocks (+ one ve_gate) + lm_head
     assert model.num_scaling_params() == matmul_params
     attention = 12 * 2 * 32 * (9 + 32)  # layer 0 sees 8 + 1 keys, layer 1 the full 32
     assert model.estimate_flops() == 6 * matmul_params + attention
