@@ -38,7 +38,7 @@ from nanochat.flash_attention import attention_backend, flash_attn_func, flash_a
 
 LOGIT_SOFTCAP = 15.0
 VOCAB_PAD_MULTIPLE = 64
-SMEAR_GATE_CHANNELS = 24  # the smear gate looks at this many leading channels of the embedding (or all of a narrower one)
+SMEAR_GATE_CHANNELS = 24  # the smear gate reads this many leading channels of the embedding (all, if narrower)
 SMEAR_LR = 0.2  # AdamW learning rate of the smear and backout scalars (not scaled with the width)
 BACKOUT_INIT = 0.2
 # Fields that checkpoints written before they existed lack, with the value those models were
@@ -256,7 +256,8 @@ class GPT(nn.Module):
     def init_buffers(self) -> None:
         head_dim = self.config.n_embd // self.config.n_head
         device = self.lm_head.weight.device
-        inv_freq = 1.0 / self.config.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / self.config.rope_base ** (channels / head_dim)
         angles = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
         self.rotary_cos = angles.cos().to(COMPUTE_DTYPE)
         self.rotary_sin = angles.sin().to(COMPUTE_DTYPE)

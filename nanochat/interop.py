@@ -139,14 +139,13 @@ def reference_architecture(model_config: dict, state: dict) -> tuple[dict, str]:
 
 def _convert_state(raw: dict, config: GPTConfig, model_path: str, notes: list[str]) -> dict:
     """nanochat's state dict as ours: plain names, fp32, padded vocabulary, lambdas filled in."""
-    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise CheckpointError(f"{model_path} does not hold a state dict of tensors: it is not a nanochat model file")
     state = {key.removeprefix(_COMPILE_PREFIX): value.float() if value.is_floating_point() else value
              for key, value in raw.items()}
     if "resid_lambdas" not in state:
         state["resid_lambdas"] = torch.ones(config.n_layer)
         state["x0_lambdas"] = torch.zeros(config.n_layer)
-        notes.append("the checkpoint predates resid_lambdas/x0_lambdas: set to 1 and 0, which leaves the model as it was")
+        notes.append("the checkpoint predates resid_lambdas/x0_lambdas: set to 1 and 0, which leaves the model "
+                     "as it was")
     with torch.device("meta"):
         expected = GPT(config).state_dict()
     for key in ("transformer.wte.weight", "lm_head.weight", *[k for k in expected if k.startswith("value_embeds.")]):
@@ -226,7 +225,8 @@ def _import_optimizer(folder: str, step: int, model: GPT, notes: list[str]) -> d
     paths = sorted((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
                    if (m := re.match(rf"^optim_{step:06d}_rank(\d+)\.pt$", name)))
     if not paths:
-        notes.append("no optimizer shards (optim_*_rank*.pt) in the checkpoint: training continues with a fresh optimizer")
+        notes.append("no optimizer shards (optim_*_rank*.pt) in the checkpoint: training continues with a fresh "
+                     "optimizer")
         return None
     ranks = [rank for rank, _ in paths]
     if ranks != list(range(len(ranks))):
@@ -276,8 +276,8 @@ def read_reference_checkpoint(folder: str, step: int | None = None,
 
     model_path = os.path.join(folder, f"model_{step:06d}.pt")
     raw = _load_tensors(model_path, "nanochat model state dict")
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{model_path} does not hold a state dict: it is not a nanochat model file")
+    if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(f"{model_path} does not hold a state dict of tensors: it is not a nanochat model file")
     plain = {key.removeprefix(_COMPILE_PREFIX): value for key, value in raw.items()}
     fields, generation = reference_architecture(meta["model_config"], plain)
     meta_path = os.path.join(folder, f"meta_{step:06d}.json")

@@ -12,7 +12,8 @@ import shutil
 import pytest
 import torch
 
-from nanochat.checkpoint import CheckpointError, build_model, checkpoint_dir, load_checkpoint, load_model, save_checkpoint
+from nanochat.checkpoint import (CheckpointError, build_model, checkpoint_dir, load_checkpoint, load_model,
+                                 save_checkpoint)
 from nanochat.engine import Engine, greedy_decode_without_cache
 from nanochat.gpt import GPT, LEGACY_CONFIG, GPTConfig
 from nanochat.tokenizer import Tokenizer
