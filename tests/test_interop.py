@@ -193,3 +193,63 @@ def test_tokenizer_pickle_naming_any_other_class_is_refused(tmp_path):
     (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps(os.getcwd))  # names a function
     with pytest.raises(ValueError, match="may hold only a tiktoken Encoding"):
         Tokenizer.from_directory(str(tmp_path))
+
+
+def _as_two_rank_shards(single: dict) -> list[dict]:
+    """nanochat's single-rank optimizer state split the way its 2-rank run shards it: AdamW
+    tensors of 1024+ elements by rows, Muon group stacks in chunks of ceil(K / 2) (zero-padded)."""
+    shards = []
+    for rank in range(2):
+        state = {}
+        for group in single["param_groups"]:
+            ids = group["params"]
+            if group["kind"] == "muon":
+                chunk = -(-len(ids) // 2)
+                entry = {}
+                for key, stacked in single["state"][ids[0]].items():
+                    padded = torch.cat([stacked, stacked.new_zeros(2 * chunk - len(ids), *stacked.shape[1:])])
+                    entry[key] = padded[rank * chunk:(rank + 1) * chunk].clone()
+                state[ids[0]] = entry
+            else:
+                for idx in ids:
+                    entry = dict(single["state"][idx])
+                    if entry["exp_avg"].numel() >= 1024:
+                        rows = entry["exp_avg"].size(0) // 2
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            entry[key] = entry[key][rank * rows:(rank + 1) * rows].clone()
+                    state[idx] = entry
+        shards.append({"state": state, "param_groups": single["param_groups"]})
+    return shards
+
+
+def test_optimizer_shards_of_several_ranks_are_merged_into_one(base_dir, tmp_path):
+    source = tmp_path / "two_ranks"
+    shutil.copytree(fixture_checkpoint("current"), source)
+    single = torch.load(source / f"optim_{STEP:06d}_rank0.pt", weights_only=True)
+    for rank, shard in enumerate(_as_two_rank_shards(single)):
+        torch.save(shard, source / f"optim_{STEP:06d}_rank{rank}.pt")
+    import_nanochat.main([fixture_checkpoint("current"), "--phase", "base", "--model-tag", "one"])
+    import_nanochat.main([str(source), "--phase", "base", "--model-tag", "two",
+                          "--tokenizer-dir", os.path.join(FIXTURES, "current", "tokenizer")])
+    one = load_checkpoint(checkpoint_dir("base", "one"), STEP, "cpu", load_optimizer=True)[1]
+    two = load_checkpoint(checkpoint_dir("base", "two"), STEP, "cpu", load_optimizer=True)[1]
+    assert one["state"].keys() == two["state"].keys() and len(one["state"]) == len(list(
+        load_model("base", "cpu", "one")[0].parameters()))
+    for idx, state in one["state"].items():
+        assert state.keys() == two["state"][idx].keys()
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(two["state"][idx][key]))
+
+
+def test_a_downloaded_model_folder_with_everything_side_by_side_imports(base_dir, tmp_path):
+    folder = tmp_path / "nanochat-d2"  # as a Hugging Face model repository holds the files
+    folder.mkdir()
+    for name in (f"model_{STEP:06d}.pt", f"meta_{STEP:06d}.json"):
+        shutil.copy(os.path.join(fixture_checkpoint("legacy"), name), folder)
+    for name in ("tokenizer.pkl", "token_bytes.pt"):
+        shutil.copy(os.path.join(FIXTURES, "legacy", "tokenizer", name), folder)
+    import_nanochat.main([str(folder), "--phase", "sft", "--model-tag", "d2"])
+    model, tokenizer, _ = load_model("sft", "cpu", "d2")
+    assert tokenizer.get_vocab_size() == model.config.vocab_size == 300
+    assert sorted(os.listdir(os.path.join(checkpoint_dir("sft", "d2"), "tokenizer"))) == ["token_bytes.pt",
+                                                                                          "tokenizer.pkl"]
