@@ -505,7 +505,7 @@ def build_model(ckpt_dir: str, step: int, device: torch.device | str,
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
     meta_path = _meta_path(ckpt_dir, step)
     try:
-        config = GPTConfig(**meta["model_config"])
+        config = GPTConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"the model_config in {meta_path} does not fit GPTConfig ({exc}): the "
                               "checkpoint was written by a different model version") from exc

@@ -7,10 +7,15 @@
   L = full) tiled over the layers, the last layer always full;
 - value embeddings (ResFormer) on alternating layers, mixed into the values through an
   input-dependent gate;
-- QK norm followed by a fixed gain of 1.2 on q and k;
+- QK norm followed by a fixed gain on q and k (1.2 by default);
 - ReLU^2 MLP of 4x width;
 - per-layer learnable residual scales (resid_lambdas) and skip weights from the normalized
   input embedding (x0_lambdas);
+- smear: each position mixes in the previous token's normalized embedding through a small
+  input-dependent gate (cheap bigram information); with a KV cache the previous embedding is
+  carried per row, so decoding one token at a time sees what the full forward sees;
+- backout: a learned fraction of the residual stream after the middle layer is subtracted before
+  the final norm;
 - logits soft-capped at 15, loss in fp32 with ignore index -1.
 
 Precision is explicit instead of autocast: parameters (master weights) are fp32, activations
@@ -33,10 +38,12 @@ from nanochat.flash_attention import attention_backend, flash_attn_func, flash_a
 
 LOGIT_SOFTCAP = 15.0
 VOCAB_PAD_MULTIPLE = 64
-VE_GATE_CHANNELS = 32  # the value-embedding gate looks at this many leading channels of its input
-ROPE_BASE = 100000.0
-QK_GAIN = 1.2  # q and k are scaled by this after their norm: sharper attention at init
-VE_GATE_RANGE = 3.0  # the value-embedding gate lies in (0, VE_GATE_RANGE)
+SMEAR_GATE_CHANNELS = 24  # the smear gate reads this many leading channels of the embedding (all, if narrower)
+SMEAR_LR = 0.2  # AdamW learning rate of the smear and backout scalars (not scaled with the width)
+BACKOUT_INIT = 0.2
+# Fields that checkpoints written before they existed lack, with the value those models were
+# built with: no smear, no backout, a value-embedding gate over 32 channels, windows unrounded.
+LEGACY_CONFIG = {"smear": False, "backout": False, "ve_gate_channels": 32, "window_multiple": 1}
 ROTARY_HEADROOM = 10  # rotary tables cover 10x the training context, for long generations
 
 
@@ -49,6 +56,25 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = "SSSL"
+    smear: bool = True
+    backout: bool = True
+    value_embeds: bool = True
+    ve_gate_channels: int = 12  # leading channels of its input that the value-embedding gate reads (at most n_embd)
+    ve_gate_range: float = 3.0  # the value-embedding gate lies in (0, ve_gate_range)
+    qk_gain: float = 1.2  # q and k are scaled by this after their norm: sharper attention at init
+    rope_base: float = 100000.0
+    # The short window is the context divided by short_window_divisor, rounded up to a multiple
+    # of window_multiple: nanochat rounds to 128 (its kernel's tile); 1 keeps the plain fraction,
+    # which lets tiny test models with short contexts still have windows shorter than their
+    # context. The two agree whenever the context is a multiple of 512.
+    short_window_divisor: int = 4
+    window_multiple: int = 1
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "GPTConfig":
+        """The config saved as a dict; fields the dict lacks (a checkpoint older than them) take
+        the values the models of that time were built with (LEGACY_CONFIG)."""
+        return cls(**{**LEGACY_CONFIG, **fields})
 
     def __post_init__(self):
         problems = []
@@ -60,8 +86,10 @@ class GPTConfig:
             problems.append(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
         if not self.window_pattern or set(self.window_pattern.upper()) - {"S", "L"}:
             problems.append(f"window_pattern={self.window_pattern!r} must be a non-empty string of S and L")
-        if min(self.sequence_len, self.vocab_size, self.n_layer) < 1:
-            problems.append("sequence_len, vocab_size and n_layer must be positive")
+        if min(self.sequence_len, self.vocab_size, self.n_layer, self.ve_gate_channels, self.short_window_divisor,
+               self.window_multiple) < 1:
+            problems.append("sequence_len, vocab_size, n_layer, ve_gate_channels, short_window_divisor and "
+                            "window_multiple must be positive")
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
@@ -120,8 +148,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = Linear(config.n_embd, kv_dim)
         self.c_proj = Linear(config.n_embd, config.n_embd)
         self.ve_gate = None
-        if has_value_embedding(layer_idx, config.n_layer):
-            self.ve_gate_channels = min(VE_GATE_CHANNELS, config.n_embd)
+        self.ve_gate_range, self.qk_gain = config.ve_gate_range, config.qk_gain
+        if config.value_embeds and has_value_embedding(layer_idx, config.n_layer):
+            self.ve_gate_channels = min(config.ve_gate_channels, config.n_embd)
             self.ve_gate = Linear(self.ve_gate_channels, self.n_kv_head)
 
     def forward(self, x, value_embedding, cos, sin, window_size, kv_cache, cache_seqlens):
@@ -130,15 +159,15 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if value_embedding is not None:
-            # ResFormer: mix the token's value embedding into the values; the gate (in (0, 3), a
-            # little over 1.5 at init because ve_gate starts small and positive) lets each head
-            # decide how much to take.
+            # ResFormer: mix the token's value embedding into the values; the gate (in (0, 3) by
+            # default, a little over half of that at init because ve_gate starts small and
+            # positive) lets each head decide how much to take.
             gate = torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels])).unsqueeze(-1)
             v = torch.addcmul(v, gate, value_embedding.view(B, T, self.n_kv_head, self.head_dim),
-                              value=VE_GATE_RANGE)
+                              value=self.ve_gate_range)
         # Rotary embedding and QK norm act on each head alone, so q's and k's heads go through them
         # together: half the elementwise calls, which is what a decoding step on a CPU waits for.
-        qk = norm(apply_rotary_emb(torch.cat([q, k], dim=2), cos, sin)) * QK_GAIN
+        qk = norm(apply_rotary_emb(torch.cat([q, k], dim=2), cos, sin)) * self.qk_gain
         q, k = qk[:, :, :self.n_head], qk[:, :, self.n_head:]
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=window_size)
@@ -188,10 +217,15 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, self.padded_vocab_size)
         self.value_embeds = nn.ModuleDict({
             str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
-            for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
+            for i in range(config.n_layer) if config.value_embeds and has_value_embedding(i, config.n_layer)
         })
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.smear_gate_channels = min(SMEAR_GATE_CHANNELS, config.n_embd)
+        self.smear_gate = Linear(self.smear_gate_channels, 1) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.full((1,), BACKOUT_INIT)) if config.backout else None
+        self.backout_layer = config.n_layer // 2
         self.window_sizes = self._window_sizes(config)
         self.rotary_len = config.sequence_len * ROTARY_HEADROOM
         # Derived tables, not state: recomputed by init_buffers(), never saved in checkpoints.
@@ -201,7 +235,8 @@ class GPT(nn.Module):
     @staticmethod
     def _window_sizes(config: GPTConfig) -> list[tuple[int, int]]:
         """Per-layer (left, right) attention windows in Flash Attention's convention (-1 = unlimited)."""
-        short = (max(1, config.sequence_len // 4), 0)
+        fraction = -(-config.sequence_len // config.short_window_divisor)
+        short = (-(-fraction // config.window_multiple) * config.window_multiple, 0)
         pattern = config.window_pattern.upper()
         sizes = [short if pattern[i % len(pattern)] == "S" else (-1, 0) for i in range(config.n_layer)]
         sizes[-1] = (-1, 0)
@@ -221,7 +256,8 @@ class GPT(nn.Module):
     def init_buffers(self) -> None:
         head_dim = self.config.n_embd // self.config.n_head
         device = self.lm_head.weight.device
-        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / self.config.rope_base ** (channels / head_dim)
         angles = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
         self.rotary_cos = angles.cos().to(COMPUTE_DTYPE)
         self.rotary_sin = angles.sin().to(COMPUTE_DTYPE)
@@ -235,7 +271,8 @@ class GPT(nn.Module):
         MLP's input 0.4x that; output projections start at zero so every block starts as the
         identity; the lm_head starts tiny so the initial loss is close to ln(vocab). The residual
         scales fall from 1.15 at the first layer to 1.05 at the last, the x0 skip weights from
-        0.20 to 0.05."""
+        0.20 to 0.05. The smear starts off (smear_lambda 0) with its gate small and positive, the
+        backout at BACKOUT_INIT."""
         n_embd, n_layer = self.config.n_embd, self.config.n_layer
         bound = math.sqrt(3.0 / n_embd)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
@@ -254,6 +291,11 @@ class GPT(nn.Module):
         depth_frac = torch.arange(n_layer, dtype=torch.float32) / max(n_layer - 1, 1)
         self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
         self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        if self.smear_gate is not None:
+            nn.init.zeros_(self.smear_lambda)
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        if self.backout_lambda is not None:
+            nn.init.constant_(self.backout_lambda, BACKOUT_INIT)
         self.init_buffers()
 
     # ---------------------------------------------------------------- bookkeeping
@@ -268,7 +310,8 @@ class GPT(nn.Module):
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "lm_head": self.lm_head.weight.numel(),
             "transformer_matrices": sum(p.numel() for p in self.transformer.h.parameters()),
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+            "scalars": sum(p.numel() for p in self._smear_backout_params()) + self.resid_lambdas.numel()
+            + self.x0_lambdas.numel(),
         }
         counts["total"] = sum(counts.values())
         return counts
@@ -290,11 +333,15 @@ class GPT(nn.Module):
             attention += 12 * cfg.n_head * head_dim * attended
         return 6 * self.num_scaling_params() + attention
 
+    def _smear_backout_params(self) -> list[nn.Parameter]:
+        params = [self.smear_gate.weight, self.smear_lambda] if self.smear_gate is not None else []
+        return params + ([self.backout_lambda] if self.backout_lambda is not None else [])
+
     def setup_optimizer(self, unembedding_lr: float = 0.004, embedding_lr: float = 0.2, matrix_lr: float = 0.02,
                         scalar_lr: float = 0.5, weight_decay: float = 0.0):
         """MuonAdamW over this model: 2-D block matrices in Muon, everything else in AdamW, with
         the reference's per-group AdamW betas and weight decays (value embeddings at half the
-        embedding learning rate).
+        embedding learning rate; the smear and backout parameters at a fixed SMEAR_LR).
 
         AdamW learning rates were tuned for a 768-wide model and scale as 1/sqrt(d_model/768).
         In a distributed run (torch.distributed initialised, world > 1) the distributed variant
@@ -317,6 +364,9 @@ class GPT(nn.Module):
         if len(self.value_embeds):
             groups.insert(2, dict(params=list(self.value_embeds.parameters()), lr=0.5 * embedding_lr * dmodel_lr_scale,
                                   betas=(0.8, 0.995), weight_decay=0.01, **adamw))
+        if self._smear_backout_params():
+            groups.insert(-1, dict(params=self._smear_backout_params(), lr=SMEAR_LR, betas=(0.8, 0.95),
+                                   weight_decay=0.0, **adamw))
         distributed = get_dist_info()[0]
         return (DistMuonAdamW if distributed else MuonAdamW)(groups)
 
@@ -324,6 +374,24 @@ class GPT(nn.Module):
         return asdict(self.config)
 
     # ---------------------------------------------------------------- forward
+
+    def _smear(self, x: torch.Tensor, kv_cache, lengths: list[int] | None) -> torch.Tensor:
+        """x (B, T, C) with every position's previous-token embedding mixed in through the smear
+        gate. Position 0 of a sequence has none. With a KV cache the first new token of a row
+        takes the embedding its row's cache carries (when the row already holds tokens), and the
+        cache then carries this pass's last embedding."""
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate_channels]))
+        first = x[:, :1]
+        if kv_cache is not None and max(lengths) > 0:
+            previous = kv_cache.prev_embedding
+            if min(lengths) == 0:
+                # Rows being prefilled from the start sit next to rows that continue.
+                previous = previous * (kv_cache.cache_seqlens > 0).to(x.dtype)[:, None]
+            first = first + gate[:, :1] * previous[:, None]
+        smeared = torch.cat([first, x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+        if kv_cache is not None:
+            kv_cache.prev_embedding.copy_(x[:, -1])
+        return smeared
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
                 loss_reduction: str = "mean", last_only: bool = False):
@@ -337,6 +405,7 @@ class GPT(nn.Module):
         if last_only and targets is not None:
             raise ValueError("last_only=True returns logits for generation; the loss needs every position")
         cache_seqlens = None
+        lengths = None
         if kv_cache is None:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
@@ -364,6 +433,8 @@ class GPT(nn.Module):
                 sin = self.rotary_sin[positions][:, :, None, :]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        if self.smear_gate is not None:
+            x = self._smear(x, kv_cache, lengths)
         x0 = x
         # Cast and split the per-layer scalars once per pass, not once per layer.
         resid_lambdas = self.resid_lambdas.to(x.dtype).unbind()
@@ -372,6 +443,10 @@ class GPT(nn.Module):
             x = resid_lambdas[i] * x + x0_lambdas[i] * x0
             value_embedding = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, value_embedding, cos, sin, self.window_sizes[i], kv_cache, cache_seqlens)
+            if i == self.backout_layer and self.backout_lambda is not None:
+                x_backout = x
+        if self.backout_lambda is not None:
+            x = x - self.backout_lambda.to(x.dtype) * x_backout
         if kv_cache is not None:
             kv_cache.advance(T)
         if last_only:

@@ -1,6 +1,7 @@
 """The KV cache used for decoding: per layer a (batch, time, kv_heads, head_dim) tensor for keys
 and one for values, in the layout the attention interface (nanochat.flash_attention) expects,
-plus one position per row.
+plus one position per row, and per row the normalized embedding of the last token written (the
+model's smear mixes it into the next token, which a decoding step alone would not see).
 
 A position per row (rather than one for the whole batch) is what lets the continuous-batching
 scheduler keep sequences of different lengths in one decode batch: each row's new token is written
@@ -20,19 +21,22 @@ from nanochat.common import COMPUTE_DTYPE
 
 class KVCache:
     def __init__(self, batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
-                 num_layers: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+                 num_layers: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 embedding_dim: int = 0):
         dtype = dtype or COMPUTE_DTYPE
         shape = (num_layers, batch_size, max_seq_len, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        # Meaningful only in rows that hold tokens; the model ignores it in empty rows.
+        self.prev_embedding = torch.zeros(batch_size, embedding_dim, dtype=dtype, device=device)
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: int) -> "KVCache":
         """A cache shaped for `model` (a nanochat.gpt.GPT), on the model's device."""
         cfg = model.config
         return cls(batch_size, cfg.n_kv_head, max_seq_len, cfg.n_embd // cfg.n_head, cfg.n_layer,
-                   device=model.get_device())
+                   device=model.get_device(), embedding_dim=cfg.n_embd)
 
     @property
     def batch_size(self) -> int:
@@ -72,10 +76,11 @@ class KVCache:
         view.k = self.k[:, start:stop]
         view.v = self.v[:, start:stop]
         view.cache_seqlens = self.cache_seqlens[start:stop]
+        view.prev_embedding = self.prev_embedding[start:stop]
         return view
 
     def move_row(self, source: int, target: int) -> None:
-        """Copy row `source` (its filled positions and its length) over row `target`, then mark
+        """Copy row `source` (its filled positions, length and last embedding) over row `target`, then mark
         `source` empty (nothing happens when they are the same row)."""
         for row in (source, target):
             if not 0 <= row < self.batch_size:
@@ -86,6 +91,7 @@ class KVCache:
         self.k[:, target, :length] = self.k[:, source, :length]
         self.v[:, target, :length] = self.v[:, source, :length]
         self.cache_seqlens[target] = length
+        self.prev_embedding[target] = self.prev_embedding[source]
         self.cache_seqlens[source] = 0
 
     def reset(self) -> None:
@@ -98,4 +104,5 @@ class KVCache:
             raise ValueError(f"cannot copy a {length}-token prefix into a cache of {self.max_seq_len}")
         self.k[:, :, :length] = other.k[:, source_row:source_row + 1, :length]
         self.v[:, :, :length] = other.v[:, source_row:source_row + 1, :length]
+        self.prev_embedding[:] = other.prev_embedding[source_row]
         self.cache_seqlens.fill_(length)

@@ -8,6 +8,12 @@ encoding's pieces are what we save, so loading a tokenizer never needs rustbpe.
 
 The same tokenizer turns chat conversations into token ids with a training mask
 (`render_conversation`): the model is trained only on what the assistant writes.
+
+tokenizer.pkl is written in karpathy/nanochat's format, a pickled tiktoken Encoding, so that a
+checkpoint's tokenizer folder serves both projects unchanged. It is read through an unpickler
+that admits only that one class (and builds the Encoding itself from the plain pieces), so a
+tokenizer.pkl from elsewhere cannot run code; the older format of this project, a pickled dict of
+the same pieces, is read as well.
 """
 
 import copy
@@ -81,28 +87,24 @@ class Tokenizer:
         return cls(_build_encoding(trainer.get_pattern(), mergeable_ranks))
 
     def save(self, tokenizer_dir: str) -> str:
-        """Write tokenizer.pkl into `tokenizer_dir` atomically; returns the file's path."""
+        """Write tokenizer.pkl (nanochat's format: the pickled Encoding) into `tokenizer_dir`
+        atomically; returns the file's path."""
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
-        # The encoding's pieces, not the Encoding object: plain dicts and strings that any tiktoken
-        # version can rebuild from.
-        pieces = {
-            "pat_str": self.encoding._pat_str,
-            "mergeable_ranks": self.encoding._mergeable_ranks,
-            "special_tokens": self.encoding._special_tokens,
-        }
-        atomic_write_bytes(path, pickle.dumps(pieces, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write_bytes(path, pickle.dumps(self.encoding, protocol=pickle.HIGHEST_PROTOCOL))
         return path
 
     @classmethod
     def from_directory(cls, tokenizer_dir: str) -> "Tokenizer":
-        """Load the tokenizer.pkl that `save` wrote into `tokenizer_dir`."""
+        """Load the tokenizer.pkl in `tokenizer_dir`: one that `save` or karpathy/nanochat wrote."""
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m ray_jobs.tok_train` "
                                     "or point to the directory that holds tokenizer.pkl")
         try:
             with open(path, "rb") as f:
-                pieces = pickle.load(f)
+                pieces = _PiecesUnpickler(f).load()
+            if isinstance(pieces, _EncodingPieces):
+                pieces = pieces.state
             return cls(_build_encoding(pieces["pat_str"], pieces["mergeable_ranks"], pieces["special_tokens"]))
         except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise ValueError(f"the tokenizer file {path} is corrupt or not a nanochat tokenizer ({e!r}); "
@@ -251,6 +253,27 @@ class Tokenizer:
             suffix = f"{gray}({token_id}){reset}" if with_token_id else ""
             shown.append(f"{color}{self.id_to_token(token_id)}{reset}{suffix}")
         return "|".join(shown)
+
+
+class _EncodingPieces:
+    """Stands in for tiktoken.Encoding while unpickling: keeps the state the pickle holds (its
+    name, pattern, merges and special tokens) without running tiktoken's own code on it."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"a pickled Encoding holds {type(state).__name__}, not its pieces "
+                                         "(an encoding registered with tiktoken by name is not a nanochat tokenizer)")
+        self.state = state
+
+
+class _PiecesUnpickler(pickle.Unpickler):
+    """Admits plain data and tiktoken's Encoding (as _EncodingPieces), no other class."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("tiktoken.core", "Encoding"):
+            return _EncodingPieces
+        raise pickle.UnpicklingError(f"the file names {module}.{name}; a tokenizer.pkl may hold only a "
+                                     "tiktoken Encoding or plain data")
 
 
 def _build_encoding(pattern: str, mergeable_ranks: dict[bytes, int],

@@ -90,7 +90,7 @@ class InMemoryModel:
 
     def load(self, device: torch.device) -> tuple[GPT, object]:
         with torch.device("meta"):
-            model = GPT(GPTConfig(**self.model_config))
+            model = GPT(GPTConfig.from_dict(self.model_config))
         model.to_empty(device=device)
         model.load_state_dict(self.state_dict, strict=True)
         model.eval()

@@ -96,7 +96,7 @@ class RolloutWorker:
         # Ray hides the GPUs an actor did not ask for, so this is its own GPU or the CPU.
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with torch.device("meta"):
-            model = GPT(GPTConfig(**model_config))
+            model = GPT(GPTConfig.from_dict(model_config))
         model.to_empty(device=device)  # every weight is replaced by load_weights before any sampling
         self.model = model.eval()
         self.engine = Engine(self.model, shared["tokenizer"])

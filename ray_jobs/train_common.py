@@ -163,7 +163,7 @@ def build_model(model_config: dict, device: torch.device, seed: int) -> GPT:
     starts from the same weights."""
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = GPT(GPTConfig(**model_config))
+        model = GPT(GPTConfig.from_dict(model_config))
     model.to_empty(device=device)
     model.init_weights()
     return model

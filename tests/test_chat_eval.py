@@ -191,9 +191,9 @@ def tiny_checkpoint(tmp_path_factory):
     tokenizer = Tokenizer.train_from_iterator(iter(CHAT_TEXT), 300)
     tokenizer_dir = tmp_path_factory.mktemp("chat_eval_tokenizer")
     tokenizer.save(str(tokenizer_dir))
-    # Seed 5: a model whose letter logits vary over the quiz (with some seeds one letter wins every
+    # Seed 8: a model whose letter logits vary over the quiz (with some seeds one letter wins every
     # question, which would make the categorical checks blind to mixed-up problems).
-    model = random_gpt(tokenizer.get_vocab_size(), sequence_len=64, seed=5)
+    model = random_gpt(tokenizer.get_vocab_size(), sequence_len=64, seed=8)
     save_checkpoint(checkpoint_dir("sft", MODEL_TAG), 0, model.state_dict(),
                     {"model_config": dataclasses.asdict(model.config)}, tokenizer_dir=str(tokenizer_dir))
     model, tokenizer, _ = load_model("sft", "cpu", model_tag=MODEL_TAG, step=0)

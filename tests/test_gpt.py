@@ -106,13 +106,19 @@ def test_kv_cache_prefill_and_decode_match_plain_forward():
     assert cache.get_pos() == 14
 
 
-def test_kv_cache_rows_at_different_positions():
+def _two_rows(second_len: int):
+    """A trained-looking 2-layer model of context 16, a 9-token and a `second_len`-token
+    sequence, and an empty cache of two rows for them."""
     config = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SL")
     model = _trained_looking(build(config))
     a = torch.randint(0, 100, (1, 9))
-    b = torch.randint(0, 100, (1, 5))
-    cache = KVCache.for_model(model, batch_size=2, max_seq_len=16)
+    b = torch.randint(0, 100, (1, second_len))
+    return model, a, b, KVCache.for_model(model, batch_size=2, max_seq_len=16)
+
+
+def test_kv_cache_rows_at_different_positions():
+    model, a, b, cache = _two_rows(5)
     # prefill each row on its own cache, then copy rows into one batch cache at different positions
     for row, seq in enumerate((a, b)):
         solo = KVCache.for_model(model, batch_size=1, max_seq_len=16)
@@ -121,6 +127,7 @@ def test_kv_cache_rows_at_different_positions():
         cache.k[:, row, :n] = solo.k[:, 0, :n]
         cache.v[:, row, :n] = solo.v[:, 0, :n]
         cache.cache_seqlens[row] = n
+        cache.prev_embedding[row] = solo.prev_embedding[0]  # what the smear of the next token reads
     step = model(torch.cat([a[:, -1:], b[:, -1:]]), kv_cache=cache)
     torch.testing.assert_close(step[0, 0], model(a)[0, -1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(step[1, 0], model(b)[0, -1], rtol=1e-4, atol=1e-4)
@@ -186,7 +193,7 @@ def test_estimate_flops_counts_matmuls_and_attention():
     config = GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
                        window_pattern="SL")
     model = GPT(config)
-    matmul_params = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 32 + 64 * 64  # blocks (+ one ve_gate) + lm_head
+    matmul_params = 2 * (4 * 64 * 64 + 2 * 64 * 256) + 2 * 12 + 64 * 64  # blocks (+ one ve_gate) + lm_head
     assert model.num_scaling_params() == matmul_params
     attention = 12 * 2 * 32 * (9 + 32)  # layer 0 sees 8 + 1 keys, layer 1 the full 32
     assert model.estimate_flops() == 6 * matmul_params + attention
@@ -204,3 +211,34 @@ def test_one_training_step_lowers_loss_on_a_fixed_batch():
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_smear_in_a_fresh_row_ignores_the_embedding_its_row_last_held():
+    # A reused cache row starts at position 0 with the previous sequence's last embedding still in
+    # it; beside a row that continues, the fresh row must see no previous token at all.
+    model, a, b, cache = _two_rows(1)
+    model(a[:, :-1], kv_cache=cache.rows(0, 1))
+    cache.prev_embedding[1] = 100.0
+    step = model(torch.cat([a[:, -1:], b]), kv_cache=cache)
+    torch.testing.assert_close(step[0, 0], model(a)[0, -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step[1, 0], model(b)[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_smear_and_backout_are_config_flags_with_their_own_optimizer_group():
+    model = _trained_looking(build())
+    optimizer = model.setup_optimizer()
+    smear_group = [g for g in optimizer.param_groups if g["lr"] == 0.2 and g["kind"] == "adamw"]
+    assert [p.shape for p in smear_group[0]["params"]] == [(1, 24), (1,), (1,)]
+    assert smear_group[0]["betas"] == (0.8, 0.95) and smear_group[0]["weight_decay"] == 0.0
+    idx = torch.randint(0, TINY.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = model(idx)
+        model.smear_lambda.zero_()
+        without_smear = model(idx)
+        model.backout_lambda.zero_()
+        without_either = model(idx)
+    assert not torch.allclose(full[:, 1:], without_smear[:, 1:]) and not torch.allclose(without_smear, without_either)
+    torch.testing.assert_close(full[:, 0], without_smear[:, 0])  # the first position has no previous token
+    plain = build(GPTConfig(**{**TINY.__dict__, "smear": False, "backout": False}))
+    assert not {"smear_gate.weight", "smear_lambda", "backout_lambda"} & set(plain.state_dict())
+    assert not any(g["lr"] == 0.2 and g["kind"] == "adamw" for g in plain.setup_optimizer().param_groups)

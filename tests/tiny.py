@@ -39,6 +39,10 @@ def random_gpt(vocab_size: int, window_pattern: str = "SL", sequence_len: int = 
         model.lm_head.weight.normal_(0.0, 0.5)
         model.resid_lambdas.uniform_(0.7, 1.3)
         model.x0_lambdas.uniform_(0.0, 0.5)
+        # Init 0 would switch the smear off; much larger values make the few-step training
+        # tests of chat_sft diverge.
+        model.smear_lambda.fill_(0.3)
+        model.backout_lambda.fill_(0.2)
     return model.eval()
 
 
