@@ -91,7 +91,8 @@ GPU_SIZES = {
     # (16 x 2048 x 32768 floats = 4 GiB each), far from the limit at 16, closer than needed at 32.
     "train": [dict(name="d12", depth=12, batch=16, sequence_len=2048, warmup=3, steps=10, mfu_target=0.2),
               dict(name="d20", depth=20, batch=32, sequence_len=2048, warmup=3, steps=10, mfu_target=0.3)],
-    "kv_greedy": dict(depth=20, sequence_len=2048, prompt=16, tokens=32),
+    # T=64 makes the short window 16 tokens: the 8-token prompt and 32 new tokens run well past it
+    "kv_greedy": dict(depth=20, sequence_len=64, tokens=32),
     "decode": dict(depth=20, batches=(1, 8, 32), batch_ratio_target=8.0),
     # seconds each section may take; a section starts only when its budget fits before the deadline
     "budgets": {"precision": 40, "attention": 20, "kv_greedy": 30, "compile_and_train_d12": 150, "train_d20": 150, "decode": 50},
@@ -103,7 +104,7 @@ CPU_SIZES = {
     "attention": dict(batch=1, seq_len=64, heads=4, head_dim=16),
     "train": [dict(name="d1", depth=1, batch=4, sequence_len=64, warmup=1, steps=3, tokens_target=100.0),
               dict(name="d2", depth=2, batch=4, sequence_len=64, warmup=1, steps=3, tokens_target=100.0)],
-    "kv_greedy": dict(depth=2, sequence_len=64, prompt=8, tokens=32),
+    "kv_greedy": dict(depth=2, sequence_len=64, tokens=32),
     "decode": dict(depth=2, batches=(1, 8, 32), batch_ratio_target=2.0),
     "budgets": {"precision": 10, "attention": 5, "kv_greedy": 10, "compile_and_train_d1": 60, "train_d2": 40, "decode": 20},
 }
@@ -333,7 +334,7 @@ def check_kv_greedy(run: Run) -> None:
     config = run.config(size["depth"], size["sequence_len"])
     model = random_decoder(run, config)
     tokenizer = engine_timing.SpecialTokens(config.vocab_size)
-    prompt = engine_timing.prompt_for(config.vocab_size)[:size["prompt"]]
+    prompt = engine_timing.prompt_for(config.vocab_size)
     engine = Engine(model, tokenizer)
     # bf16 on the GPU already; on CPU (the smoke run) bf16 too, so that both runs check the same thing
     with compute_dtype(model, torch.bfloat16) as seen:
@@ -346,7 +347,7 @@ def check_kv_greedy(run: Run) -> None:
     top2 = logits.topk(2, dim=-1).values
     margins = (top2[:, 0] - top2[:, 1]).tolist()
     figures = {"depth": size["depth"], "activation_dtypes": sorted({str(d).removeprefix("torch.") for d in seen}),
-               "tokens": size["tokens"], "identical_tokens": same, "cached_tokens": len(cached),
+               "prompt_tokens": len(prompt), "window": model.window_sizes[0][0], "tokens": size["tokens"], "identical_tokens": same, "cached_tokens": len(cached),
                "distinct_tokens": len(set(naive)), "min_top2_margin": min(margins)}
     tie_at_divergence = same < len(naive) and same < len(cached) and margins[same] < TIE_TOL
     if same < size["tokens"]:
@@ -354,7 +355,8 @@ def check_kv_greedy(run: Run) -> None:
     passed = ((same == size["tokens"] or tie_at_divergence) and len(cached) == size["tokens"]
               and set(seen) == {torch.bfloat16})
     run.add("kv_greedy", passed, figures, {"tie_margin": TIE_TOL})
-    run.result("kv_greedy_identical_tokens", same, ">=", size["tokens"])
+    # the tokens lost to a divergence that no near tie explains (or to an early stop)
+    run.result("kv_greedy_unexplained_mismatches", 0 if passed else size["tokens"] - same, "<=", 0)
 
 
 def random_decoder(run: Run, config) -> GPT:
@@ -488,7 +490,7 @@ def run_sections(run: Run) -> list[dict]:
     check with its error; on CUDA its memory is released before the next one."""
     skipped = []
     for key, section in sections(run):
-        budget = run.sizes["budgets"].get(key, 0)
+        budget = run.sizes["budgets"][key]
         if run.seconds_left() < budget:
             skipped.append({"section": key, "budget_s": budget, "seconds_left": round(run.seconds_left(), 1)})
             print(f"[gpu_check] skipped {key}: its budget of {budget} s does not fit the {run.seconds_left():.0f} s "

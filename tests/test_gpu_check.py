@@ -6,6 +6,7 @@ imported (the check must work where Ray is not installed), and the deadline skip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from ray_jobs import gpu_check
 
@@ -15,7 +16,8 @@ SECTIONS = ["precision", "attention", "kv_greedy", "decode", "compile", "train_d
 def run_check(tmp_path, *args):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "ray_jobs.gpu_check", "--cpu-smoke",
-                           "--out", str(out), *args], capture_output=True, text=True, timeout=600)
+                           "--out", str(out), *args], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
     # -X importtime writes one line per module imported, at any time in the run, to stderr
     imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     report = json.loads(out.read_text()) if out.exists() else None
@@ -50,6 +52,7 @@ def test_cpu_smoke_passes_every_check_with_real_figures_and_never_imports_ray(tm
     kv = figures["kv_greedy"]
     assert kv["activation_dtypes"] == ["bfloat16"] and kv["cached_tokens"] == kv["tokens"] == 32
     assert kv["identical_tokens"] == 32 or kv["margin_at_divergence"] < gpu_check.TIE_TOL
+    assert kv["window"] < kv["prompt_tokens"] + kv["tokens"]  # decoding went past the sliding window
     assert kv["distinct_tokens"] > 3  # a model stuck on one token would prove little
 
     assert figures["compile"]["loss_rel_error"] <= gpu_check.LOSS_REL_TOL
