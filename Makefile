@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-check
 
 install: $(STAMP)
 
@@ -26,6 +26,13 @@ demo: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest tests -q
+
+# The GPU check (README: GPU check) needs the repository and PyTorch only, no install: it runs with
+# the venv's python when there is one, else with $(PYTHON) and the machine's own torch.
+GPU_CHECK_PY := $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+
+gpu-check:
+	$(GPU_CHECK_PY) -m ray_jobs.gpu_check $(ARGS)
 
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
