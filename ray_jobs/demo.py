@@ -37,6 +37,11 @@ from ray_jobs.speedrun import Stage, run_as_job
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
+# The demo's workers (trainers, data tasks, the chat replica) are the work, so they run at nice 0,
+# not at Ray's default 15. Measured beside two busy processes at nice 0 on 2 cores (README,
+# Troubleshooting): at 15 a d4 base_train made no step in 10 minutes, its packer crawling at
+# 5.5 k tokens/s; at 0 it stepped every 2.0 s.
+DEMO_WORKER_NICENESS = 0
 
 
 def cluster_is_up(dashboard: str) -> bool:
@@ -86,7 +91,9 @@ def start_local_head(ray_port: int, dashboard_port: int, temp_dir: str) -> None:
     # Ray jobs run their entrypoint through a shell on the head: this venv goes first on its PATH so
     # that `python` there is the interpreter this project is installed in. RAY_AUTH_MODE=token
     # (set above) reaches the head, hence every job driver, with the rest of the environment.
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    # RAY_worker_niceness: see DEMO_WORKER_NICENESS.
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           "RAY_worker_niceness": str(DEMO_WORKER_NICENESS)}
     ports = {name: free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                             "ray-client-server-port", "node-manager-port", "object-manager-port",
                                             "runtime-env-agent-port", "metrics-export-port")}

@@ -85,9 +85,11 @@ print("ValueError: the stage broke", file=sys.stderr, flush=True)
 sys.exit(3)
 '''
 
-DRIVER_MODULE = '''import ray
+DRIVER_MODULE = '''import os
+import ray
 ray.init()
 print("the driver sees", int(ray.cluster_resources()["CPU"]), "CPUs", flush=True)
+print("its workers run at nice", ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote()), flush=True)
 '''
 
 
@@ -125,10 +127,13 @@ def test_a_real_jobs_log_is_tailed_as_it_is_written_and_its_failure_reported(das
     assert "ValueError: the stage broke" in text
 
 
-def test_a_jobs_driver_joins_the_cluster_with_the_heads_token(dashboard, capsys, tmp_path):
+def test_a_jobs_driver_joins_the_cluster_with_the_heads_token_and_its_workers_run_at_nice_0(dashboard, capsys, tmp_path):
     (tmp_path / "driver.py").write_text(DRIVER_MODULE)
     speedrun.run_as_job(speedrun.Stage("driver", "driver"), dashboard, str(tmp_path))
-    assert re.search(r"the driver sees \d+ CPUs", capsys.readouterr().out)
+    output = capsys.readouterr().out
+    assert re.search(r"the driver sees \d+ CPUs", output)
+    # the demo's head runs its workers at nice 0, not Ray's 15 (demo.DEMO_WORKER_NICENESS)
+    assert f"its workers run at nice {demo.DEMO_WORKER_NICENESS}" in output
 
 
 USE_TOKEN_AUTH = '''import ray
