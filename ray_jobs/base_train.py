@@ -412,11 +412,11 @@ def main(argv=None) -> dict:
         print_config(cfg)
         previous_run(cfg, args)  # refuses a run with checkpoints unless --resume
         train_lanes = {f"train_{lane}": TrainStreamFactory(cfg, args, lane) for lane in range(args.num_workers)}
-        # Built once here as well: unusable shards (or too few for the workers) stop the run with a
-        # message before it starts, and building sets the ingest options (preserve_order) on this
-        # driver's DataContext, which the trainer takes along to the lanes.
-        for lane in train_lanes.values():
-            lane()
+        # One lane built here as well (every lane reads the same footers and checks the same unit
+        # count): unusable shards, or too few for the workers, stop the run with a message before
+        # it starts, and building sets the ingest options (preserve_order) on this driver's
+        # DataContext, which the trainer takes along to the lanes.
+        train_lanes["train_0"]()
         cfg["stream"] = {"num_train_files": len(resolve_source(args.source, args.data_dir).train_files)}
         val_rows = validation_rows(resolve_source(args.source, args.data_dir).val_files, cfg["tokenizer_dir"],
                                    args.device_batch_size, args.max_seq_len,

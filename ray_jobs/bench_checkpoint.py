@@ -18,8 +18,9 @@ timed. The model is built on the meta device and given memory without an initial
 one optimizer step on zero gradients creates the optimizer state, so building costs little; the
 values do not matter to the timing. One rank saves the whole state here, as a single worker
 does; on more ranks the one that writes the weights has the most to copy. On a GPU the copy to
-host memory runs at the rate of the host link rather than memcpy's. The run ends with a RESULT
-line: the stall of a later background save at most STALL_TARGET_SECONDS.
+host memory runs at the rate of the host link rather than memcpy's. It ends with
+`RESULT <name> <value> target <op> <number> PASS|FAIL` (ray_jobs.bench_results): the stall of a
+later background save at most STALL_TARGET_SECONDS.
 """
 
 import argparse

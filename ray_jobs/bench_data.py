@@ -33,6 +33,10 @@ weighs little, in four runs:
   ratio measured there understates a cluster's: targets apply only where there is a core per
   consumer.
 
+The run ends with one `RESULT <name> <value> target <op> <number> PASS|FAIL` line per target
+(ray_jobs.bench_results): more CPUs against the fewest, and lanes against one packer where there
+is a core per consumer.
+
 Columns: `pass s` is the wall time of one pass, from asking for the first row to the last, the
 fastest of --repeats passes; `first row s` is the part of that pass spent starting (the packer
 actor is a new process each pass, Ray's tasks are scheduled, the packer's buffer fills), which a
@@ -54,13 +58,11 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import ray
 import ray.data
 
-from nanochat.dataset import SOURCES, TEXT_COLUMN, resolve_source
+from nanochat.dataset import SOURCES, resolve_source
 from nanochat.packing import DEFAULT_MIN_BUFFER_DOCS
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
 from ray_jobs.bench_results import result_line
@@ -131,17 +133,12 @@ def split_files(args) -> tuple[list[str], list[str]]:
 def stream_without_ray(files: list[str], tokenizer: Tokenizer, args, seq_len: int) -> dict:
     """The pipeline's work in this process: each read unit's texts, tokenized on one thread, into
     one PackRows. Also counts the tokens read, for the crop fraction."""
-    units = ParquetRowGroupDatasource(files, list(range(len(files)))).units
-    bos = tokenizer.get_bos_token_id()
-    pack = PackRows(seq_len, bos, args.buffer_docs, sum(unit[3] for unit in units), log_every_rows=0)
+    documents = ParquetRowGroupDatasource(files, list(range(len(files)))).num_documents
+    pack = PackRows(seq_len, tokenizer.get_bos_token_id(), args.buffer_docs, documents, log_every_rows=0)
     rows = tokens_read = 0
     started = time.perf_counter()
-    for path, row_groups, _, _, _ in units:
-        texts = pq.ParquetFile(path).read_row_groups(row_groups, columns=[TEXT_COLUMN]).column(TEXT_COLUMN)
-        ids = tokenizer.encode(texts.to_pylist(), prepend=bos, num_threads=1)
-        tokens_read += sum(len(doc) for doc in ids)
-        batch = pa.table({"ids": pa.array(ids, type=pa.list_(pa.int32())),
-                          "file_index": pa.array(np.zeros(len(ids), dtype=np.int32))})
+    for batch in tokenized_units(files, args.tokenizer_dir):
+        tokens_read += pc.sum(pc.list_value_length(batch.column("ids"))).as_py()
         rows += pack(batch).num_rows
     seconds = time.perf_counter() - started
     return {"run": "no Ray", "cpus": 0, "seq_len": seq_len, "rows": rows, "tokens_out": rows * (seq_len + 1),
@@ -212,11 +209,12 @@ def consume_concurrently(consumers: list, streams: list) -> dict:
             "rows_per_s": rows / seconds}
 
 
-def tokenized_units(files: list[str], tokenizer_dir: str) -> list[pa.Table]:
-    """The stream's read units tokenized in this process, as the tokenize stage makes them."""
-    units = ParquetRowGroupDatasource(files, list(range(len(files)))).units
-    return [tokenize_documents(table, tokenizer_dir) for path, row_groups, index, _, _ in units
-            for table in read_row_groups(path, row_groups, index)]
+def tokenized_units(files: list[str], tokenizer_dir: str):
+    """The stream's read units tokenized in this process, one table at a time, as the read and
+    tokenize stages make them."""
+    for path, row_groups, index, _, _ in ParquetRowGroupDatasource(files, list(range(len(files)))).units:
+        for table in read_row_groups(path, row_groups, index):
+            yield tokenize_documents(table, tokenizer_dir)
 
 
 def packing_streams(design: str, files: list[str], tokenized: list, args, n: int) -> list:

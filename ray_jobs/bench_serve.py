@@ -21,7 +21,8 @@ temporary NANOCHAT_BASE_DIR, so the replicas load it the normal way. Its special
 rows are zeroed, so no answer stops early: every request does its full --max-tokens of work.
 The model runs on --threads torch threads in this process and on --replica-cpus CPUs (one torch
 thread per CPU) in a replica, the same by default, so the three rows compare like with like.
-Machines are noisy: compare the ratios of one run, printed at the end.
+Machines are noisy: compare the ratios of one run, printed at the end, each as one
+`RESULT <name> <value> target <op> <number> PASS|FAIL` line (ray_jobs.bench_results).
 """
 
 import argparse
