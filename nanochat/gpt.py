@@ -41,6 +41,7 @@ VOCAB_PAD_MULTIPLE = 64
 SMEAR_GATE_CHANNELS = 24  # the smear gate reads this many leading channels of the embedding (all, if narrower)
 SMEAR_LR = 0.2  # AdamW learning rate of the smear and backout scalars (not scaled with the width)
 BACKOUT_INIT = 0.2
+NANOCHAT_WINDOW_MULTIPLE = 128  # nanochat rounds short windows up to its attention kernel's tile
 # Fields that checkpoints written before they existed lack, with the value those models were
 # built with: no smear, no backout, a value-embedding gate over 32 channels, windows unrounded.
 LEGACY_CONFIG = {"smear": False, "backout": False, "ve_gate_channels": 32, "window_multiple": 1}
@@ -97,13 +98,16 @@ class GPTConfig:
 def config_from_depth(depth: int, aspect_ratio: int = 64, head_dim: int = 128, sequence_len: int = 2048,
                       vocab_size: int = 32768, window_pattern: str = "SSSL") -> GPTConfig:
     """The single complexity dial: width = depth * aspect_ratio rounded up to a multiple of the
-    head dim, heads = width / head_dim (full multi-head attention: n_kv_head = n_head)."""
+    head dim, heads = width / head_dim (full multi-head attention: n_kv_head = n_head). Short
+    windows are rounded up to a multiple of 128 as in nanochat, so that a model trained at a short
+    context (the tiny preset's 256: windows of 128, not 64) is nanochat's model at that context."""
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
     width = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = width // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=width, window_pattern=window_pattern)
+                     n_kv_head=n_head, n_embd=width, window_pattern=window_pattern,
+                     window_multiple=NANOCHAT_WINDOW_MULTIPLE)
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

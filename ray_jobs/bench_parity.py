@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=16)
     p.add_argument("--total-batch-size", type=int, default=4096)
     p.add_argument("--eval-tokens", type=int, default=64 * 16 * 256, help="validation tokens per evaluation")
+    p.add_argument("--logs", default=None, metavar="DIR", help="keep the reference's output here, a file per run")
     p.add_argument("--source", default="sample")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args(argv)
@@ -111,6 +112,10 @@ def reference(args, base_dir: str, depth: int, seed: int) -> float:
                "--device-type=cpu", "--eval-every", str(args.steps[depth]), "--model-tag", f"parity_d{depth}",
                *shared_flags(args, depth)]
     run = subprocess.run(command, cwd=args.reference, env=env, capture_output=True, text=True)
+    if args.logs:
+        os.makedirs(args.logs, exist_ok=True)
+        with open(os.path.join(args.logs, f"reference_d{depth}_s{seed}.log"), "w") as f:
+            f.write(run.stdout + run.stderr)
     if run.returncode != 0:
         raise RuntimeError(f"the reference's base_train failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
     last = re.findall(rf"Step {args.steps[depth]:05d} \| Validation bpb: ([0-9.]+)", run.stdout)

@@ -1,15 +1,17 @@
 """The HTTP contract of the chat service: request bodies, their limits, and the shapes of what goes back.
 
-Two request styles reach the same model:
+Three request styles reach the same model:
 
 - the seed's `POST /chat/completions` ({"messages", "temperature", "top_k", "max_tokens"}, plus
   an optional "seed"), answered with server-sent events `data: {"token": ...}` and a final
   `data: {"done": true, ...}`;
 - the OpenAI `POST /v1/chat/completions`, streaming or not, with `model`, `messages`,
   `temperature`, `max_tokens` (or `max_completion_tokens`), `seed`, `stop`, `n`, and `top_k` as an
-  extra field.
+  extra field;
+- the OpenAI `POST /v1/completions` (text in, text out, for base models) with `prompt` and the same
+  sampling fields; `OpenAIShape` holds what differs in the two OpenAI answers' JSON.
 
-Both are turned into `GenerationSettings`, the plain dict that the ingress sends to a ChatModel
+All are turned into `GenerationSettings`, the plain dict that the ingress sends to a ChatModel
 replica. The seed server's abuse limits are checked here, before anything is routed to a replica:
 a violation raises `RequestError`, which the app answers with HTTP 400 and a JSON body naming the
 field and the limit. Pydantic checks only the types, so a body that is not JSON or has the wrong
@@ -26,6 +28,15 @@ and no pickled argument of a deployment.
 `TextStream` turns the generated token ids into text pieces: it holds back a piece that ends
 inside a multi-byte character, and text that might be the start of a stop sequence, so a client
 never sees half a character or any part of a stop sequence.
+
+`ReplyReader` keeps the special tokens out of that text. A tool call, the model's
+`<|python_start|> expression <|python_end|>` and the `<|output_start|> result <|output_end|>` that
+the engine forces in after it, becomes a `ToolCall` that reads `[calculator: 12*7 = 84]` (or
+`[calculator: expression]` when the calculator gave no result) in the reply's text, and that the
+seed's SSE API also sends as structured fields (the UI draws it as a block of its own). Stop
+sequences are looked for in the model's own text, not inside a rendered call. Any other special
+token in a reply (a stray `<|user_start|>`) is dropped from the text; `<|assistant_end|>` never
+reaches it, since it ends the request (`finish_reason` "stop").
 
 Nothing here imports Ray or torch, so the contract can be tested on its own.
 """
@@ -199,6 +210,28 @@ class OpenAIChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
 
 
+class OpenAICompletionRequest(BaseModel):
+    """OpenAI's (legacy) text completion body, for base models: the prompt is continued as plain
+    text. The same sampling fields as chat; `echo`, `suffix` and `logprobs`, which would change
+    what comes back, are refused rather than ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str]
+    temperature: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+
+
 @dataclass(frozen=True)
 class ServingDefaults:
     """What a request gets for the settings it leaves out (the seed server's defaults)."""
@@ -214,13 +247,14 @@ class GenerationSettings:
     `default_max_tokens`, cut to the room the model's context leaves after the prompt; an explicit
     max_tokens that does not fit is refused instead."""
 
-    messages: list[dict]
+    messages: list[dict]  # a conversation to answer, or [] for a text completion of `prompt`
     temperature: float
     top_k: int | None  # None = the whole vocabulary
     seed: int
     max_tokens: int | None
     default_max_tokens: int
     stop: tuple[str, ...] = ()
+    prompt: str | None = None  # text to continue (POST /v1/completions), without the chat format
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -312,15 +346,46 @@ def _stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def settings_from_openai_request(body: OpenAIChatRequest, defaults: ServingDefaults) -> list[GenerationSettings]:
-    """Validate an OpenAI-style request: one GenerationSettings per choice (n of them; with a seed,
-    choice i uses seed + i, so the choices differ and the request as a whole is reproducible)."""
-    messages = check_messages(body.messages)
+    """Validate an OpenAI-style chat request: one GenerationSettings per choice (n of them; with a
+    seed, choice i uses seed + i, so the choices differ and the request as a whole is reproducible)."""
+    return _openai_choices(body, defaults, messages=check_messages(body.messages), prompt=None,
+                           default_max_tokens=defaults.max_tokens)
+
+
+# OpenAI's default for text completions; a base model left to run on writes until its context is full.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+
+
+def settings_from_completion_request(body: OpenAICompletionRequest,
+                                     defaults: ServingDefaults) -> list[GenerationSettings]:
+    """Validate an OpenAI-style text completion request, one GenerationSettings per choice."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise RequestError("prompt", f"prompt holds {len(prompts)} prompts; send one prompt per request",
+                           "one prompt")
+    prompt = prompts[0]
+    if not prompt:
+        raise RequestError("prompt", "prompt is empty", "at least 1 character")
+    if len(prompt) > MAX_TOTAL_CHARS:
+        raise RequestError("prompt", f"prompt has {len(prompt)} characters; at most {MAX_TOTAL_CHARS} are allowed",
+                           f"at most {MAX_TOTAL_CHARS} characters")
+    for field, unsupported in (("echo", body.echo), ("suffix", body.suffix is not None),
+                               ("logprobs", body.logprobs is not None)):
+        if unsupported:
+            raise RequestError(field, f"{field} is not supported by this server", "leave it out")
+    return _openai_choices(body, defaults, messages=[], prompt=prompt, default_max_tokens=COMPLETION_DEFAULT_MAX_TOKENS)
+
+
+def _openai_choices(body, defaults: ServingDefaults, messages: list[dict], prompt: str | None,
+                    default_max_tokens: int) -> list[GenerationSettings]:
+    """The sampling fields both OpenAI request bodies share, checked, as one GenerationSettings per choice."""
     temperature = defaults.temperature if body.temperature is None else body.temperature
     top_k = defaults.top_k if body.top_k is None else body.top_k
     temperature = float(_check_range("temperature", temperature, MIN_TEMPERATURE, MAX_TEMPERATURE))
     top_k = _check_range("top_k", top_k, MIN_TOP_K, MAX_TOP_K) or None
-    max_tokens_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_completion_tokens = getattr(body, "max_completion_tokens", None)  # chat only
+    max_tokens_field = "max_completion_tokens" if max_completion_tokens is not None else "max_tokens"
+    max_tokens = max_completion_tokens if max_completion_tokens is not None else body.max_tokens
     if max_tokens is not None:
         _check_range(max_tokens_field, max_tokens, MIN_MAX_TOKENS, MAX_MAX_TOKENS)
     _check_range("n", body.n, 1, MAX_CHOICES)
@@ -329,7 +394,8 @@ def settings_from_openai_request(body: OpenAIChatRequest, defaults: ServingDefau
     if body.seed is not None:
         _check_range("seed", seed + body.n - 1, 0, MAX_SEED)
     return [GenerationSettings(messages=messages, temperature=temperature, top_k=top_k, seed=seed + choice,
-                               max_tokens=max_tokens, default_max_tokens=defaults.max_tokens, stop=stop)
+                               max_tokens=max_tokens, default_max_tokens=default_max_tokens, stop=stop,
+                               prompt=prompt)
             for choice in range(body.n)]
 
 
@@ -347,6 +413,97 @@ def validation_error_message(errors: Sequence[dict]) -> tuple[str, str | None]:
 
 
 # ------------------------------------------------------------------------------------ streaming text
+
+TOOL_NAME = "calculator"  # what the python tool is: nanochat.calculator's arithmetic and str.count
+
+
+@dataclass
+class ToolCall:
+    """One call of the python tool in a reply: what the model asked, what the tool answered (None
+    when it refused the expression, or when the reply ended first), and its tokens."""
+    expression: str
+    result: str | None
+    tokens: int
+
+    def readable(self) -> str:
+        if self.result is None:
+            return f"[{TOOL_NAME}: {self.expression}]"
+        return f"[{TOOL_NAME}: {self.expression} = {self.result}]"
+
+    def fields(self) -> dict:
+        return {"name": TOOL_NAME, "expression": self.expression, "result": self.result}
+
+
+class ReplyReader:
+    """Splits a reply's token ids, batch by batch, into runs of text tokens and `ToolCall`s.
+
+    States: in text; inside a python block (collecting the expression); after the block's end,
+    waiting to see whether the tool's output follows; inside the output. A call is complete at
+    <|output_end|>, or at the first token after <|python_end|> that is not <|output_start|> (the
+    calculator refused, and the model carries on). Text runs may hold other special tokens; decode
+    them with `decode_text`, which drops them."""
+
+    TEXT, EXPRESSION, AFTER_EXPRESSION, OUTPUT = range(4)
+
+    def __init__(self, decode: Callable[[list[int]], str], special_ids: dict[str, int]):
+        self._decode = decode
+        self._python_start, self._python_end = special_ids["<|python_start|>"], special_ids["<|python_end|>"]
+        self._output_start, self._output_end = special_ids["<|output_start|>"], special_ids["<|output_end|>"]
+        self._special = frozenset(special_ids.values())
+        self._state = self.TEXT
+        self._expression: list[int] = []
+        self._output: list[int] = []
+        self._call_tokens = 0
+
+    def decode_text(self, ids: list[int]) -> str:
+        """The text of a run of tokens, without the special tokens in it."""
+        return self._decode([token for token in ids if token not in self._special])
+
+    def feed(self, tokens: Sequence[int]):
+        """Yield the parts of the next tokens in order: lists of text token ids and `ToolCall`s."""
+        run: list[int] = []
+        for token in tokens:
+            if self._state == self.AFTER_EXPRESSION and token != self._output_start:
+                if run:
+                    yield run
+                    run = []
+                yield self._complete(result=None)
+            if self._state == self.TEXT:
+                if token == self._python_start:
+                    if run:
+                        yield run
+                        run = []
+                    self._state, self._expression, self._output, self._call_tokens = self.EXPRESSION, [], [], 1
+                else:
+                    run.append(token)
+                continue
+            self._call_tokens += 1
+            if self._state == self.EXPRESSION:
+                if token == self._python_end:
+                    self._state = self.AFTER_EXPRESSION
+                elif token not in self._special:
+                    self._expression.append(token)
+            elif self._state == self.AFTER_EXPRESSION:  # the token is <|output_start|>
+                self._state = self.OUTPUT
+            elif token == self._output_end:
+                yield self._complete(result=self._decode(self._output))
+            elif token not in self._special:
+                self._output.append(token)
+        if run:
+            yield run
+
+    def finish(self) -> ToolCall | None:
+        """The call the reply ended inside of, if any, as far as it got."""
+        if self._state == self.TEXT:
+            return None
+        return self._complete(result=self._decode(self._output) if self._state == self.OUTPUT else None)
+
+    def _complete(self, result: str | None) -> ToolCall:
+        call = ToolCall(self._decode(self._expression).strip(), None if result is None else result.strip(),
+                        self._call_tokens)
+        self._state = self.TEXT
+        return call
+
 
 class TextStream:
     """Token ids in, text pieces out, for one generated sequence.
@@ -395,6 +552,20 @@ class TextStream:
         self._undecoded = []
         return self._release(final=False)
 
+    def push_tool_call(self, call: ToolCall) -> str:
+        """Add a tool call: the text held back so far is released (the call interrupts whatever stop
+        sequence it might have begun), then the call's readable text, which is not searched for
+        stop sequences. Returns the text released before the call; the call's text follows it."""
+        if self.stopped:
+            return ""
+        before = self.finish()
+        if self.stopped:
+            return before
+        self.tokens += call.tokens
+        self.text += call.readable()
+        self._released = len(self.text)
+        return before
+
     def finish(self) -> str:
         """The text still held back once the sequence has ended."""
         if self.stopped:
@@ -436,25 +607,63 @@ def server_sent_event(payload) -> str:
     return f"data: {data}\n\n"
 
 
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def openai_chunk(completion_id: str, created: int, model: str, index: int, delta: dict,
-                 finish_reason: str | None = None) -> dict:
-    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-
-
 def openai_usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def openai_completion(completion_id: str, model: str, texts: list[str], finish_reasons: list[str],
-                      prompt_tokens: int, completion_tokens: int) -> dict:
-    """A whole (non-streamed) chat completion with one choice per text."""
-    choices = [{"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": reason} for index, (text, reason) in enumerate(zip(texts, finish_reasons))]
-    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": choices, "usage": openai_usage(prompt_tokens, completion_tokens)}
+@dataclass(frozen=True)
+class OpenAIShape:
+    """How one of the two OpenAI endpoints shapes its answers. Chat completions carry a `message`
+    per choice, stream `delta`s and open every streamed choice with the assistant's role; text
+    completions carry and stream `text`."""
+
+    endpoint: str       # the label of the endpoint in the request metrics
+    id_prefix: str
+    chunk_object: str   # the `object` of a streamed chunk
+    whole_object: str   # the `object` of a whole answer
+    chat: bool
+
+    def new_id(self) -> str:
+        return f"{self.id_prefix}-{uuid.uuid4().hex}"
+
+    def opening(self, completion_id: str, created: int, model: str, index: int) -> dict | None:
+        """The first chunk of a streamed choice, if this shape has one."""
+        if not self.chat:
+            return None
+        return self.chunk(completion_id, created, model, index, "", None, role=True)
+
+    def chunk(self, completion_id: str, created: int, model: str, index: int, text: str | None,
+              finish_reason: str | None = None, role: bool = False) -> dict:
+        """A streamed piece of a choice (`text` None: the closing chunk with its finish reason)."""
+        if self.chat:
+            delta = {} if text is None else {"content": text}
+            if role:
+                delta = {"role": "assistant", **delta}
+            choice = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": text or ""}
+        choice.update(logprobs=None, finish_reason=finish_reason)
+        return {"id": completion_id, "object": self.chunk_object, "created": created, "model": model,
+                "choices": [choice]}
+
+    def usage_chunk(self, completion_id: str, created: int, model: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict:
+        return {"id": completion_id, "object": self.chunk_object, "created": created, "model": model, "choices": [],
+                "usage": openai_usage(prompt_tokens, completion_tokens)}
+
+    def whole(self, model: str, texts: list[str], finish_reasons: list[str], prompt_tokens: int,
+              completion_tokens: int) -> dict:
+        """A whole (non-streamed) answer with one choice per text."""
+        choices = []
+        for index, (text, reason) in enumerate(zip(texts, finish_reasons)):
+            choice = {"index": index}
+            choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+            choice.update(logprobs=None, finish_reason=reason)
+            choices.append(choice)
+        return {"id": self.new_id(), "object": self.whole_object, "created": int(time.time()), "model": model,
+                "choices": choices, "usage": openai_usage(prompt_tokens, completion_tokens)}
+
+
+CHAT_SHAPE = OpenAIShape("openai", "chatcmpl", "chat.completion.chunk", "chat.completion", chat=True)
+TEXT_SHAPE = OpenAIShape("completions", "cmpl", "text_completion", "text_completion", chat=False)

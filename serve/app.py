@@ -29,7 +29,9 @@ weights as the running ones, even when a newer step has been saved since. /v1/mo
 Text is made in the replica (it has the tokenizer): the stream between the two deployments
 carries small dict events, `start` (prompt size) or `rejected` (the prompt does not fit the
 context), then `text` pieces (each the text of every token ready when the replica looked, so a
-busy replica sends fewer, larger pieces), then `end` (finish reason and token count).
+busy replica sends fewer, larger pieces) and `tool` events (a tool call's readable text and its
+fields, serve.api.ReplyReader), then `end` (finish reason and token count). Both APIs put a tool
+call's readable text into the reply; the seed's SSE event also carries it as `tool_call`.
 
 With an API key (NANOCHAT_API_KEY where the app is built, or the key's SHA-256 digest as
 `api_key_sha256` of ChatAppArgs: Serve logs the args of an app built from a config), the ingress
@@ -61,10 +63,11 @@ from ray.util.metrics import Counter, Gauge, Histogram
 
 from ray_jobs.gpus import cluster_can_have_gpus
 
-from serve.api import (API_KEY_ENV, ApiKeyGate, ChatRequest, GenerationSettings, OpenAIChatRequest, RequestError,
-                       ServingDefaults, TextStream, api_key_digest, error_body, exposure_warning,
-                       new_completion_id, openai_chunk, openai_completion, openai_usage, server_sent_event,
-                       settings_from_chat_request, settings_from_openai_request, validation_error_message)
+from serve.api import (API_KEY_ENV, CHAT_SHAPE, TEXT_SHAPE, ApiKeyGate, ChatRequest, GenerationSettings,
+                       OpenAIChatRequest, OpenAICompletionRequest, OpenAIShape, ReplyReader, RequestError,
+                       ServingDefaults, TextStream, ToolCall, api_key_digest, error_body, exposure_warning,
+                       openai_usage, server_sent_event, settings_from_chat_request,
+                       settings_from_completion_request, settings_from_openai_request, validation_error_message)
 
 logger = logging.getLogger("ray.serve")
 
@@ -76,6 +79,8 @@ OPEN_ATTEMPTS = 3
 GAUGE_INTERVAL_S = 1.0
 STATS_TIMEOUT_S = 5.0
 TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+# The replica's events that carry reply text: plain pieces, and tool calls in readable form.
+REPLY_TEXT_EVENTS = ("text", "tool")
 # Failures of a replica (or of reaching one) rather than of the request itself.
 REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
@@ -111,13 +116,14 @@ class ChatModel:
         from nanochat.checkpoint import build_model, checkpoint_dir
         from nanochat.common import autodetect_device_type
         from nanochat.scheduler import Scheduler
-        from nanochat.tokenizer import get_tokenizer
+        from nanochat.tokenizer import SPECIAL_TOKENS, get_tokenizer
 
         self.model_tag, self.step = model_tag, step
         self.device = device or autodetect_device_type()
         model, tokenizer, _ = build_model(checkpoint_dir(source, self.model_tag), self.step, self.device)
         # A checkpoint normally carries its tokenizer; an old one falls back to the project's.
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
+        self.special_ids = {name: self.tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
         self.scheduler = Scheduler(model, self.tokenizer, max_batch_size=max_batch_size)
         self.scheduler_thread = self.scheduler.start()
         self.info = {"id": f"nanochat-{source}-{self.model_tag}", "source": source, "model_tag": self.model_tag,
@@ -157,25 +163,30 @@ class ChatModel:
 
     def _prompt(self, settings: dict) -> tuple[list[int], int]:
         """(prompt tokens, max_tokens) of a request; RequestError when it does not fit the context."""
-        # The assistant message is a stand-in that render_for_completion replaces by <|assistant_start|>.
-        conversation = {"messages": settings["messages"] + [{"role": "assistant", "content": ""}]}
-        try:
-            prompt = self.tokenizer.render_for_completion(conversation)
-        except ValueError as error:
-            raise RequestError("messages", str(error), "the tokenizer's chat format") from None
+        if settings["prompt"] is not None:  # a text completion: the document so far, as pretraining saw it
+            field, what = "prompt", "prompt"
+            prompt = self.tokenizer.encode(settings["prompt"], prepend=self.tokenizer.get_bos_token_id())
+        else:
+            field, what = "messages", "conversation"
+            # The assistant message is a stand-in that render_for_completion replaces by <|assistant_start|>.
+            conversation = {"messages": settings["messages"] + [{"role": "assistant", "content": ""}]}
+            try:
+                prompt = self.tokenizer.render_for_completion(conversation)
+            except ValueError as error:
+                raise RequestError("messages", str(error), "the tokenizer's chat format") from None
         context = self.scheduler.max_seq_len
         room = context - len(prompt)
         if room < 1:
-            raise RequestError("messages", f"the conversation is {len(prompt)} tokens long and the model's "
-                               f"context holds {context}: shorten it or start a new conversation",
+            raise RequestError(field, f"the {what} is {len(prompt)} tokens long and the model's "
+                               f"context holds {context}: shorten it or start a new {what}",
                                f"at most {context - 1} prompt tokens")
         max_tokens = settings["max_tokens"]
         if max_tokens is None:
             return prompt, min(settings["default_max_tokens"], room)
         if max_tokens > room:
-            raise RequestError("max_tokens", f"max_tokens={max_tokens} does not fit: the conversation is "
+            raise RequestError("max_tokens", f"max_tokens={max_tokens} does not fit: the {what} is "
                                f"{len(prompt)} tokens and the model's context holds {context}, so at most "
-                               f"{room} tokens can follow", f"at most {room} for this conversation")
+                               f"{room} tokens can follow", f"at most {room} for this {what}")
         return prompt, max_tokens
 
     async def generate(self, settings: dict):
@@ -188,19 +199,22 @@ class ChatModel:
         request = self.scheduler.submit(prompt, max_tokens=max_tokens, temperature=settings["temperature"],
                                         top_k=settings["top_k"], seed=settings["seed"])
         yield {"type": "start", "prompt_tokens": len(prompt), "max_tokens": max_tokens, "replica": self.replica_id}
-        text = TextStream(self.tokenizer.decode, settings["stop"])
+        reader = ReplyReader(self.tokenizer.decode, self.special_ids)
+        text = TextStream(reader.decode_text, settings["stop"])
         finish_reason, error = None, None
         try:
             # All the tokens ready at once go out as one event: under load the replica hands
             # fewer, larger messages to the ingress instead of falling behind the decode steps.
             async for tokens in request.token_batches():
-                piece = text.push_many(tokens)
-                if piece:
-                    yield {"type": "text", "text": piece}
+                for event in text_events(reader.feed(tokens), text):
+                    yield event
                 if text.stopped:
                     finish_reason = "stop"
                     break
             else:
+                unfinished_call = reader.finish()
+                for event in text_events([unfinished_call] if unfinished_call else [], text):
+                    yield event
                 piece = text.finish()
                 if piece:
                     yield {"type": "text", "text": piece}
@@ -223,6 +237,25 @@ class ChatModel:
         if hasattr(self, "_stopping"):
             self._stopping.set()
             self.scheduler.shutdown()
+
+
+def text_events(parts, text: TextStream):
+    """A replica's events for the parts of a reply (ReplyReader.feed): `text` events, and a `tool`
+    event per tool call carrying its readable text and its fields. Ends at a stop sequence."""
+    for part in parts:
+        if isinstance(part, ToolCall):
+            piece = text.push_tool_call(part)
+            if piece:
+                yield {"type": "text", "text": piece}
+            if text.stopped:
+                return
+            yield {"type": "tool", "text": part.readable(), "tool_call": part.fields()}
+        else:
+            piece = text.push_many(part)
+            if piece:
+                yield {"type": "text", "text": piece}
+            if text.stopped:
+                return
 
 
 class ModelStream:
@@ -377,11 +410,14 @@ class ChatAPI:
         status, first_piece = "failed", True
         try:
             async for event in stream.events():
-                if event["type"] == "text":
+                if event["type"] in REPLY_TEXT_EVENTS:
                     if first_piece:
                         self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": "chat"})
                         first_piece = False
-                    yield server_sent_event({"token": event["text"]})
+                    payload = {"token": event["text"]}
+                    if event["type"] == "tool":
+                        payload["tool_call"] = event["tool_call"]
+                    yield server_sent_event(payload)
                 elif event["type"] == "end":
                     if event["finish_reason"] == "error":
                         yield server_sent_event({"error": f"generation failed: {event['error']}"})
@@ -405,68 +441,78 @@ class ChatAPI:
 
     @fastapi_app.post("/v1/chat/completions")
     async def openai_chat_completions(self, request: Request):
+        return await self._openai_request(request, OpenAIChatRequest, settings_from_openai_request, CHAT_SHAPE)
+
+    @fastapi_app.post("/v1/completions")
+    async def openai_completions(self, request: Request):
+        """Text completion: the prompt continued as plain text (for base models; see the README)."""
+        return await self._openai_request(request, OpenAICompletionRequest, settings_from_completion_request,
+                                          TEXT_SHAPE)
+
+    async def _openai_request(self, request: Request, model_class, to_settings, shape: OpenAIShape):
         arrived = time.perf_counter()
         try:
-            body = await self._read_body(request, OpenAIChatRequest)
-            streams = await self._open_all(settings_from_openai_request(body, self.defaults))
+            body = await self._read_body(request, model_class)
+            streams = await self._open_all(to_settings(body, self.defaults))
         except RequestError as error:
-            return self._refuse("openai", error)
+            return self._refuse(shape.endpoint, error)
         model_id = (await self.model_info())["id"]
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         if body.stream:
-            return StreamingResponse(self._openai_events(streams, model_id, include_usage, arrived),
+            return StreamingResponse(self._openai_events(streams, model_id, include_usage, arrived, shape),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._openai_whole(streams, model_id, arrived)
+        return await self._openai_whole(streams, model_id, arrived, shape)
 
-    async def _openai_events(self, streams: list[ModelStream], model_id: str, include_usage: bool, arrived: float):
-        completion_id, created = new_completion_id(), int(time.time())
+    async def _openai_events(self, streams: list[ModelStream], model_id: str, include_usage: bool, arrived: float,
+                             shape: OpenAIShape):
+        completion_id, created = shape.new_id(), int(time.time())
         status, first_piece, completion_tokens = "failed", True, 0
         try:
             for index in range(len(streams)):
-                yield server_sent_event(openai_chunk(completion_id, created, model_id, index,
-                                                     {"role": "assistant", "content": ""}))
+                opening = shape.opening(completion_id, created, model_id, index)
+                if opening:
+                    yield server_sent_event(opening)
             async for index, event in merge_streams(streams):
-                if event["type"] == "text":
+                if event["type"] in REPLY_TEXT_EVENTS:
                     if first_piece:
-                        self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": "openai"})
+                        self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": shape.endpoint})
                         first_piece = False
-                    yield server_sent_event(openai_chunk(completion_id, created, model_id, index,
-                                                         {"content": event["text"]}))
+                    yield server_sent_event(shape.chunk(completion_id, created, model_id, index, event["text"]))
                 elif event["type"] == "end":
                     if event["finish_reason"] == "error":
                         yield server_sent_event(error_body(f"generation failed: {event['error']}",
                                                            error_type="server_error"))
                         return
                     completion_tokens += event["completion_tokens"]
-                    yield server_sent_event(openai_chunk(completion_id, created, model_id, index, {},
-                                                         event["finish_reason"]))
+                    yield server_sent_event(shape.chunk(completion_id, created, model_id, index, None,
+                                                        event["finish_reason"]))
             if include_usage:
-                yield server_sent_event({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                         "model": model_id, "choices": [],
-                                         "usage": openai_usage(streams[0].start["prompt_tokens"], completion_tokens)})
+                yield server_sent_event(shape.usage_chunk(completion_id, created, model_id,
+                                                          streams[0].start["prompt_tokens"], completion_tokens))
             yield server_sent_event("[DONE]")
             status = "ok"
         except asyncio.CancelledError:
             status = "cancelled"
             raise
         except Exception as failure:
-            logger.warning(f"an OpenAI chat stream failed: {failure!r}")
+            logger.warning(f"an OpenAI {shape.endpoint} stream failed: {failure!r}")
             yield server_sent_event(error_body(f"the model replica failed mid-answer ({type(failure).__name__}); "
                                                "send the request again", error_type="server_error"))
         finally:
             for stream in streams:
                 stream.cancel()
-            self._count("openai", status)
+            self._count(shape.endpoint, status)
 
-    async def _openai_whole(self, streams: list[ModelStream], model_id: str, arrived: float) -> JSONResponse:
+    async def _openai_whole(self, streams: list[ModelStream], model_id: str, arrived: float,
+                            shape: OpenAIShape) -> JSONResponse:
         texts = [[] for _ in streams]
         finish_reasons = [None] * len(streams)
         completion_tokens, status = 0, "failed"
         try:
             async for index, event in merge_streams(streams):
-                if event["type"] == "text":
+                if event["type"] in REPLY_TEXT_EVENTS:
                     if not any(texts):
-                        self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": "openai"})
+                        self.ttft_histogram.observe(time.perf_counter() - arrived, tags={"endpoint": shape.endpoint})
                     texts[index].append(event["text"])
                 elif event["type"] == "end":
                     if event["finish_reason"] == "error":
@@ -479,15 +525,15 @@ class ChatAPI:
             status = "cancelled"
             raise
         except Exception as failure:
-            logger.warning(f"an OpenAI chat completion failed: {failure!r}")
+            logger.warning(f"an OpenAI {shape.endpoint} request failed: {failure!r}")
             return JSONResponse(error_body(f"the model replica failed mid-answer ({type(failure).__name__}); "
                                            "send the request again", error_type="server_error"), status_code=503)
         finally:
             for stream in streams:
                 stream.cancel()
-            self._count("openai", status)
-        return JSONResponse(openai_completion(new_completion_id(), model_id, ["".join(parts) for parts in texts],
-                                              finish_reasons, streams[0].start["prompt_tokens"], completion_tokens))
+            self._count(shape.endpoint, status)
+        return JSONResponse(shape.whole(model_id, ["".join(parts) for parts in texts], finish_reasons,
+                                        streams[0].start["prompt_tokens"], completion_tokens))
 
     @fastapi_app.get("/v1/models")
     async def list_models(self) -> dict:

@@ -1,5 +1,6 @@
-"""Shared pytest fixtures: an isolated NANOCHAT_BASE_DIR per test session and one local Ray
-cluster for the whole session (starting Ray costs seconds, so tests share it)."""
+"""Shared pytest fixtures: an isolated NANOCHAT_BASE_DIR per test session, one local Ray cluster
+for the whole session (starting Ray costs seconds, so tests share it), and a headless Chromium
+for the web UI's tests."""
 
 import os
 
@@ -30,3 +31,22 @@ def ray_local():
                  runtime_env={"env_vars": {"NANOCHAT_BASE_DIR": os.environ["NANOCHAT_BASE_DIR"]}})
     yield ray
     ray.shutdown()
+
+
+CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's Chromium driven by Playwright (never Playwright's own browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium) "
+                    "or set NANOCHAT_CHROMIUM to a Chromium binary")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()

@@ -19,9 +19,10 @@ from tests.tiny import CHAT_TEXT, random_gpt
 SERVE_PORT_ENV = "NANOCHAT_TEST_SERVE_PORT"
 
 
-def save_tiny_chat_checkpoint(model_tag: str, tokenizer_dir: str, sequence_len: int = 256, step: int = 1):
-    """tests.tiny's random depth-2 GPT saved as sft checkpoint `model_tag` (at `step`) with its
-    tokenizer, under the session's NANOCHAT_BASE_DIR where the Serve replicas look for it.
+def save_tiny_chat_checkpoint(model_tag: str, tokenizer_dir: str, sequence_len: int = 256, step: int = 1,
+                              source: str = "sft"):
+    """tests.tiny's random depth-2 GPT saved as `source` (sft or base) checkpoint `model_tag` (at
+    `step`) with its tokenizer, under the session's NANOCHAT_BASE_DIR where the Serve replicas look for it.
 
     Only tokens of letters, digits and spaces keep their random lm_head rows; every other token,
     the special ones included, gets a zero row. So greedy answers never stop early (tests of long
@@ -33,7 +34,42 @@ def save_tiny_chat_checkpoint(model_tag: str, tokenizer_dir: str, sequence_len: 
             if token >= tokenizer.get_bos_token_id() or not re.fullmatch(r"[A-Za-z0-9 ]+", tokenizer.decode([token])):
                 model.lm_head.weight[token] = 0.0
     tokenizer.save(tokenizer_dir)
-    save_checkpoint(checkpoint_dir("sft", model_tag), step, model.state_dict(), {"model_config": asdict(model.config)},
+    save_checkpoint(checkpoint_dir(source, model_tag), step, model.state_dict(), {"model_config": asdict(model.config)},
+                    tokenizer_dir=tokenizer_dir)
+    return model, tokenizer
+
+
+# The reply of save_tool_calling_checkpoint's model: it writes a python block, the engine runs the
+# calculator and forces "<|output_start|>42<|output_end|>" in, and the model writes "Done".
+TOOL_EXPRESSION, TOOL_RESULT, TOOL_AFTER = "6*7", "42", "Done"
+
+
+def save_tool_calling_checkpoint(model_tag: str, tokenizer_dir: str, sequence_len: int = 256):
+    """A tiny sft checkpoint whose greedy reply to any conversation is
+    `<|python_start|>6*7<|python_end|>` (then the tool's forced output) `Done<|assistant_end|>`.
+
+    With the blocks' output projections at zero and the smear off (init_weights), the logits depend
+    on the current token only, through norm(embedding). So each lm_head row is set to the
+    normalised embeddings of the tokens it should follow: a chain from <|assistant_start|>
+    through the tool call to <|assistant_end|>, every token in it distinct."""
+    tokenizer = Tokenizer.train_from_iterator(iter(CHAT_TEXT), vocab_size=300)
+    special = tokenizer.encode_special
+    chain = [special("<|assistant_start|>"), special("<|python_start|>"),
+             *[tokenizer.encode(character)[0] for character in TOOL_EXPRESSION], special("<|python_end|>"),
+             special("<|output_end|>"), *[tokenizer.encode(character)[0] for character in TOOL_AFTER],
+             special("<|assistant_end|>")]
+    assert len(set(chain)) == len(chain), "the chain's tokens must be distinct"
+    model = random_gpt(tokenizer.get_vocab_size(), sequence_len=sequence_len)
+    with torch.no_grad():
+        model.init_weights()  # zero output projections, smear off: logits = f(current token)
+        model.transformer.wte.weight.normal_(0.0, 1.0)
+        model.lm_head.weight.zero_()
+        for token, follower in zip(chain, chain[1:]):
+            if token != special("<|python_end|>"):  # after it the engine forces the tool's output
+                model.lm_head.weight[follower] += 4.0 * torch.nn.functional.rms_norm(
+                    model.transformer.wte.weight[token], (model.config.n_embd,))
+    tokenizer.save(tokenizer_dir)
+    save_checkpoint(checkpoint_dir("sft", model_tag), 1, model.state_dict(), {"model_config": asdict(model.config)},
                     tokenizer_dir=tokenizer_dir)
     return model, tokenizer
 

@@ -181,6 +181,10 @@ def test_config_from_depth_and_validation():
     tiny = config_from_depth(2, aspect_ratio=32, head_dim=32)
     assert (tiny.n_embd, tiny.n_head) == (64, 2)
     assert config_from_depth(3, aspect_ratio=64, head_dim=128).n_embd == 256  # 192 rounded up
+    # short windows as nanochat sizes them: a quarter of the context, rounded up to 128
+    with torch.device("meta"):
+        assert GPT(config_from_depth(4, head_dim=64, sequence_len=256)).window_sizes == [(128, 0)] * 3 + [(-1, 0)]
+        assert GPT(config_from_depth(4, sequence_len=2048)).window_sizes[0] == (512, 0)
     with pytest.raises(ValueError, match="n_kv_head"):
         GPTConfig(n_head=6, n_kv_head=4, n_embd=768)
     with pytest.raises(ValueError, match="window_pattern"):

@@ -12,7 +12,6 @@ browser download is never used.
 """
 
 import asyncio
-import os
 import sys
 
 import pytest
@@ -23,9 +22,6 @@ from tests.serve_helpers import serve_port
 
 APP = "nanochat-ui"
 ROUTE = "/ui-test"
-CHROMIUM = os.environ.get("NANOCHAT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 GREETING_PIECES = ["Hello", " from", " the", " scripted", " model", "."]
 XSS = '<img src=x onerror=alert(1)><script>window.pwned = 1</script>'
 SCRIPT = {"say something dangerous": ["Here it is: ", XSS[:20], XSS[20:], " done"]}
@@ -65,19 +61,6 @@ def ui_url(ray_local):
     serve.run(ChatAPI.bind(ScriptedChatModel.bind(SCRIPT, GREETING_PIECES, 0.08)), name=APP, route_prefix=ROUTE)
     yield f"http://127.0.0.1:{port}{ROUTE}"
     serve.delete(APP)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's package (apt-get install -y chromium) "
-                    "or set NANOCHAT_CHROMIUM to a Chromium binary")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
