@@ -8,6 +8,8 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 # The web UI tests drive Debian's Chromium through Playwright (never `playwright install`).
 CHROMIUM := /usr/bin/chromium
+# The monitoring test runs Debian's Prometheus on the config Ray generates.
+PROMETHEUS := /usr/bin/prometheus
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test install clean gpu-check
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m ray_jobs.demo $(ARGS)
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) $(PROMETHEUS)
 	$(PY) -m pytest tests -q
 
 # The GPU check (README: GPU check) needs the repository and PyTorch only, no install: it runs with
@@ -37,6 +39,11 @@ gpu-check:
 $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq chromium
+
+# Without the package's recommends (node exporter, smartmontools): more daemons the test does not use.
+$(PROMETHEUS):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends prometheus
 
 clean:
 	rm -rf $(VENV)

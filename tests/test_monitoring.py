@@ -1,17 +1,41 @@
 """Monitoring: the Grafana dashboard in monitoring/ asks only for metrics the code exports, and the
 chat service's metrics and a trainer's gauge really reach the node's Prometheus export endpoint
-(the one Ray's Prometheus config scrapes), named as the dashboard queries them."""
+(the one Ray's Prometheus config scrapes), named as the dashboard queries them.
+
+Then Prometheus for real, as the README's Monitoring section runs it: Debian's `prometheus` (`make
+test` installs it; the test skips, saying so, only where it is missing) on the config Ray's
+dashboard generates for a live head (the demo's `start_local_head`, in a temp dir of its own, beside
+the session's `ray_local`, which has no dashboard and so no such config). Its copy of that config
+scrapes every second instead of every 10 s, and the head's processes report their metrics every
+second (RAY_metrics_report_interval_ms=1000, Ray's floor; 10 s by default) so that the checks wait
+seconds, not tens of seconds. A short `python -m ray_jobs.chat_sft` run and `python -m serve`,
+both started as a user would with RAY_ADDRESS pointing at the head, feed it; the test then asks
+Prometheus's HTTP API for the `ray_nanochat_*` series and runs the dashboard's own queries.
+"""
 
 import json
+import math
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
 import urllib.request
 
 import pytest
 import ray
+import yaml
 
+from nanochat.common import get_base_dir
+from ray_jobs import demo
+from ray_jobs.train_common import latest_run_checkpoint_meta
 from serve.app import ChatAppArgs, build_app
 from tests.serve_helpers import request, save_tiny_chat_checkpoint, serve_port, wait_until
+from tests.test_chat_sft import BASE_META, SEQ_LEN
+from tests.tiny import save_tiny_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(REPO_ROOT, "monitoring", "grafana_dashboard.json")
@@ -24,12 +48,20 @@ def _source(path: str) -> str:
         return f.read()
 
 
-def dashboard_metrics() -> set[str]:
-    """The Prometheus series names the dashboard's queries read."""
+def dashboard_queries() -> list[str]:
+    """The PromQL expression of every target of every panel of the dashboard."""
     with open(DASHBOARD) as f:
         dashboard = json.load(f)
-    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
-    return {name for expr in exprs for name in re.findall(r"\bray_nanochat_\w+", expr)}
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def read_metrics(expr: str) -> set[str]:
+    return set(re.findall(r"\bray_nanochat_\w+", expr))
+
+
+def dashboard_metrics() -> set[str]:
+    """The Prometheus series names the dashboard's queries read."""
+    return {name for expr in dashboard_queries() for name in read_metrics(expr)}
 
 
 def serve_series() -> dict[str, str]:
@@ -132,3 +164,157 @@ def test_serve_and_training_metrics_reach_the_prometheus_export_endpoint(metrics
     assert sum(value for _, value in values["ray_nanochat_generated_tokens_total"]) >= 4
     assert [value for labels, value in values["ray_nanochat_base_loss"] if 'run="monitoring-test"' in labels] == [3.25]
     assert "ray_nanochat_base_note" not in values  # publish() skips values that are not numbers
+
+
+# ------------------------------------------------------------ Prometheus on Ray's generated config
+
+SFT_RUN = "prometheus-test"
+SFT_TAG = "prometheus_d2"
+CHAT_TAG = "prometheus_chat"
+# 8 steps keep the trainer's gauges on the export endpoint (they leave it 2 report intervals after
+# their worker exits) for several of Prometheus's 1 s scrapes.
+SFT_FLAGS = ["--model-tag", SFT_TAG, "--mixture", "offline", "--num-iterations", "8", "--eval-every", "-1",
+             "--eval-tokens", str(4 * SEQ_LEN), "--compile", "off", "--run-name", SFT_RUN]
+# Between requests nothing decodes or waits: these gauges read 0 then.
+IDLE_GAUGES = {"ray_nanochat_active_sequences", "ray_nanochat_queued_sequences"}
+
+
+def prometheus_api(url: str, endpoint: str, **params) -> dict | list:
+    """The `data` of a successful answer of Prometheus's HTTP API, GET /api/v1/<endpoint>?<params>."""
+    with urllib.request.urlopen(f"{url}/api/v1/{endpoint}?{urllib.parse.urlencode(params)}", timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def _log_tail(path: str) -> str:
+    with open(path) as f:
+        return f.read()[-4000:]
+
+
+def _wait_for_output(process: subprocess.Popen, log_path: str, text: str, timeout: float, what: str) -> None:
+    def printed():
+        assert process.poll() is None, f"{what} exited with status {process.returncode}:\n{_log_tail(log_path)}"
+        return text in _log_tail(log_path)
+
+    wait_until(printed, timeout=timeout, interval=1, what=what)
+
+
+@pytest.fixture(scope="module")
+def prometheus_cluster(tmp_path_factory):
+    """A Ray head with its dashboard, Prometheus on Ray's generated config (scraping every second),
+    a finished 8-step chat_sft run and the chat service of a tiny checkpoint, all started from
+    this process. Yields what the test needs to reach them."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("Prometheus is not installed: `make test` installs Debian's package (apt-get install "
+                    "prometheus), which failed or was not run on this machine")
+    work = tmp_path_factory.mktemp("prometheus")
+    save_tiny_checkpoint("base", SFT_TAG, str(work / "sft_tokenizer"), sequence_len=SEQ_LEN, meta=BASE_META)
+    save_tiny_chat_checkpoint(CHAT_TAG, str(work / "chat_tokenizer"))
+    temp_dir = tempfile.mkdtemp(prefix="ray_prom_", dir="/tmp")  # short: Ray's socket paths live there
+    ray_port, prometheus_port, chat_port = demo.free_port(), demo.free_port(), demo.free_port()
+    processes, logs = [], []
+
+    def start(command: list[str], log_name: str, **kwargs) -> tuple[subprocess.Popen, str]:
+        log_path = str(work / log_name)
+        logs.append(open(log_path, "w"))
+        processes.append(subprocess.Popen(command, stdout=logs[-1], stderr=subprocess.STDOUT, **kwargs))
+        return processes[-1], log_path
+
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("RAY_metrics_report_interval_ms", "1000")  # reaches the head's workers and replicas
+            demo.start_local_head(ray_port, demo.free_port(), temp_dir)
+        session = os.path.realpath(os.path.join(temp_dir, "session_latest"))
+        generated = os.path.join(session, "metrics", "prometheus", "prometheus.yml")
+        wait_until(lambda: os.path.exists(generated), timeout=60, what=f"Ray's Prometheus config {generated}")
+        with open(generated) as f:
+            ray_config = yaml.safe_load(f)
+        config = {**ray_config, "global": {**ray_config["global"], "scrape_interval": "1s",
+                                           "evaluation_interval": "1s"}}
+        config_path = work / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config))
+
+        prometheus, prometheus_log = start(["prometheus", f"--config.file={config_path}",
+                                            f"--storage.tsdb.path={work / 'tsdb'}",
+                                            f"--web.listen-address=127.0.0.1:{prometheus_port}"], "prometheus.log")
+        _wait_for_output(prometheus, prometheus_log, "Server is ready to receive web requests", 60, "Prometheus")
+
+        # The chat service starts while the run trains: both spend most of their time starting processes.
+        env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}"}
+        started = time.time()
+        chat, chat_log = start([sys.executable, "-m", "serve", "--model-tag", CHAT_TAG, "--port", str(chat_port),
+                                "--replica-cpus", "0.5", "--max-batch-size", "2", "--ingress-min-replicas", "1"],
+                               "serve.log", cwd=REPO_ROOT, env=env)
+        sft = subprocess.run([sys.executable, "-m", "ray_jobs.chat_sft", *SFT_FLAGS], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert sft.returncode == 0, f"chat_sft failed:\n{sft.stdout[-3000:]}\n{sft.stderr[-3000:]}"
+        _wait_for_output(chat, chat_log, "is up: http://", 180, "python -m serve")
+        yield {"prometheus": f"http://127.0.0.1:{prometheus_port}", "chat_port": chat_port, "started": started,
+               "ray_config": ray_config, "session": session}
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+        for log in logs:
+            log.close()
+        demo.stop_head(ray_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_prometheus_on_rays_generated_config_has_the_training_runs_and_the_chat_services_series(prometheus_cluster):
+    cluster = prometheus_cluster
+    url = cluster["prometheus"]
+    # Ray's config: one job, whose targets Ray keeps listing in the session's discovery file (every
+    # live node's metrics export port, and the autoscaler's and the dashboard's own). Prometheus
+    # scrapes each of them.
+    discovery = os.path.join(cluster["session"], "prom_metrics_service_discovery.json")
+    assert cluster["ray_config"]["scrape_configs"] == [{"job_name": "ray", "file_sd_configs": [{"files": [discovery]}]}]
+
+    def every_listed_target_up():
+        with open(discovery) as f:
+            listed = {target for group in json.load(f) for target in group["targets"]}
+        active = prometheus_api(url, "targets")["activeTargets"]
+        return listed and {t["labels"]["instance"] for t in active if t["health"] == "up"} == listed
+
+    wait_until(every_listed_target_up, timeout=30, interval=1, what="Prometheus scraping every target Ray lists")
+
+    # Two chat requests, the second once Prometheus holds the first: a rate needs a counter's increase.
+    chat = {"model": "nanochat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    for query in ("ray_nanochat_requests_total", 'ray_nanochat_requests_total{status="ok"} >= 2'):
+        status, body = request(cluster["chat_port"], "POST", "/v1/chat/completions", chat)
+        assert status == 200 and body["usage"]["completion_tokens"] == 4
+        wait_until(lambda: prometheus_api(url, "query", query=query)["result"], timeout=30, interval=1,
+                   what=f"Prometheus answering {query}")
+
+    # /api/v1/series: every series the README lists for chat_sft and the chat service, the run's tagged with its name.
+    series = prometheus_api(url, "series", **{"match[]": '{__name__=~"ray_nanochat_.*"}',
+                                              "start": cluster["started"]})
+    names = {labels["__name__"] for labels in series}
+    sft_series = {f"ray_nanochat_sft_{key}" for key in ("loss", "val_loss", "tokens_per_second", "assistant_tokens",
+                                                       "step_seconds")}
+    assert sft_series | set(serve_series()) <= names
+    assert {labels["run"] for labels in series if labels["__name__"].startswith("ray_nanochat_sft_")} == {SFT_RUN}
+
+    # Every dashboard query of the SFT and chat-service panels, over the test's time range as a
+    # Grafana panel asks for it, returns values; all but the idle gauges' have a positive one.
+    exercised = set(serve_series()) | {name for name in names if name.startswith("ray_nanochat_sft_")}
+    queries = [expr for expr in dashboard_queries() if read_metrics(expr) <= exercised]
+    assert len(queries) >= 10 and any("histogram_quantile" in expr for expr in queries)
+
+    def values_over_the_run(expr: str) -> list[float]:
+        matrix = prometheus_api(url, "query_range", query=expr, start=cluster["started"], end=time.time(), step=1)
+        return [float(value) for found in matrix["result"] for _, value in found["values"]]
+
+    def every_query_answered():
+        answers = {expr: values_over_the_run(expr) for expr in queries}
+        return answers if all(values and (read_metrics(expr) <= IDLE_GAUGES or any(value > 0 for value in values))
+                              for expr, values in answers.items()) else None
+
+    answers = wait_until(every_query_answered, timeout=30, interval=1, what="every SFT and chat-service panel's data")
+    # The loss Prometheus holds is the run's own, step by step (the run's history, kept with its checkpoint).
+    history = latest_run_checkpoint_meta(os.path.join(get_base_dir(), "ray_runs"), SFT_RUN)["history"]
+    losses = [record["loss"] for record in history if "loss" in record]
+    assert answers["ray_nanochat_sft_loss"] and len(losses) == 8
+    assert all(any(math.isclose(value, loss, rel_tol=1e-9) for loss in losses)
+               for value in answers["ray_nanochat_sft_loss"])
