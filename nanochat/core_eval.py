@@ -326,10 +326,15 @@ def evaluate_example(index: int, model, tokenizer, data: list[dict], device, tas
     return mean_losses.index(min(mean_losses)) == item["gold"]
 
 
+def judge_examples(model, tokenizer, data: list[dict], device, task_meta: dict, indices=None) -> list[bool]:
+    """Whether the model gets each example at `indices` (all by default) right, in that order."""
+    indices = range(len(data)) if indices is None else indices
+    return [evaluate_example(i, model, tokenizer, data, device, task_meta) for i in indices]
+
+
 def count_correct(model, tokenizer, data: list[dict], device, task_meta: dict, indices=None) -> int:
     """How many of the examples at `indices` (all by default) the model gets right."""
-    indices = range(len(data)) if indices is None else indices
-    return sum(evaluate_example(i, model, tokenizer, data, device, task_meta) for i in indices)
+    return sum(judge_examples(model, tokenizer, data, device, task_meta, indices))
 
 
 def evaluate_task(model, tokenizer, data: list[dict], device, task_meta: dict, indices=None) -> float:

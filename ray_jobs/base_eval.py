@@ -36,7 +36,7 @@ from ray.util import ActorPool
 from nanochat.checkpoint import (PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model,
                                  find_last_step, load_model)
 from nanochat.common import atomic_write_bytes, get_base_dir
-from nanochat.core_eval import CoreTask, core_score, count_correct, download_eval_bundle, load_core_tasks
+from nanochat.core_eval import CoreTask, core_score, download_eval_bundle, judge_examples, load_core_tasks
 from nanochat.dataset import SOURCES, iter_text, list_parquet_files
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
@@ -115,10 +115,11 @@ class EvalActor:
         """Answers once the model is loaded; the pool uses only actors that did."""
         return str(self.device)
 
-    def count_correct(self, task_index: int, indices: list[int]) -> tuple[int, int, int]:
+    def judge(self, task_index: int, indices: list[int]) -> tuple[int, list[int], list[bool]]:
+        """Whether the model gets each example of a chunk right."""
         task = self.tasks[task_index]
-        correct = count_correct(self.model, self.tokenizer, task.data, self.device, task.meta, indices)
-        return task_index, correct, len(indices)
+        return task_index, indices, judge_examples(self.model, self.tokenizer, task.data, self.device, task.meta,
+                                                   indices)
 
     def bits_per_byte(self, shard_path: str, split_tokens: int, batch_size: int) -> dict:
         sequence_len = self.model.config.sequence_len
@@ -212,26 +213,27 @@ def plan_chunks(tasks: list[CoreTask], num_actors: int) -> list[tuple[int, list[
 def run_core_on_actors(actors: list, tasks: list[CoreTask]) -> dict:
     """CORE of the model the actors hold; prints one line per task as it completes.
 
-    Returns core_score's dict: results, centered_results, core_metric."""
-    correct = [0] * len(tasks)
-    evaluated = [0] * len(tasks)
+    Returns core_score's dict (results, centered_results, core_metric) and 'correct_examples':
+    the indices of the examples the model got right, by task label."""
+    judged: list[dict[int, bool]] = [{} for _ in tasks]
     started = time.time()
     pool = ActorPool(actors)
-    for task_index, num_correct, num_evaluated in pool.map_unordered(
-            lambda actor, chunk: actor.count_correct.remote(*chunk), plan_chunks(tasks, len(actors))):
-        correct[task_index] += num_correct
-        evaluated[task_index] += num_evaluated
+    for task_index, indices, outcomes in pool.map_unordered(lambda actor, chunk: actor.judge.remote(*chunk),
+                                                            plan_chunks(tasks, len(actors))):
+        judged[task_index].update(zip(indices, outcomes))
         task = tasks[task_index]
-        if evaluated[task_index] == len(task.data):
-            print(f"  {task.label}: {correct[task_index]}/{len(task.data)} correct "
+        if len(judged[task_index]) == len(task.data):
+            print(f"  {task.label}: {sum(judged[task_index].values())}/{len(task.data)} correct "
                   f"({task.num_fewshot}-shot {task.task_type}, {time.time() - started:.1f}s)", flush=True)
-    return core_score(tasks, {task.label: correct[i] / len(task.data) for i, task in enumerate(tasks)})
+    correct = {task.label: sorted(i for i, right in judged[t].items() if right) for t, task in enumerate(tasks)}
+    scores = core_score(tasks, {task.label: len(correct[task.label]) / len(task.data) for task in tasks})
+    return {**scores, "correct_examples": correct}
 
 
 def evaluate_core_on_actors(model_source, tasks: list[CoreTask], num_actors: int | None = None,
                             num_gpus_per_actor: float | None = None, use_gpu: str = "auto",
                             gpu_wait_s: float = DEFAULT_GPU_WAIT_S) -> dict:
-    """CORE of a model over a pool of actors that exist only for this call (core_score's dict).
+    """CORE of a model over a pool of actors that exist only for this call (run_core_on_actors' dict).
 
     For a model that is not on disk pass InMemoryModel(model_config, cpu_state_dict, tokenizer).
     On a GPU cluster whose GPUs are all taken, pass num_gpus_per_actor=0 (CPU actors) or a

@@ -243,6 +243,13 @@ def _train_batches(shard, batch_size: int, device: torch.device, num_files: int,
         first_epoch = False
 
 
+def rows_checksum(rows: torch.Tensor) -> int:
+    """A fingerprint of a batch of token rows: the token ids weighted by their place in the batch,
+    summed, modulo 2**40 (so that the sum over thousands of ranks stays exact in a float64)."""
+    places = torch.arange(1, rows.numel() + 1, dtype=torch.int64, device=rows.device).view(rows.shape)
+    return int((rows.to(torch.int64) * places).sum()) % (1 << 40)
+
+
 @torch.no_grad()
 def _core_metric(model: GPT, tokenizer: Tokenizer, core_tasks: list, device: torch.device, rank: int,
                  world: int) -> float:
@@ -313,9 +320,12 @@ def train_loop_per_worker(config: dict) -> None:
                                 num_files, meta["data_position"] if meta else None)
     data_wait = Stopwatch()
     x, y, position = next(train_iter)  # the first batch waits for the pipeline to start: not counted
-    if meta:  # the checkpoint's shard, where the restored stream started, and the rows read again before it
+    if meta:  # the checkpoint's shard, where the restored stream started, the rows read again before it,
+        # and which rows came first (their checksums summed over the ranks: tests rebuild them)
+        first_rows = torch.cat([x, y[:, -1:]], dim=1)
         history[-1].update(data_position=meta["data_position"], stream_start=position["stream_start"],
-                           skipped_rows=int(all_reduce(position["skipped_rows"], device)))
+                           skipped_rows=int(all_reduce(position["skipped_rows"], device)),
+                           first_rows_checksum=int(all_reduce(rows_checksum(first_rows), device)))
     val_bpb = meta.get("val_bpb") if meta else None
     core_tasks = None  # fetched from the object store at the first CORE evaluation
 

@@ -1,9 +1,12 @@
 """Tests of the base-model evaluation job (ray_jobs/base_eval.py) on a tiny saved checkpoint.
 
-A depth-2, width-64 GPT with a ~300-token tokenizer is saved into the session's base dir, next
-to a small eval bundle in the real format and two parquet shards. The job runs through the
-session's local Ray: CORE must not depend on how many actors share the work, and bits per byte
-and samples must equal what the same model computes in this process. A Ray of its own with two
+A depth-2, width-64 GPT whose every weight is random (tests/tiny.py: the default init's zero
+projections and tiny lm_head would make its logits depend on the current token only, and its
+answers on the gold labels alone) with a ~300-token tokenizer is saved into the session's base
+dir, next to a small eval bundle in the real format and two parquet shards. The job runs through
+the session's local Ray: which examples CORE counts right must not depend on how many actors share
+the work, and must be those this process gets right; bits per byte and samples must equal what
+the same model computes in this process. A Ray of its own with two
 *logical* GPUs (scheduling only, no CUDA), one of them held elsewhere, runs in a subprocess: the
 actor pool takes the one that is free.
 """
@@ -22,12 +25,12 @@ import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_model, save_checkpoint
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, compute_token_bytes
-from nanochat.core_eval import core_score, evaluate_task, load_core_tasks
+from nanochat.core_eval import core_score, judge_examples, load_core_tasks
 from ray_jobs.base_eval import (SAMPLE_MAX_TOKENS, SAMPLE_PROMPTS, InMemoryModel, evaluate_core_on_actors, main,
                                 packed_batches)
+from tests.tiny import random_gpt
 
 MODEL_TAG = "base_eval_test_d2"
 SENTENCES = [
@@ -95,13 +98,9 @@ def tiny_setup(tmp_path_factory):
     tokenizer_dir.mkdir()
     tokenizer.save(str(tokenizer_dir))
 
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2,
-                       n_kv_head=2, n_embd=64)
-    model = GPT(config)
-    model.init_weights()
+    model = random_gpt(tokenizer.get_vocab_size(), sequence_len=64)
     save_checkpoint(checkpoint_dir("base", MODEL_TAG), 0, model.state_dict(),
-                    {"model_config": dataclasses.asdict(config)}, tokenizer_dir=str(tokenizer_dir))
+                    {"model_config": dataclasses.asdict(model.config)}, tokenizer_dir=str(tokenizer_dir))
 
     bundle_dir = os.path.join(base, "eval_bundle")
     if not os.path.exists(bundle_dir):
@@ -115,19 +114,34 @@ def tiny_setup(tmp_path_factory):
     return shards, tokenizer
 
 
+def _core_in_this_process(model, tokenizer, tasks) -> dict:
+    """run_core_on_actors' dict, computed here: the examples right per task, their accuracies, CORE."""
+    correct = {t.label: [i for i, right in enumerate(judge_examples(model, tokenizer, t.data, "cpu", t.meta)) if right]
+               for t in tasks}
+    return {**core_score(tasks, {t.label: len(correct[t.label]) / len(t.data) for t in tasks}),
+            "correct_examples": correct}
+
+
 def test_core_is_the_same_on_one_and_two_actors_and_bpb_and_samples_match(ray_local, tiny_setup):
     shards, _ = tiny_setup
     one = main(["--model-tag", MODEL_TAG, "--eval", "core", "--num-actors", "1"])
     two = main(["--model-tag", MODEL_TAG, "--num-actors", "2", "--source", "local", "--data-dir", str(shards),
                 "--device-batch-size", "2", "--split-tokens", "384"])
+    model, tokenizer, _ = load_model("base", "cpu", model_tag=MODEL_TAG, step=0)
+    here = _core_in_this_process(model, tokenizer, load_core_tasks(os.path.join(os.environ["NANOCHAT_BASE_DIR"],
+                                                                                 "eval_bundle")))
+    # the same examples right, one by one, on 1 and 2 actors and here
+    assert one["core"] == two["core"] == here
     assert set(one["core"]["results"]) == {"tiny_mc", "tiny_schema", "tiny_lm"}
-    assert two["core"] == one["core"]
+    # Guard: the random model gets some examples of the choice tasks right and some wrong (measured:
+    # 3 and 5 of 10), so the lists above say which ones. (It continues no text right: tiny_lm is 0.)
+    for label in ("tiny_mc", "tiny_schema"):
+        assert 0 < len(one["core"]["correct_examples"][label]) < 10, one["core"]
     centered = one["core"]["centered_results"]
     assert one["core"]["core_metric"] == pytest.approx(sum(centered.values()) / 3)
     assert centered["tiny_mc"] == pytest.approx((one["core"]["results"]["tiny_mc"] - 0.25) / 0.75)
 
     # bits per byte and samples as this process computes them with the same checkpoint
-    model, tokenizer, _ = load_model("base", "cpu", model_tag=MODEL_TAG, step=0)
     token_bytes = compute_token_bytes(tokenizer)
     for split, shard in (("train", "shard_00000.parquet"), ("val", "shard_00001.parquet")):
         # 384 tokens = 3 batches of 2 rows of 64
@@ -147,9 +161,8 @@ def test_core_on_actors_of_an_in_memory_model_equals_core_in_this_process(ray_lo
     # What base_train does for --core-metric-every: hand over weights, not a checkpoint.
     model, tokenizer, meta = load_model("base", "cpu", model_tag=MODEL_TAG, step=0)
     tasks = load_core_tasks(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "eval_bundle"))
-    expected = core_score(tasks, {t.label: evaluate_task(model, tokenizer, t.data, "cpu", t.meta) for t in tasks})
     weights = InMemoryModel(meta["model_config"], model.state_dict(), tokenizer)
-    assert evaluate_core_on_actors(weights, tasks, num_actors=1) == expected
+    assert evaluate_core_on_actors(weights, tasks, num_actors=1) == _core_in_this_process(model, tokenizer, tasks)
 
 
 HELD_GPU_CHECKS = textwrap.dedent("""
@@ -183,8 +196,7 @@ HELD_GPU_CHECKS = textwrap.dedent("""
 def test_a_gpu_pool_takes_the_gpus_that_are_free_and_scores_the_same(ray_local, tiny_setup):
     model, tokenizer, _ = load_model("base", "cpu", model_tag=MODEL_TAG, step=0)
     bundle_dir = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "eval_bundle")
-    tasks = load_core_tasks(bundle_dir)
-    expected = core_score(tasks, {t.label: evaluate_task(model, tokenizer, t.data, "cpu", t.meta) for t in tasks})
+    expected = _core_in_this_process(model, tokenizer, load_core_tasks(bundle_dir))
     run = subprocess.run([sys.executable, "-c", HELD_GPU_CHECKS, bundle_dir, MODEL_TAG], capture_output=True,
                          text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = run.stdout

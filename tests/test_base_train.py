@@ -20,6 +20,11 @@ step's global batch; and a restarted or resumed stream starts again at the begin
 shard of the slowest worker when the checkpoint was taken (see ray_jobs.pretrain_data), so it
 trains on some rows twice. Each tolerance below says how much that
 can move the number it checks, and what a broken run would do instead.
+
+Where the data stood is checked exactly: the stream is deterministic, so the rows each worker read
+are rebuilt in this process from the stream's own parts, and a restore must record the slowest
+worker's shard, start the stream there (the first rows it trains are checked by a checksum) and
+train at most a shard's documents per worker a second time.
 """
 
 import json
@@ -28,6 +33,7 @@ import os
 import random
 import tempfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
@@ -41,9 +47,9 @@ from nanochat.core_eval import core_score, evaluate_task, load_core_tasks
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.gpt import GPT, GPTConfig
-from ray_jobs import train_common
+from ray_jobs import pretrain_data, train_common
 from ray_jobs.base_eval import CheckpointModel, evaluate_core_on_actors
-from ray_jobs.base_train import main, parse_args, validation_rows, worker_val_batches
+from ray_jobs.base_train import main, parse_args, rows_checksum, validation_rows, worker_val_batches
 from ray_jobs.train_common import latest_run_checkpoint, restore_from_checkpoint
 
 STEPS = 8
@@ -55,6 +61,7 @@ FAIL_AT = SAVE_EVERY + 2
 SEQ_LEN = 64
 DEVICE_BATCH = 4
 EVAL_TOKENS = 2048
+PACK_BUFFER_DOCS = 16
 
 SUBJECTS = ["the cat", "a small dog", "the old man", "my sister", "the teacher", "a young bird", "the farmer",
             "our neighbour", "the captain", "a tired student"]
@@ -120,7 +127,7 @@ def setup(tmp_path_factory):
     flags = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", str(SEQ_LEN),
              "--window-pattern", "L", "--device-batch-size", str(DEVICE_BATCH), "--total-batch-size", "512",
              "--num-iterations", str(STEPS), "--source", "local", "--data-dir", str(shards),
-             "--pack-buffer-docs", "16", "--eval-every", str(STEPS), "--eval-tokens", str(EVAL_TOKENS),
+             "--pack-buffer-docs", str(PACK_BUFFER_DOCS), "--eval-every", str(STEPS), "--eval-tokens", str(EVAL_TOKENS),
              "--sample-every", "-1", "--save-every", str(SAVE_EVERY), "--storage-path", str(work / "runs"),
              "--compile", "off",  # 8 steps: compiling costs more than it saves (the 1-worker run compiles)
              # sqrt(512 / 2**19) scales the default learning rates by 1/32: too small to move in 8
@@ -209,22 +216,77 @@ def test_killed_worker_is_replaced_and_the_run_completes(recovered, two_workers)
     assert _val_bpb(history)[STEPS] == pytest.approx(_val_bpb(two_workers["history"])[STEPS], rel=0.03)
 
 
-@pytest.mark.parametrize("run", ["recovered", "resumed"])
-def test_restored_stream_starts_at_the_checkpoints_shard(run, request):
+def _lane_rows(setup: dict, start_file: int, lane: int, num_lanes: int) -> list[tuple[np.ndarray, int]]:
+    """(row, shard label) of lane `lane` of the train stream started at shard `start_file`, in
+    order, rebuilt in this process from the stream's own parts (read units, tokenizing, packer):
+    the stream is deterministic, so these are the rows base_train's workers read."""
+    train_files = sorted(str(path) for path in setup["shards"].iterdir())[:-1]
+    rotated = train_files[start_file:] + train_files[:start_file]
+    indices = [(start_file + i) % len(train_files) for i in range(len(train_files))]
+    source = pretrain_data.ParquetRowGroupDatasource(rotated, indices, lane=lane, num_lanes=num_lanes)
+    packer = pretrain_data.PackRows(SEQ_LEN, Tokenizer.from_directory(get_tokenizer_dir()).get_bos_token_id(),
+                                    PACK_BUFFER_DOCS, source.num_documents, 0, pretrain_data.PACK_GROUP_DOCS,
+                                    start_file)
+    rows = []
+    for path, row_groups, file_index, _, _ in source.units:
+        for table in pretrain_data.read_row_groups(path, row_groups, file_index):
+            packed = packer(pretrain_data.tokenize_documents(table, get_tokenizer_dir()))
+            rows += zip(packed.column("tokens").to_numpy(), packed.column("file_index").to_pylist())
+    return rows
+
+
+def _documents_in(rows) -> list[np.ndarray]:
+    """The documents (or their cropped heads) in packed rows: the pieces that start at a BOS, those
+    of at least 16 tokens (shorter ones could be the heads of two documents)."""
+    bos = Tokenizer.from_directory(get_tokenizer_dir()).get_bos_token_id()
+    pieces = []
+    for row in rows:
+        starts = list(np.flatnonzero(row == bos)) + [len(row)]
+        pieces += [row[a:b] for a, b in zip(starts, starts[1:]) if b - a >= 16]
+    return pieces
+
+
+def _same_document(a: np.ndarray, b: np.ndarray) -> bool:
+    length = min(len(a), len(b))  # a cropped document is a head of the whole one
+    return bool((a[:length] == b[:length]).all())
+
+
+@pytest.mark.parametrize("run, num_workers", [("recovered", 1), ("resumed", 2)])
+def test_restored_stream_starts_at_the_slowest_workers_shard_and_repeats_at_most_a_shard(run, num_workers, setup,
+                                                                                        request):
     # Ray Train restarts the worker group after the injected death (recovered), and --resume
-    # starts a new one (resumed): either way the stream must start at the shard the step-4
-    # checkpoint recorded, so no row of an earlier shard is read again (the rows read again are
-    # those of that shard already trained on: at most one shard's worth). A trainer given the
-    # stream itself instead of TrainStreamFactory restarts it at shard 0, and the workers then
-    # skip the ~20 rows of every shard before the checkpoint's.
+    # starts a new one (resumed): either way the step-4 checkpoint must record the slowest
+    # worker's place in the stream, and the stream must start again there (README: "about one
+    # shard per worker is seen again"). Each lane is rebuilt here to know what the workers read.
     history = request.getfixturevalue(run)["history"]
     [restore] = [r for r in history if r.get("restored_from_checkpoint")]
-    checkpoint_shard = restore["data_position"]["file_index"]
-    # 4 steps of 8 rows, packed from documents up to 128 ahead (4 shards of 30): the checkpoint
-    # lies shards into the stream, so a stream restarted at shard 0 would read rows again
-    assert checkpoint_shard >= 4
-    assert restore["stream_start"] == checkpoint_shard
-    assert restore["skipped_rows"] == 0
+    micro_batches = 512 // (num_workers * DEVICE_BATCH * SEQ_LEN)
+    trained_rows = SAVE_EVERY * micro_batches * DEVICE_BATCH  # per lane, before the checkpoint
+    lanes = [_lane_rows(setup, 0, lane, num_workers) for lane in range(num_workers)]
+    # When step 4 was saved, each worker held the next batch; its place is that batch's newest
+    # shard. Rows are labelled with the shard of the newest document read when they were packed,
+    # and the packer takes documents in groups of 128 (4-5 shards of 30), so the lanes stand at
+    # shards 4 (one lane) and 8 and 9 (two lanes: shards are dealt to them in turn): a checkpoint
+    # at the fastest worker's shard (9), or a stream restarted at shard 0, differs from the slowest's.
+    places = [max(label for _, label in lane[trained_rows:trained_rows + DEVICE_BATCH]) for lane in lanes]
+    assert min(places) >= 4 and (num_workers == 1 or max(places) > min(places)), places
+    assert restore["data_position"] == {"epoch": 0, "file_index": min(places)}
+    # The first rows trained after the restore are the first rows of the lanes started at that shard
+    # (no row of it skipped): the stream restarted there, not at shard 0.
+    start = restore["data_position"]["file_index"]
+    restarted = [_lane_rows(setup, start, lane, num_workers) for lane in range(num_workers)]
+    first_rows = [np.stack([row for row, _ in lane[:DEVICE_BATCH]]) for lane in restarted]
+    assert restore["first_rows_checksum"] == sum(rows_checksum(torch.from_numpy(rows)) for rows in first_rows)
+    assert restore["stream_start"] == start and restore["skipped_rows"] == 0
+    # Documents trained before the checkpoint and again after it: at most one shard's (30) per
+    # worker. Measured: none with one worker, 19 of 32 with two (their restarted lanes reach the
+    # shards before the checkpoint's within the packer's first group of 128 documents); a stream
+    # restarted at shard 0 would train all 34 of one worker's again.
+    trained_after = (STEPS - SAVE_EVERY) * micro_batches * DEVICE_BATCH
+    before = _documents_in(row for lane in lanes for row, _ in lane[:trained_rows])
+    after = _documents_in(row for lane in restarted for row, _ in lane[:trained_after])
+    repeated = sum(any(_same_document(a, b) for b in before) for a in after)
+    assert repeated <= 30 * num_workers, repeated
     # one node: one rank hashed the model file for all of them
     assert restore["model_verifications"] == 1
 

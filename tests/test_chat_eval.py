@@ -5,7 +5,9 @@ that always says "A", one that is right on a known share of its samples), ChatCO
 reference's definition, and the model path with a tiny random GPT saved as an SFT checkpoint:
 the letters it picks in a padded batch are the ones it picks one prompt at a time, its
 completions are the engine's, and the scores over 1 and 2 Ray actors equal those computed in
-this process, for sampled answers with a fixed seed as well as greedy ones.
+this process, for sampled answers with a fixed seed as well as greedy ones. The job is given
+tasks whose answer key is this process's own answers on every other problem, so its score says
+whether each of its completions was the one made here.
 """
 
 import dataclasses
@@ -69,6 +71,25 @@ class EvenLength(Task):
 
     def evaluate(self, conversation: dict, answer: str) -> bool:
         return len(answer) % 2 == 0
+
+
+class KnownAnswers(EvenLength):
+    """EvenLength's prompts, right only when the answer is exactly `answers[index]`."""
+
+    def __init__(self, answers: list[str], **view):
+        super().__init__(**view)
+        self.answers = answers
+
+    def num_examples(self) -> int:
+        return len(self.answers)
+
+    def get_example(self, index: int) -> dict:
+        example = super().get_example(index)
+        example["messages"][-1]["content"] = self.answers[index]
+        return example
+
+    def evaluate(self, conversation: dict, answer: str) -> bool:
+        return answer == last_assistant_text(conversation)
 
 
 class CodeOnAnUnsandboxedHost(EvenLength):
@@ -250,24 +271,37 @@ def test_scores_on_one_and_two_actors_equal_the_scores_in_this_process(ray_local
     assert one["quiz"]["n"] == 20 and one["quiz"]["chance"] == 0.25
     for name in ("arithmetic", "spellingbee", "even"):
         assert one[name]["num_samples"] == 3
-        assert one[name]["accuracy"] >= one[name]["pass@1"]  # pass@3 >= pass@1
-    assert one["even"]["accuracy"] > 0  # random answers have an even length about half the time
+    # Outcomes are mixed where it matters: equal scores of answers that are all wrong would say nothing.
+    assert 0 < one["quiz"]["passed"] < 20
+    assert 0 < one["even"]["pass@1"] < 1  # random answers have an even length about half the time
 
 
-def test_the_job_prints_its_config_and_a_table_and_writes_the_results(ray_local, tiny_checkpoint, capsys):
+def test_the_job_gives_the_answers_of_this_process_and_writes_them(ray_local, tiny_checkpoint, monkeypatch, capsys):
+    # The job's tasks are made here with this process's answers as the key: the greedy completion
+    # (5 new tokens) of the even problems, a wrong one on the odd problems. So the job passes
+    # exactly the even problems only if every completion and letter it produced on its actors is
+    # the one produced here, with the sampling settings of its flags.
     model, tokenizer = tiny_checkpoint
+    greedy = ModelAnswerer(model, tokenizer, Sampling(max_new_tokens=5, temperature=0.0, top_k=50))
+    problems = 6
+    completions = [greedy.complete(conversation, seed=0)[0] for conversation in KnownAnswers(["?"] * problems)]
+    letters = greedy.pick_letters(list(LetterQuiz()[:problems]))
+    key = "".join(letter if i % 2 == 0 else "ABCD"[("ABCD".index(letter) + 1) % 4] for i, letter in enumerate(letters))
+    made_here = {"arithmetic": KnownAnswers([c if i % 2 == 0 else c + " (wrong)" for i, c in enumerate(completions)]),
+                 "spellingbee": LetterQuiz(key=key)}
+    monkeypatch.setattr(ray_jobs.chat_eval, "get_task", lambda name, split, **options: made_here[name])
+
     results = main(["--source", "sft", "--model-tag", MODEL_TAG, "--tasks", "arithmetic,spellingbee",
-                    "--max-problems", "3", "--max-new-tokens", "5", "--num-actors", "2"])
+                    "--max-problems", str(problems), "--max-new-tokens", "5", "--num-actors", "2"])
     out = capsys.readouterr().out
     assert out.startswith("chat_eval config: ")
     config = json.loads(out.splitlines()[0][len("chat_eval config: "):])
     assert config["model_tag"] == MODEL_TAG and config["step"] == 0 and config["temperature"] == 0.0
     assert "ChatCORE" in out
 
-    greedy = ModelAnswerer(model, tokenizer, Sampling(max_new_tokens=5, temperature=0.0, top_k=50))
-    tasks = load_tasks(["arithmetic", "spellingbee"], 3)
-    assert results["tasks"] == {name: evaluate_task(name, task, greedy, seed=42) for name, task in tasks.items()}
-    assert results["tasks"]["arithmetic"]["n"] == 3
+    assert [results["tasks"][name]["passed"] for name in made_here] == [problems // 2, problems // 2]
+    assert results["tasks"] == {name: evaluate_task(name, task[:problems], greedy, seed=42)
+                                for name, task in made_here.items()}
     assert results["chatcore"] == pytest.approx(sum(r["centered"] for r in results["tasks"].values()) / 2)
     with open(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "chat_eval", f"sft_{MODEL_TAG}_0.json")) as f:
         assert json.load(f) == results
