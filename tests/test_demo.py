@@ -114,9 +114,9 @@ def test_a_second_run_reuses_the_head_and_the_outputs_and_serves_again_after_the
     assert "stage data: output exists" in output and "stage chat_sft: output exists" in output
     assert stages_run(head.base_dir) == ["data", "chat_sft"]  # nothing ran again
     # Down while the pipeline ran (its replica would hold a CPU the stages need), up again after it.
-    assert "taking the running chat app down while the pipeline runs" in output
     during = output.split("[test] the chat app during the pipeline: ", 1)[1].split("\n", 1)[0]
     assert during != "200", output[-3000:]
+    assert "taking the running chat app down while the pipeline runs" in output
     assert head.chat_health()[0] == 200
 
 
