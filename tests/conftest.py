@@ -1,8 +1,10 @@
 """Shared pytest fixtures: an isolated NANOCHAT_BASE_DIR per test session, one local Ray cluster
-for the whole session (starting Ray costs seconds, so tests share it), and a headless Chromium
-for the web UI's tests."""
+for the whole session (starting Ray costs seconds, so tests share it), for the tests that submit
+real Ray jobs one Ray head with its job server, and a headless Chromium for the web UI's tests."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -50,3 +52,20 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def dashboard():
+    """The job server (dashboard) address of a Ray head that the demo's own `start_local_head`
+    starts on free ports, beside `ray_local`, with token authentication on; in a temp dir of its
+    own (Ray's socket paths live there, so it is short)."""
+    from ray_jobs import demo
+
+    ray_port, dashboard_port = demo.free_port(), demo.free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray_jobs_", dir="/tmp")
+    try:
+        demo.start_local_head(ray_port, dashboard_port, temp_dir)
+        yield f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        demo.stop_head(ray_port)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,6 +1,5 @@
-"""Ray's token authentication, on one real head that has it on: the demo's own `start_local_head`
-on free ports, in a temp dir of its own (Ray's socket paths live there, so it is short), beside
-the session's `ray_local`.
+"""Ray's token authentication, on one real head that has it on: the session's `dashboard`
+(tests/conftest.py), which the demo's own `start_local_head` started beside `ray_local`.
 
 - The README's commands, typed in a shell as a user would: the two lines of its "Ray's token"
   section, then a `ray job submit` of its pipeline section. The same submit without them is
@@ -12,10 +11,8 @@ the session's `ray_local`.
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -24,18 +21,6 @@ from ray.job_submission import JobSubmissionClient
 from ray_jobs import demo, speedrun
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def dashboard():
-    ray_port, dashboard_port = demo.free_port(), demo.free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray_auth_", dir="/tmp")
-    try:
-        demo.start_local_head(ray_port, dashboard_port, temp_dir)
-        yield f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        demo.stop_head(ray_port)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def readme_block(heading: str) -> list[str]:

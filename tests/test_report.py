@@ -141,11 +141,28 @@ def test_reset_clears_the_previous_run_and_records_the_system(tmp_path):
     assert system["torch"] == torch.__version__
     assert system["ray"] == importlib.metadata.version("ray")
     assert system["cpu"].startswith(f"{os.cpu_count()} x ")
-    assert system["gpus"] == [] or torch.cuda.is_available()
+    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert system["gpus"] == [torch.cuda.get_device_name(index) for index in range(cuda_devices)]
     assert system["git_commit"]
     markdown = open(report.write_report()).read()
     assert f"| torch | {torch.__version__} (CUDA {torch.version.cuda or 'none'}) |" in markdown
     assert f"| Ray | {system['ray']} |" in markdown
+
+
+@pytest.mark.parametrize("names, shown", [
+    (["NVIDIA H100 80GB HBM3"] * 8, "8 x NVIDIA H100 80GB HBM3"),
+    (["NVIDIA A100-SXM4-40GB", "NVIDIA A10G"], "NVIDIA A100-SXM4-40GB, NVIDIA A10G"),
+])
+def test_the_system_section_lists_every_gpu_torch_sees_by_name(tmp_path, monkeypatch, names, shown):
+    """torch.cuda is made to report GPUs, so that the check is real on a machine without any: the
+    report lists each of torch.cuda.device_count()'s devices under its own name."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[0 if device is None else device])
+    report = Report(str(tmp_path))
+    report.reset()
+    assert json.load(open(os.path.join(report.dir, "system.json")))["gpus"] == names
+    assert f"| GPU | {shown} |" in open(report.write_report()).read()
 
 
 def test_stage_sections_hold_config_timings_and_metrics(tmp_path):

@@ -5,6 +5,8 @@ field and malformed JSON a 422; a client that hangs up frees its batch row; plus
 `python -m serve` without a checkpoint, and the text streaming rules (stop sequences, split
 characters) on their own."""
 
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +113,70 @@ def test_openai_client_streaming_and_not(chat_app):
         client.chat.completions.create(model=model.id, messages=CONVERSATION, temperature=2.5)
     assert refused.value.status_code == 400
     assert "temperature" in refused.value.message
+
+
+def raw_event_stream(port: int, body: dict) -> list:
+    """The payloads of a streamed /v1/chat/completions, read from the raw bytes: every event must be
+    one `data: ...` line and a blank line. JSON payloads parsed, others (such as [DONE]) as text."""
+    status, text = request(port, "POST", "/v1/chat/completions", {**body, "stream": True})
+    assert status == 200 and isinstance(text, str), text
+    assert text.endswith("\n\n"), text[-200:]
+    payloads = []
+    for event in text[:-2].split("\n\n"):
+        assert event.startswith("data: ") and "\n" not in event, event
+        payload = event[len("data: "):]
+        payloads.append(payload if payload == "[DONE]" else json.loads(payload))
+    return payloads
+
+
+def test_a_streamed_openai_answer_has_the_chunk_schema_on_the_wire(chat_app):
+    port, *_ = chat_app
+    body = {"messages": CONVERSATION, "max_tokens": 12, "temperature": 0}
+    *chunks, done = raw_event_stream(port, body)
+    assert done == "[DONE]"
+    status, models = request(port, "GET", "/v1/models")
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert {chunk["model"] for chunk in chunks} == {models["data"][0]["id"]}
+    (completion_id,) = {chunk["id"] for chunk in chunks}
+    assert completion_id.startswith("chatcmpl-")
+    assert len({chunk["created"] for chunk in chunks}) == 1
+    choices = [chunk["choices"] for chunk in chunks]
+    assert all(len(choice) == 1 and choice[0]["index"] == 0 for choice in choices)
+    deltas = [choice[0]["delta"] for choice in choices]
+    reasons = [choice[0]["finish_reason"] for choice in choices]
+    # The role first, then the text, then an empty delta that says why the answer ended.
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert len(deltas) >= 3 and all(set(delta) == {"content"} and delta["content"] for delta in deltas[1:-1])
+    assert (deltas[-1], reasons[-1]) == ({}, "length") and set(reasons[:-1]) == {None}
+    # Another request is another completion.
+    assert raw_event_stream(port, body)[0]["id"] != completion_id
+
+
+def test_streamed_choices_arrive_interleaved_each_with_its_own_role_text_and_end(chat_app):
+    port, *_ = chat_app
+    body = {"messages": CONVERSATION, "max_tokens": 40, "temperature": 1.0, "seed": 11, "n": 3}
+    *chunks, done = raw_event_stream(port, body)
+    assert done == "[DONE]"
+    assert len({chunk["id"] for chunk in chunks}) == 1
+    positions = {index: [] for index in range(3)}  # where each choice's content chunks are in the stream
+    texts, endings = [""] * 3, [None] * 3
+    for position, chunk in enumerate(chunks):
+        (choice,) = chunk["choices"]
+        index, delta = choice["index"], choice["delta"]
+        if delta.get("role"):
+            assert not positions[index] and endings[index] is None, "the role delta must come first"
+        elif delta:
+            assert endings[index] is None, "text after the choice's end"
+            positions[index].append(position)
+            texts[index] += delta["content"]
+        else:
+            endings[index] = choice["finish_reason"]
+    # The three are rows of one batch: each choice's text starts before every other one's ends.
+    for first, other in itertools.permutations(range(3), 2):
+        assert positions[first][0] < positions[other][-1], positions
+    whole = request(port, "POST", "/v1/chat/completions", {**body, "stream": False})[1]
+    assert texts == [choice["message"]["content"] for choice in whole["choices"]]
+    assert endings == [choice["finish_reason"] for choice in whole["choices"]]
 
 
 LONG = "x" * (MAX_MESSAGE_CHARS + 1)

@@ -1,9 +1,10 @@
 """Tests of how the chat service behaves under load on a local Ray: with an autoscaling config of
 short delays a burst of concurrent streams makes Serve add a ChatModel replica and remove it once
 the burst is over; and when a replica is killed mid-answer, the streams it was serving end with an
-error event instead of hanging, and the next requests are answered by its replacement. A newer
-checkpoint step is saved after the app is built: the replica added by the burst and the
-replacement of the killed one still load the step that build_app resolved."""
+error event instead of hanging (on /v1 an error chunk and no [DONE]), and the next requests are
+answered by its replacement. A newer checkpoint step is saved after the app is built: the replica
+added by the burst and the replacement of the killed one still load the step that build_app
+resolved."""
 
 import threading
 import time
@@ -107,20 +108,30 @@ def test_killing_a_replica_ends_its_streams_with_an_error_and_later_requests_suc
     (replica_name,) = wait_until(lambda: len(names := chat_model_replica_names()) == 1 and names, timeout=30,
                                  what="a single ChatModel replica")
     streams = [EventStream(port, f"{ROUTE}/chat/completions", long_answer(CONTEXT - 50), timeout=60)
-               for _ in range(3)]
+               for _ in range(2)]
+    openai_stream = EventStream(port, f"{ROUTE}/v1/chat/completions",
+                                {**long_answer(CONTEXT - 50), "stream": True}, timeout=60)
     try:
         for stream in streams:
             assert stream.status == 200
             assert "token" in stream.next_event()
+        assert openai_stream.status == 200
+        assert openai_stream.next_event()["choices"][0]["delta"]["role"] == "assistant"
+        assert openai_stream.next_event()["choices"][0]["delta"]["content"]
         ray.kill(ray.get_actor(replica_name, namespace="serve"), no_restart=True)
         started = time.monotonic()
         endings = [stream.events()[-1] for stream in streams]
+        openai_rest = openai_stream.events()
     finally:
-        for stream in streams:
+        for stream in [*streams, openai_stream]:
             stream.close()
     assert time.monotonic() - started < 30
     for ending in endings:
         assert "error" in ending and "done" not in ending, ending
+    # On /v1 the stream ends with an OpenAI error chunk, and no [DONE]: a client must not take
+    # the half answer for a whole one.
+    assert "[DONE]" not in openai_rest
+    assert openai_rest[-1]["error"]["type"] == "server_error" and openai_rest[-1]["error"]["message"], openai_rest[-1]
 
     events = stream_events(port, f"{ROUTE}/chat/completions", long_answer(20), timeout=120)
     assert events[-1]["done"] is True and events[-1]["usage"]["completion_tokens"] == 20

@@ -1,9 +1,12 @@
 """Tests of the pipeline driver: stage order per preset, --from, skipping finished and missing
 stages, stopping at the first failing stage with its error, and the report card it keeps; --resume
 on every checkpointing stage, the drivers' CPUs and checkpoint storage per preset, and a stage's
-job log tailed (test_ray_auth tails one from a real job server)."""
+job log tailed (test_ray_auth tails one from a real job server). One run goes through the Job
+Submission API of a real head: two stand-in stages (tests.pipeline_stage) as Ray jobs, the first
+failing stage's error, --from and --fresh."""
 
 import os
+import re
 import sys
 import types
 
@@ -11,6 +14,8 @@ import pytest
 
 from nanochat.report import Report
 from ray_jobs import speedrun
+from tests.pipeline_stage import stages_run
+from tests.stand_in_speedrun import stand_in_stage
 
 
 def test_presets_list_the_stages_in_order():
@@ -197,3 +202,33 @@ def test_gpu_presets_ask_for_gpus(preset):
     for name in ("base_train", "chat_sft", "chat_rl"):
         flags = stages[name].flags
         assert flags[flags.index("--use-gpu") + 1] == "on"
+
+
+def test_stages_run_as_real_jobs_stop_at_the_first_failure_and_resume_with_from_and_fresh(dashboard, monkeypatch,
+                                                                                         tmp_path, capsys):
+    """Not --inline: each stage is a job of the session's head, which runs it from this checkout."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    stages = [stand_in_stage("first"), stand_in_stage("second", fail_unless="fixed")]
+    monkeypatch.setattr(speedrun, "preset_stages", lambda preset, with_rl: stages)
+    address = ["--address", dashboard]
+
+    assert speedrun.main(address) == 1
+    out = capsys.readouterr().out
+    assert stages_run(str(tmp_path)) == ["first", "second"]
+    assert "stage first: submitted job nanochat-first-" in out and "stage first: done" in out
+    # The failing job's own error, from its log, then the speedrun's verdict and where to resume.
+    assert "ValueError: stand-in stage second needs fixed in the base dir" in out
+    assert re.search(r"FAILED at stage second: stage second \(job nanochat-second-\d+\) failed: .*exit code 1", out)
+    assert "resume with --from second" in out and "pipeline finished" not in out
+
+    (tmp_path / "fixed").write_text("")
+    assert speedrun.main([*address, "--from", "second"]) == 0
+    assert stages_run(str(tmp_path)) == ["first", "second", "second"]
+    assert "pipeline finished" in capsys.readouterr().out
+
+    # Both outputs exist: a run skips both stages, and --fresh runs a stage again all the same.
+    assert speedrun.main(address) == 0
+    out = capsys.readouterr().out
+    assert "stage first: output exists" in out and "stage second: output exists" in out
+    assert speedrun.main([*address, "--from", "second", "--fresh"]) == 0
+    assert stages_run(str(tmp_path)) == ["first", "second", "second", "second"]
