@@ -37,6 +37,10 @@ from ray_jobs.speedrun import Stage, run_as_job
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
+# How long the head's processes get to exit after SIGTERM before they are killed. The workers and
+# the dashboard exit within a second; the GCS server and the autoscaler's monitor ignore SIGTERM
+# and the runtime-env agent takes 10 s (measured), so a longer wait only delays the same kill.
+STOP_GRACE_S = 3.0
 # The demo's workers (trainers, data tasks, the chat replica) are the work, so they run at nice 0,
 # not at Ray's default 15. Measured beside two busy processes at nice 0 on 2 cores (README,
 # Troubleshooting): at 15 a d4 base_train made no step in 10 minutes, its packer crawling at
@@ -136,6 +140,13 @@ def head_processes(ray_port: int) -> list[psutil.Process]:
     return list(found.values())
 
 
+def _still_running(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def stop_head(ray_port: int) -> int:
     """Stop the demo's head (and with it the chat app) by signalling its own processes; other Ray
     clusters on the machine are left alone, unlike `ray stop`. Returns the number stopped."""
@@ -145,7 +156,13 @@ def stop_head(ray_port: int) -> int:
             process.terminate()
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(processes, timeout=15)
+    # A worker that has exited but whose parent (a raylet, exiting too) has not reaped it yet is a
+    # zombie: psutil counts it as running, so waiting for it would always take the whole grace.
+    deadline = time.monotonic() + STOP_GRACE_S
+    alive = processes
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [process for process in alive if _still_running(process)]
     for process in alive:
         try:
             process.kill()
