@@ -2,7 +2,7 @@
 object store and through the collective broadcast, for a model of a given depth (d20 by default:
 896.5 M parameters, 3.6 GB of fp32 weights) on this machine's CPUs, with gloo for the collective.
 
-    python -m ray_jobs.bench_weight_sync                  # d20, 2 rollout workers: ~18 GB of memory
+    python -m ray_jobs.bench_weight_sync                  # d20, 2 rollout workers: up to ~22 GB of memory
     python -m ray_jobs.bench_weight_sync --depth 4 --repeats 2
 
 A local Ray with the given number of RolloutWorker actors; this process stands in for the
@@ -14,8 +14,10 @@ then), then `--repeats` syncs are timed and their median reported:
   (the store is sized for two copies of the state, so the next version is put while the last is
   still held without spilling);
 - collective: the tensors broadcast in place from the learner's model into the workers' models.
-Memory at d20: the learner's 3.6 GB, each worker's 3.6 GB, and on the object-store path one copy
-in the store and one on the way into each worker; run it on a quiet machine. On GPUs the
+Memory at d20: the learner's 3.6 GB and each worker's 3.6 GB; on the object-store path also up to
+two copies in the store (the next version is put before the last is let go) and one on its way
+into each worker: about 22 GB at the peak with 2 workers (`--workers 1`: about 15 GB). The
+collective path needs no more than the models. Run it on a quiet machine. On GPUs the
 collective runs over NCCL and skips the host memory altogether; this measures the CPU stand-in.
 
 It ends with `RESULT <name> <value> target <op> <number> PASS|FAIL` (ray_jobs.bench_results): the

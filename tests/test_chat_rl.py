@@ -358,7 +358,7 @@ def test_a_worker_dying_in_a_broadcast_costs_a_timeout_and_its_replacement_rejoi
     assert death["living_versions"] == [3, 3]
     assert death["generation_after"] >= death["generation_before"] + 3  # failed, the living, the replacement
     assert death["bit_identical"] == [True, True, True] and death["versions"] == [3, 3, 3]
-    assert death["num_groups"] == 6 and death["equal_to_local_current_policy"]
+    assert death["group_versions"] == [3] * 6 and death["equal_to_local_current_policy"]
 
 
 def test_rewards_computed_on_the_workers_are_the_tasks(cluster_report):
@@ -441,7 +441,7 @@ def _collective_checks(cluster, tokenizer, task, model, second: dict, local_grou
                            "replaced": fleet.stats["replaced"], "failed_broadcasts": fleet.stats["failed_broadcasts"],
                            "generation_before": generation, "generation_after": fleet.generation,
                            "victim_replaced": fleet.slots[1].actor is not victim,
-                           "versions": [g["version"] for g in groups], "num_groups": len(jobs),
+                           "group_versions": [g["version"] for g in groups],
                            "equal_to_local_current_policy": all(g["sequences"] == e["sequences"] for g, e in
                                                                 zip(groups, local_groups(weights, jobs)))}
     finally:
