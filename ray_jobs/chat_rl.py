@@ -6,6 +6,7 @@ The recipe (nanochat.rl) is the seed's on-policy "GRPO": rewards minus the group
 advantages, no KL, no ratio, no clip, token-level normalisation. The way it runs:
 
     learner rank 0 --publish(weights, version)--> object store --load--> RolloutWorker actors
+                   (or, --weight-sync collective)--> broadcast over a group of their own (NCCL / gloo)
     RolloutWorker actors --(tokens, masks, rewards, version)--> learner rank 0 --share--> all ranks
 
 - `RolloutWorker` actors each hold an Engine replica (1 GPU each on a GPU cluster, a CPU share
@@ -24,9 +25,16 @@ advantages, no KL, no ratio, no clip, token-level normalisation. The way it runs
   CPUs, whose timeout is `--rollout-wait-s` (3 h by default: the worst case of one step's
   rollouts plus an evaluation, with room). No NCCL collective is ever left waiting on rank 0's
   sampling; the gradient all-reduces start when every rank is ready.
-- After the step rank 0 puts its weights into the object store once, as version step+1, and every
-  worker loads them before its next prompt. A rollout whose version is not the learner's is
-  rejected and sampled again with the current weights: an update never sees a stale rollout.
+- After the step rank 0 publishes its weights as version step+1, one of two ways
+  (ray_jobs.weight_sync, `--weight-sync`): into the object store once, a CPU copy every worker
+  loads before its next prompt (the choice on CPUs), or broadcast from the live model in place into
+  the workers' models over a process group of rank 0 (group rank 0) and the workers (ranks 1..N),
+  built beside Ray Train's (the choice on GPUs: NCCL, GPU to GPU, no copy through host memory).
+  The group keeps its generation while its members stay; a replaced worker is caught up by a
+  broadcast over a new generation once it is up, and a worker that dies in a broadcast costs
+  `--weight-sync-timeout-s` at most, then the living get the weights again. A worker reports
+  the version it holds; a rollout whose version is not the learner's is rejected and sampled
+  again with the current weights: an update never sees a stale rollout.
 - A worker that dies (or whose node dies) is replaced in its placement-group bundle, its prompts
   go to the other workers, and the step completes; a sampled group depends only on the seed of
   (step, prompt), so it comes out the same whichever worker samples it.
@@ -66,6 +74,8 @@ from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (Checkpointer, ProgressLine, TrainMetrics, add_run_flags, all_reduce, build_model,
                                    export_final_model, fit_trainer, latest_run_checkpoint_meta, previous_run,
                                    restore_from_checkpoint, start_worker)
+from ray_jobs.weight_sync import (WEIGHT_SYNC_CHOICES, WeightStore, broadcast_tensors, collective_backend, join_group,
+                                  open_store, receive_tensors, resolve_weight_sync, state_layout)
 
 RL_TASKS = ("gsm8k", "arithmetic")
 # Sizes of the generated task's splits (the real sets are used whole).
@@ -103,9 +113,14 @@ class RolloutWorker:
         self.tasks = shared["tasks"]
         self.sampling = sampling
         self.version = None
+        self.weight_store, self.weight_group, self.weight_generation = None, None, None
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def held_version(self) -> int | None:
+        """The weights version it samples with (None before its first load or after a failed broadcast)."""
+        return self.version
 
     def load_weights(self, version: int, weights: list) -> int:
         """Load published weights (`weights` is [ObjectRef], fetched only when the version is new)."""
@@ -113,6 +128,32 @@ class RolloutWorker:
             self.model.load_state_dict(ray.get(weights[0]), strict=True)
             self.version = version
         return self.version
+
+    def receive_weights(self, address: tuple, generation: int, rank: int, size: int, version: int, layout: list,
+                        backend: str, timeout_s: float) -> int | None:
+        """Receive `version` by broadcast from the learner as rank `rank` of generation `generation` of
+        the weight group (ray_jobs.weight_sync), joining it first when it is a new one. Returns the
+        version it then holds: `version`, or None when the broadcast failed (a member died, a
+        timeout); its weights are a mix then, so it holds no version, and it drops the group."""
+        state = self.model.state_dict()
+        if state_layout(state) != layout:
+            raise ValueError("the learner's weights differ from this rollout worker's model in names, shapes or dtypes")
+        self.version = None
+        try:
+            if generation != self.weight_generation:
+                self.weight_group = self.weight_generation = None
+                if self.weight_store is None:
+                    self.weight_store = open_store(address, timeout_s)
+                self.weight_group = join_group(self.weight_store, generation, rank, size, backend, timeout_s)
+                self.weight_generation = generation
+            receive_tensors(self.weight_group, list(state.values()))
+        except RuntimeError as exc:
+            print(f"rollout worker: the broadcast of version {version} (group generation {generation}) failed, "
+                  f"leaving the group: {exc}", flush=True)
+            self.weight_group = self.weight_generation = None
+            return None
+        self.version = version
+        return version
 
     def rollout(self, split: str, index: int, num_samples: int, seed: int) -> dict:
         group = sample_group(self.engine, self.tasks[split], index, num_samples, self.sampling["max_new_tokens"],
@@ -122,6 +163,10 @@ class RolloutWorker:
     def state_dict(self) -> dict:
         """The weights it samples with, on the CPU."""
         return {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
+
+
+# What RolloutFleet._answer returns for a call whose worker died.
+_LOST = object()
 
 
 class _Slot:
@@ -139,13 +184,18 @@ class _Slot:
 
 
 class RolloutFleet:
-    """The rollout workers of a run: their placement group, the published weights, the dispatch of
-    prompts, and the replacement of workers that die."""
+    """The rollout workers of a run: their placement group, the weights they sample with (through
+    the object store or a broadcast, see ray_jobs.weight_sync), the dispatch of prompts, and the
+    replacement of workers that die."""
 
     def __init__(self, num_workers: int, worker_args: tuple, num_cpus: float, num_gpus: float,
-                 start_timeout_s: float = 300.0, stall_timeout_s: float = 900.0):
+                 start_timeout_s: float = 300.0, stall_timeout_s: float = 900.0, weight_sync: str = "object-store",
+                 sync_timeout_s: float = 300.0):
+        if weight_sync not in ("object-store", "collective"):
+            raise ValueError(f"a fleet's weight sync is 'object-store' or 'collective', not {weight_sync!r}")
         self.worker_args, self.num_cpus, self.num_gpus = worker_args, num_cpus, num_gpus
         self.stall_timeout_s = stall_timeout_s
+        self.weight_sync, self.sync_timeout_s = weight_sync, sync_timeout_s
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self.placement_group = placement_group([dict(bundle) for _ in range(num_workers)], strategy="SPREAD")
         ready, _ = ray.wait([self.placement_group.ready()], timeout=start_timeout_s)
@@ -159,14 +209,21 @@ class RolloutFleet:
         for slot in self.slots:
             slot.up = True
         self.version = None
-        self._weights = None
+        self._weights = None  # object store: the published state dict
+        # collective: the published tensors, the rendezvous store, the group and its members
+        self._tensors, self._layout = [], []
+        self._store = WeightStore(sync_timeout_s) if weight_sync == "collective" else None
+        self.backend = collective_backend(num_gpus > 0)
+        self.generation = 0  # of the weight group
+        self._group, self._group_actors = None, []
+        self._failed_rounds = 0
         self._loads: dict = {}  # ref -> (slot, actor)
         self._jobs: dict = {}  # ref -> (slot, actor, job index)
         self._queue: deque = deque()
         self._job_args: list = []
         self._results: dict = {}
         self._tries: Counter = Counter()
-        self.stats = Counter()  # replaced, stale_rejected
+        self.stats = Counter()  # replaced, stale_rejected, failed_broadcasts
 
     def _start(self, bundle: int):
         strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=bundle)
@@ -176,29 +233,130 @@ class RolloutFleet:
     # -- weights
 
     def publish(self, state_dict: dict, version: int) -> None:
-        """Put the learner's weights into the object store, once, as `version`."""
-        self._weights = ray.put({name: tensor.detach().cpu() for name, tensor in state_dict.items()})
+        """Make `state_dict` the weights of `version`. Object store: one CPU copy put into it.
+        Collective: the tensors themselves, broadcast by the syncs (no copy), so the caller leaves
+        them unchanged until it publishes the next version."""
+        if self.weight_sync == "collective":
+            if any(tensor.is_cuda != (self.backend == "nccl") for tensor in state_dict.values()):
+                raise ValueError(f"a {self.backend} weight broadcast needs the learner's weights on "
+                                 f"{'the GPU' if self.backend == 'nccl' else 'the CPU'}, like the rollout workers'")
+            self._tensors = [tensor.detach() for tensor in state_dict.values()]
+            self._layout = state_layout(state_dict)
+        else:
+            self._weights = ray.put({name: tensor.detach().cpu() for name, tensor in state_dict.items()})
         self.version = version
 
     def sync(self) -> None:
-        """Have every running worker load the newest weights, and wait for them. A replacement
-        that is still starting loads them as soon as it is up."""
+        """Have every running worker load the newest weights, and wait for them. A replacement that
+        is still starting loads them as soon as it is up (collective: a broadcast of its own)."""
+        if self.weight_sync == "collective":
+            self._broadcast_to_behind()
+            return
         for slot in self.slots:
             self._load_if_behind(slot)
         while any(slot.up and slot.loading is not None for slot in self.slots):
             self._pump()
 
     def _load_if_behind(self, slot: _Slot) -> None:
-        if slot.loading is None and slot.version != self.version and self._weights is not None:
+        if slot.loading is not None or slot.version == self.version:
+            return
+        if self.weight_sync == "object-store":
             slot.loading = slot.actor.load_weights.remote(self.version, [self._weights])
-            self._loads[slot.loading] = (slot, slot.actor)
+        elif not slot.up:
+            slot.loading = slot.actor.held_version.remote()  # up when it answers; a broadcast catches it up
+        else:
+            return
+        self._loads[slot.loading] = (slot, slot.actor)
+
+    def _broadcast_to_behind(self) -> None:
+        """Broadcast the weights to the idle workers that are up and behind, round after round: a
+        round that fails (a member died or timed out) costs the dead their place, and the living
+        are sent the weights again over a new generation of the group."""
+        while True:
+            behind = [slot for slot in self.slots
+                      if slot.up and slot.loading is None and slot.busy == 0 and slot.version != self.version]
+            if not behind:
+                return
+            self._broadcast_round(behind)
+
+    def _broadcast_round(self, slots: list[_Slot]) -> None:
+        """One broadcast to `slots`, over the current generation of the weight group when they are
+        its members, else over a new generation."""
+        actors = [slot.actor for slot in slots]
+        if self._group is None or actors != self._group_actors:
+            self._close_group(abort=False)
+            self.generation += 1
+            self._group_actors = actors
+        size = len(slots) + 1
+        refs = {slot.actor.receive_weights.remote(self._store.address, self.generation, rank, size, self.version,
+                                                  self._layout, self.backend, self.sync_timeout_s): (slot, slot.actor)
+                for rank, slot in enumerate(slots, start=1)}
+        works, failure = [], None
+        try:
+            if self._group is None:
+                self._group = join_group(self._store.store, self.generation, 0, size, self.backend,
+                                         self.sync_timeout_s)
+            works = broadcast_tensors(self._group, self._tensors)
+        except RuntimeError as exc:
+            failure = str(exc)
+        failure = self._await_members(refs, works) or failure
+        if failure is None:
+            try:
+                for work in works:
+                    work.wait()
+            except RuntimeError as exc:
+                failure = str(exc)
+        if failure is None:
+            self._failed_rounds = 0
+            return
+        self._close_group(abort=True)
+        self.stats["failed_broadcasts"] += 1
+        self._failed_rounds += 1
+        if self._failed_rounds >= TRIES_PER_PROMPT:
+            raise RuntimeError(f"the weight broadcast failed {self._failed_rounds} times in a row (last: {failure}); "
+                               "check that the nodes reach each other over TCP, or pass --weight-sync object-store")
+        print0(f"weight broadcast of version {self.version} (group generation {self.generation}) failed: {failure}; "
+               "trying again with a new generation")
+
+    def _await_members(self, refs: dict, works: list) -> str | None:
+        """Wait for the members of a broadcast; what went wrong, or None. A dead member is replaced;
+        members that make no progress for the sync timeout are replaced as well."""
+        pending, failure = list(refs), None
+        answered, progress, last = 0, -1, time.monotonic()
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            for ref in done:
+                answered += 1
+                slot, actor = refs[ref]
+                version = self._answer(ref, slot, actor)
+                if version is _LOST:
+                    failure = failure or f"the rollout worker of bundle {slot.bundle} died"
+                    continue
+                if actor is slot.actor:
+                    slot.version = version
+                if version != self.version:
+                    failure = failure or f"the rollout worker of bundle {slot.bundle} did not receive it (see its log)"
+            completed = answered + sum(work.is_completed() for work in works)
+            if completed > progress:
+                progress, last = completed, time.monotonic()
+            elif time.monotonic() - last > self.sync_timeout_s:
+                for ref in pending:
+                    self._lost(*refs[ref])
+                return f"{len(pending)} rollout worker(s) made no progress for {self.sync_timeout_s:.0f}s (replaced)"
+        return failure
+
+    def _close_group(self, abort: bool) -> None:
+        """Drop the learner's member of the weight group; `abort` ends its transfers in flight."""
+        if self._group is not None and abort:
+            self._group.abort()
+        self._group, self._group_actors = None, []
 
     # -- rollouts
 
     def run(self, jobs: list[tuple[str, int, int, int]]) -> list[dict]:
         """Sample every job (split, index, num_samples, seed) on the workers; returns the groups
         in job order, every one of them made with the weights of `self.version`."""
-        if self._weights is None:
+        if self.version is None:
             raise RuntimeError("publish weights before asking for rollouts")
         self._job_args, self._results, self._tries = list(jobs), {}, Counter()
         self._queue = deque(range(len(jobs)))
@@ -210,6 +368,8 @@ class RolloutFleet:
     def _dispatch(self) -> None:
         for slot in self.slots:
             self._load_if_behind(slot)
+        if self.weight_sync == "collective":
+            self._broadcast_to_behind()
         # Round by round, one prompt per ready worker, so that every worker gets work at once.
         while self._queue:
             ready = [slot for slot in self.slots if slot.ready(self.version) and slot.busy < IN_FLIGHT_PER_WORKER]
@@ -234,12 +394,8 @@ class RolloutFleet:
         ref = done[0]
         if ref in self._loads:
             slot, actor = self._loads.pop(ref)
-            try:
-                version = ray.get(ref)
-            except RayTaskError:
-                raise
-            except RayError:
-                self._lost(slot, actor)
+            version = self._answer(ref, slot, actor)
+            if version is _LOST:
                 return
             if actor is slot.actor:
                 slot.loading, slot.version, slot.up = None, version, True
@@ -247,12 +403,8 @@ class RolloutFleet:
         slot, actor, job = self._jobs.pop(ref)
         if actor is slot.actor:
             slot.busy -= 1
-        try:
-            group = ray.get(ref)
-        except RayTaskError:
-            raise
-        except RayError:
-            self._lost(slot, actor)
+        group = self._answer(ref, slot, actor)
+        if group is _LOST:
             self._retry(job)
             return
         if group["version"] != self.version:
@@ -263,6 +415,17 @@ class RolloutFleet:
             self._retry(job)
             return
         self._results[job] = group
+
+    def _answer(self, ref, slot: _Slot, actor):
+        """What a worker's call returned, or _LOST when the worker died (it is replaced); an error
+        raised by the call itself is raised here."""
+        try:
+            return ray.get(ref)
+        except RayTaskError:
+            raise
+        except RayError:
+            self._lost(slot, actor)
+            return _LOST
 
     def _retry(self, job: int) -> None:
         self._tries[job] += 1
@@ -286,6 +449,7 @@ class RolloutFleet:
         self._load_if_behind(slot)
 
     def stop(self) -> None:
+        self._close_group(abort=False)
         for slot in self.slots:
             ray.kill(slot.actor)
         remove_placement_group(self.placement_group)
@@ -336,7 +500,8 @@ def train_loop_per_worker(config: dict) -> None:
                              (cfg["model_config"], shared,
                               {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                "top_k": args.top_k or None}),
-                             num_cpus=cfg["rollout_cpus"], num_gpus=cfg["rollout_gpus"])
+                             num_cpus=cfg["rollout_cpus"], num_gpus=cfg["rollout_gpus"],
+                             weight_sync=cfg["weight_sync"], sync_timeout_s=args.weight_sync_timeout_s)
         print0(f"{len(fleet.slots)} rollout workers on {len(set(fleet.nodes))} node(s)")
         fleet.publish(model.state_dict(), start_step)
         fleet.sync()
@@ -407,7 +572,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss_value = all_reduce(loss_sum, device) / world
             update_s = time.perf_counter() - t0
 
-            # --- weight sync: publish once, every rollout worker loads before its next prompt
+            # --- weight sync: publish once; every rollout worker loads it or is sent it (--weight-sync)
             if rank == 0:
                 t0 = time.perf_counter()
                 fleet.publish(model.state_dict(), step + 1)
@@ -472,6 +637,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rollout-cpus", type=float, default=-1.0,
                    help="CPUs per rollout actor (-1 = 1 with GPUs, else a share of the CPUs the learner leaves)")
     p.add_argument("--rollout-gpus", type=float, default=-1.0, help="GPUs per rollout actor (-1 = 1 with GPUs, else 0)")
+    p.add_argument("--weight-sync", choices=WEIGHT_SYNC_CHOICES, default="auto",
+                   help="how the learner's weights reach the rollout actors: a broadcast over a process group of "
+                        "their own (collective: NCCL on GPUs, gloo on CPUs) or the object store; auto = collective "
+                        "when the learner and the rollout actors are on GPUs, else object-store")
+    p.add_argument("--weight-sync-timeout-s", type=float, default=300.0,
+                   help="how long a weight broadcast waits for a rollout actor before replacing it")
     add_run_flags(p, "rl", save_every=60)
     args = p.parse_args(argv)
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples", "eval_k",
@@ -491,6 +662,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--num-rollout-workers must be positive or -1, got {args.num_rollout_workers}")
     if args.rollout_wait_s <= 0:
         p.error(f"--rollout-wait-s must be a positive number of seconds, got {args.rollout_wait_s:g}")
+    if args.weight_sync_timeout_s <= 0:
+        p.error(f"--weight-sync-timeout-s must be a positive number of seconds, got {args.weight_sync_timeout_s:g}")
     return args
 
 
@@ -528,13 +701,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict]:
                                  "cluster, none is left for rollout workers: lower --cpus-per-worker or pass "
                                  "--rollout-cpus")
             rollout_cpus = min(1.0, left / num_rollout)
+    weight_sync = resolve_weight_sync(args.weight_sync, use_gpu, rollout_gpus > 0)
     cfg = {
         "args": vars(args), "model_tag": model_tag, "run_name": args.run_name or f"rl_{model_tag}",
         "storage_path": args.storage_path or os.path.join(get_base_dir(), "ray_runs"),
         "source_checkpoint_dir": source_dir, "source_step": source_step, "model_config": meta["model_config"],
         "tokenizer_dir": tokenizer_dir, "num_steps": num_steps, "num_train": num_train,
         "num_test": len(tasks["test"]), "use_gpu": use_gpu, "num_rollout_workers": num_rollout,
-        "rollout_cpus": rollout_cpus, "rollout_gpus": rollout_gpus,
+        "rollout_cpus": rollout_cpus, "rollout_gpus": rollout_gpus, "weight_sync": weight_sync,
     }
     return cfg, {"tokenizer": Tokenizer.from_directory(tokenizer_dir), "tasks": tasks}
 

@@ -13,9 +13,15 @@ whole job (ray_jobs/chat_rl.py) with a tiny model.
   the learner's; a worker holding older weights has its rollouts rejected and sampled again; a
   node removed in the middle of a step costs its worker, which is replaced, and the step
   completes with the same groups an undisturbed step gives; the workers' rewards are the task's.
+  The same over the collective weight sync (gloo standing in for NCCL), on a fleet of its own:
+  bit-identical weights and the versions the workers say they hold, one group generation while
+  the members stay, a stale worker caught up over a generation of its own, and a worker killed
+  in a broadcast (after the group's rendezvous) costing about one timeout: it is replaced, the
+  living get the weights again, and the replacement rejoins over a new generation.
 - job: main() on the session's local Ray (two learner ranks, two rollout workers), two RL steps on
   a task a random model half passes, then --resume for a third; checkpoints, export, history and
-  the report section. The cluster subprocess is started first and runs meanwhile.
+  the report section. The cluster subprocess is started first and runs meanwhile. The weight
+  sync benchmark at depth 1 on the same Ray.
 """
 
 import functools
@@ -40,6 +46,8 @@ from tests.tiny import CHAT_TEXT, random_gpt
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_TAG = "chat_rl_test_d2"
 SEQUENCE_LEN = 256
+# The collective weight sync's timeout in the cluster checks: what a broadcast with a dead member costs.
+COLLECTIVE_TIMEOUT_S = 8.0
 
 
 class EvenLength(Task):
@@ -244,15 +252,39 @@ def test_rl_job_resumes_from_its_checkpoint(rl_runs):
 def test_bad_flags_are_refused_with_the_reason(capsys):
     from ray_jobs.chat_rl import parse_args
 
-    with pytest.raises(SystemExit):
-        parse_args(["--num-samples", "1"])
-    assert "advantages are rewards minus the mean" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse_args(["--temperature", "0"])
-    assert "RL needs sampled completions" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        parse_args(["--rollout-wait-s", "0"])
-    assert "--rollout-wait-s must be a positive number of seconds" in capsys.readouterr().err
+    for argv, reason in [(["--num-samples", "1"], "advantages are rewards minus the mean"),
+                         (["--temperature", "0"], "RL needs sampled completions"),
+                         (["--rollout-wait-s", "0"], "--rollout-wait-s must be a positive number of seconds"),
+                         (["--weight-sync", "nccl"], "invalid choice: 'nccl'"),
+                         (["--weight-sync-timeout-s", "0"], "--weight-sync-timeout-s must be a positive number")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert reason in capsys.readouterr().err
+
+
+def test_weight_sync_is_the_collective_on_gpus_the_object_store_on_cpus_and_impossible_choices_are_refused():
+    from ray_jobs.chat_rl import parse_args
+    from ray_jobs.weight_sync import resolve_weight_sync
+
+    assert resolve_weight_sync("auto", learner_on_gpu=True, rollout_on_gpu=True) == "collective"
+    assert resolve_weight_sync("auto", learner_on_gpu=False, rollout_on_gpu=False) == "object-store"
+    assert resolve_weight_sync("auto", learner_on_gpu=True, rollout_on_gpu=False) == "object-store"
+    assert resolve_weight_sync("collective", learner_on_gpu=False, rollout_on_gpu=False) == "collective"  # gloo
+    assert resolve_weight_sync("object-store", learner_on_gpu=True, rollout_on_gpu=True) == "object-store"
+    with pytest.raises(ValueError, match="learner is on GPUs and the rollout workers on CPUs"):
+        resolve_weight_sync("collective", learner_on_gpu=True, rollout_on_gpu=False)
+    assert parse_args([]).weight_sync == "auto"
+
+
+def test_weight_sync_benchmark_times_both_paths_and_ends_with_its_result_line(ray_local, capsys):
+    from ray_jobs import bench_weight_sync
+
+    result = bench_weight_sync.main(["--depth", "1", "--vocab-size", "512", "--repeats", "1"])
+    assert result["parameters"] > 0
+    for path in ("object-store", "collective"):
+        assert result[path]["sync_seconds"] > 0 and result[path]["first_seconds"] > 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT weight_sync_collective_seconds_d1 ") and last.split()[-1] in ("PASS", "FAIL")
 
 
 # ---------------------------------------------------------------- 3-node cluster (subprocess)
@@ -302,6 +334,33 @@ def test_a_node_removed_in_the_middle_of_a_step_costs_a_worker_and_the_step_comp
     assert set(removal["worker_nodes_after"]) <= set(removal["alive_nodes"])
 
 
+def test_collective_weight_sync_is_bit_identical_and_keeps_its_group_while_the_members_stay(cluster_report):
+    synced = cluster_report["collective"]["synced"]
+    assert len(set(synced["nodes"])) == 3
+    assert synced["bit_identical"] == [True, True, True]
+    assert synced["versions"] == [2, 2, 2]  # what each worker says it holds
+    assert synced["generation"] == 1  # version 2 went over the group version 1 built
+
+
+def test_collective_weight_sync_rejects_stale_rollouts_and_catches_the_worker_up(cluster_report):
+    stale = cluster_report["collective"]["stale"]
+    assert stale["stale_rejected"] >= 1
+    assert stale["versions"] == [2] * 6
+    assert stale["equal_to_local_current_policy"]
+    assert stale["generation"] == 2  # the stale worker alone, over a generation of its own
+
+
+def test_a_worker_dying_in_a_broadcast_costs_a_timeout_and_its_replacement_rejoins(cluster_report):
+    death = cluster_report["collective"]["death"]
+    assert death["failed_broadcasts"] == 1 and death["replaced"] == 1 and death["victim_replaced"]
+    # the learner waited about one timeout, then the living got the weights over a new generation
+    assert death["sync_seconds"] < 3 * COLLECTIVE_TIMEOUT_S
+    assert death["living_versions"] == [3, 3]
+    assert death["generation_after"] >= death["generation_before"] + 3  # failed, the living, the replacement
+    assert death["bit_identical"] == [True, True, True] and death["versions"] == [3, 3, 3]
+    assert death["group_versions"] == [3] * 6 and death["equal_to_local_current_policy"]
+
+
 def test_rewards_computed_on_the_workers_are_the_tasks(cluster_report):
     rewards = cluster_report["rewards"]
     assert rewards["worker"] == rewards["recomputed"]
@@ -309,6 +368,85 @@ def test_rewards_computed_on_the_workers_are_the_tasks(cluster_report):
 
 
 # ---------------------------------------------------------------- the cluster driver
+
+
+def _collective_checks(cluster, tokenizer, task, model, second: dict, local_groups) -> dict:
+    """The same checks over the collective weight sync (gloo standing in for NCCL), on a fleet of
+    its own: two versions broadcast, a worker with stale weights, and a worker killed after the
+    group's rendezvous of a broadcast, before its transfer."""
+    import time
+
+    import ray
+
+    from ray_jobs import chat_rl
+
+    sampling = {"max_new_tokens": 32, "temperature": 1.0, "top_k": None}
+    shared = ray.put({"tokenizer": tokenizer, "tasks": {"train": task}})
+    fleet = chat_rl.RolloutFleet(3, (model.config_dict(), shared, sampling), num_cpus=0.3, num_gpus=0,
+                                 start_timeout_s=120, stall_timeout_s=120, weight_sync="collective",
+                                 sync_timeout_s=COLLECTIVE_TIMEOUT_S)
+
+    def held():
+        states = ray.get([slot.actor.state_dict.remote() for slot in fleet.slots])
+        return {"versions": ray.get([slot.actor.held_version.remote() for slot in fleet.slots]),
+                "bit_identical": [set(h) == set(weights) and all(torch.equal(h[k], weights[k])
+                                                                 and h[k].dtype == weights[k].dtype for k in weights)
+                                  for h in states]}
+
+    report = {}
+    try:
+        first = {k: v.clone() for k, v in model.state_dict().items()}
+        fleet.publish(first, 1)
+        fleet.sync()
+        weights = second
+        fleet.publish(weights, 2)
+        fleet.sync()
+        report["synced"] = {**held(), "generation": fleet.generation, "nodes": fleet.nodes}
+
+        # stale: worker 0 goes back to version 1 behind the fleet's back, and is caught up alone
+        ray.get(fleet.slots[0].actor.load_weights.remote(1, [ray.put(first)]))
+        jobs = [("train", i, 4, group_seed(7, 0, i)) for i in range(6)]
+        groups = fleet.run(jobs)
+        expected = local_groups(weights, jobs)
+        report["stale"] = {"stale_rejected": fleet.stats["stale_rejected"], "generation": fleet.generation,
+                           "versions": [g["version"] for g in groups],
+                           "equal_to_local_current_policy": all(g["sequences"] == e["sequences"]
+                                                                for g, e in zip(groups, expected))}
+
+        # a member dies after the rendezvous, before the transfer: killed in place of the broadcast
+        weights = random_gpt(tokenizer.get_vocab_size(), sequence_len=SEQUENCE_LEN, seed=4).state_dict()
+        victim = fleet.slots[1].actor
+        broadcast = chat_rl.broadcast_tensors
+
+        def kill_then_broadcast(group, tensors):
+            chat_rl.broadcast_tensors = broadcast
+            ray.kill(victim)
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(victim.held_version.remote(), timeout=60)
+            return broadcast(group, tensors)
+
+        chat_rl.broadcast_tensors = kill_then_broadcast
+        generation = fleet.generation
+        fleet.publish(weights, 3)
+        started = time.perf_counter()
+        fleet.sync()
+        sync_s = time.perf_counter() - started
+        living = ray.get([slot.actor.held_version.remote() for slot in (fleet.slots[0], fleet.slots[2])])
+        while not all(slot.up for slot in fleet.slots):
+            fleet._pump()  # the replacement answers its first call
+        fleet.sync()
+        jobs = [("train", i, 4, group_seed(7, 3, i)) for i in range(6)]
+        groups = fleet.run(jobs)
+        report["death"] = {**held(), "sync_seconds": sync_s, "living_versions": living,
+                           "replaced": fleet.stats["replaced"], "failed_broadcasts": fleet.stats["failed_broadcasts"],
+                           "generation_before": generation, "generation_after": fleet.generation,
+                           "victim_replaced": fleet.slots[1].actor is not victim,
+                           "group_versions": [g["version"] for g in groups],
+                           "equal_to_local_current_policy": all(g["sequences"] == e["sequences"] for g, e in
+                                                                zip(groups, local_groups(weights, jobs)))}
+    finally:
+        fleet.stop()
+    return report
 
 
 def _cluster_checks(out_path: str) -> None:
@@ -383,6 +521,8 @@ def _cluster_checks(out_path: str) -> None:
         report["rewards"] = {"worker": [r for g in groups for r in g["rewards"]],
                              "recomputed": [float(task.reward(task[g["index"]], tokenizer.decode(s[g["prompt_len"]:])))
                                             for g in groups for s in g["sequences"]]}
+
+        report["collective"] = _collective_checks(cluster, tokenizer, task, model, second, local_groups)
 
         # node removal in the middle of a step: the fleet's loop removes it after the second group
         jobs = [("train", i, 4, group_seed(7, 1, i)) for i in range(12)]
