@@ -11,10 +11,12 @@ MuonAdamW (which averages the gradients itself: no DDP). Every step is reported 
 workers evaluate validation bits per byte together, and CORE (each rank scoring a share of the
 examples on its in-memory model), and rank 0 prints greedy samples. Checkpoints go to `--storage-path` every
 `--save-every` steps, keeping the last K; `--resume` continues a run from its newest checkpoint,
-and `FailureConfig(max_failures)` replaces a dead worker and continues from the last checkpoint
-with nobody acting. Either way the train stream starts at the checkpoint's shard: the trainer is
-given a factory of each lane (TrainStreamFactory), which Ray Train calls at every start of the
-worker group, so a restart does not read, tokenize and pack again every shard before it. At the
+and `FailureConfig(max_failures)` replaces a dead worker (or those of a lost node) and continues
+from the last checkpoint with nobody acting. Either way the train stream starts at the
+checkpoint's shard: the trainer is given a factory of each lane (TrainStreamFactory), which Ray
+Train calls at every start of the worker group, so a restart does not read, tokenize and pack
+again every shard before it. `--placement-strategy` says how the workers spread over the nodes,
+and every start of the worker group records the node of each rank in the history. At the
 end the final model is exported to <base>/base_checkpoints/<model_tag>/ for the later stages,
 and the run's metrics history (kept in every checkpoint) is returned.
 
@@ -47,10 +49,11 @@ from nanochat.training import lr_multiplier, muon_momentum, resolve_horizon, wei
 from ray_jobs import pretrain_data
 from ray_jobs.base_eval import packed_batches
 from ray_jobs.gpus import resolve_use_gpu
-from ray_jobs.train_common import (Checkpointer, ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce,
-                                   build_model, device_peak_flops, export_final_model, fit_trainer,
-                                   latest_run_checkpoint, latest_run_checkpoint_meta, maybe_compile, previous_run,
-                                   report_step, restore_from_checkpoint, restore_rng_state, rng_state, start_worker)
+from ray_jobs.train_common import (PLACEMENT_STRATEGIES, Checkpointer, ProgressLine, Stopwatch, TrainMetrics,
+                                   add_run_flags, all_reduce, build_model, device_peak_flops, export_final_model,
+                                   fit_trainer, latest_run_checkpoint, latest_run_checkpoint_meta, maybe_compile,
+                                   previous_run, report_step, restore_from_checkpoint, restore_rng_state, rng_state,
+                                   start_worker, worker_nodes)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
@@ -98,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pack-buffer-docs", type=int, default=1000, help="documents the best-fit packer chooses from")
     # Ray
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (one per GPU)")
+    p.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
+                   help="how the workers spread over the nodes (Ray placement group strategy): PACK fills a "
+                        "node's GPUs first; STRICT_SPREAD puts each worker on a node of its own")
     p.add_argument("--cpus-per-worker", type=float, default=-1.0,
                    help="CPUs per CPU-only train worker; -1 = share the CPUs, leaving Ray Data a quarter per packer and 1 more")
     add_run_flags(p, "base")
@@ -296,10 +302,11 @@ def train_loop_per_worker(config: dict) -> None:
     meta = restore_from_checkpoint(model, optimizer, device, cfg)
     start_step = meta["step"] if meta else 0
     history = meta["history"] if meta else []  # every report of the run so far (rank 0 keeps it)
+    # one record per start of the worker group: the node of every rank, and what a restart restored
+    history.append({"step": start_step, "worker_nodes": worker_nodes()})
     if meta:
         restore_rng_state(meta["rng_state"])
-        history.append({"step": start_step, "restored_from_checkpoint": True,
-                        "model_verifications": meta["model_verifications"]})
+        history[-1].update(restored_from_checkpoint=True, model_verifications=meta["model_verifications"])
     train_model = maybe_compile(model, args.compile, device)
 
     num_steps = horizon["num_iterations"]
@@ -456,7 +463,8 @@ def main(argv=None) -> dict:
     result = fit_trainer("base_train", train_loop_per_worker,
                          {"cfg": cfg, "refs": {"val_rows": ray.put(val_rows), "core_tasks": core_tasks}}, cfg, args,
                          None if cfg["use_gpu"] else {"CPU": cpus_per_worker},
-                         datasets=train_lanes, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
+                         placement_strategy=args.placement_strategy, datasets=train_lanes,
+                         dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     exported = export_final_model(result, cfg)
     print0(f"final model exported to {exported}")
     meta = latest_run_checkpoint_meta(cfg["storage_path"], cfg["run_name"])  # the final checkpoint's

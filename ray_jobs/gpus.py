@@ -64,11 +64,12 @@ class GPUsUnavailableError(RuntimeError):
     """The GPUs a job asked for could not be had in time."""
 
 
-def reserve_gpus(bundles: list[dict[str, float]], timeout_s: float, what: str) -> None:
+def reserve_gpus(bundles: list[dict[str, float]], timeout_s: float, what: str, strategy: str = "PACK") -> None:
     """Wait until the cluster can place all of `bundles` (resource dicts, e.g. one {"GPU": 1,
-    "CPU": 1} per train worker) at once, asking the autoscaler for them; raise GPUsUnavailableError
-    after `timeout_s` seconds. The reservation is released before returning (see the module note)."""
-    group = placement_group([dict(bundle) for bundle in bundles], strategy="PACK",
+    "CPU": 1} per train worker) at once, placed by `strategy` as the trainer will place them,
+    asking the autoscaler for them; raise GPUsUnavailableError after `timeout_s` seconds. The
+    reservation is released before returning (see the module note)."""
+    group = placement_group([dict(bundle) for bundle in bundles], strategy=strategy,
                             name=f"nanochat-gpu-reservation-{what}")
     try:
         ready = group.wait(timeout_seconds=timeout_s)

@@ -62,6 +62,9 @@ RAY_TRAIN_ENV = {
 }
 
 
+# Ray placement group strategies for a trainer's workers (ScalingConfig(placement_strategy)).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
 # Steps between two per-step reports to Ray Train (evaluations and checkpoints report when they happen).
 REPORT_EVERY_STEPS = 10
 
@@ -104,15 +107,24 @@ def previous_run(cfg: dict, args: argparse.Namespace) -> dict | None:
                          f"(step {previous['step']}): pass --resume to continue it, or --run-name NEW to start over")
     if previous is None and args.resume:
         print0(f"--resume: run {cfg['run_name']!r} has no checkpoint in {cfg['storage_path']} yet, starting it")
+    # The optimizer state is sharded over the ranks that saved it (nanochat.optim refuses it at
+    # another world size): without this check every worker would fail at its load, and each of
+    # the --max-failures restarts again, before the run stopped.
+    shards = previous.get("optimizer_shards", 0) if previous is not None else 0
+    if shards and shards != args.num_workers:
+        raise ValueError(f"run {cfg['run_name']!r} was trained by {shards} workers, whose optimizer state is sharded "
+                         f"over them (step {previous['step']}): resume it with --num-workers {shards}, or start "
+                         f"a new run with --run-name NEW")
     return previous
 
 
 def fit_trainer(stage: str, train_loop, loop_config: dict, cfg: dict, args: argparse.Namespace,
                 resources_per_worker: dict | None, extra_gpu_bundles: tuple[dict, ...] = (),
-                **trainer_kwargs) -> ray.train.Result:
+                placement_strategy: str = "PACK", **trainer_kwargs) -> ray.train.Result:
     """Run a trainer's `TorchTrainer` with the settings all trainers share (RAY_TRAIN_ENV, the run's
     name and storage, keep the last --keep-last checkpoints, --max-failures restarts, quiet logs);
-    `trainer_kwargs` go to the TorchTrainer (datasets). A GPU run first reserves its workers' GPUs
+    the workers are placed by `placement_strategy` (PLACEMENT_STRATEGIES), and `trainer_kwargs` go
+    to the TorchTrainer (datasets). A GPU run first reserves its workers' GPUs
     and `extra_gpu_bundles` (ray_jobs.gpus.reserve_gpus: the autoscaler is asked for them, and a
     run that cannot have them within --gpu-wait-s stops with a message instead of waiting forever
     or falling back to CPUs). A run that fails beyond its restarts ends the process with one line
@@ -120,7 +132,8 @@ def fit_trainer(stage: str, train_loop, loop_config: dict, cfg: dict, args: argp
     if cfg["use_gpu"]:
         worker = resources_per_worker or {"CPU": 1, "GPU": 1}  # Ray Train's default for a GPU worker
         try:
-            reserve_gpus([worker] * args.num_workers + list(extra_gpu_bundles), args.gpu_wait_s, stage)
+            reserve_gpus([worker] * args.num_workers + list(extra_gpu_bundles), args.gpu_wait_s, stage,
+                         strategy=placement_strategy)
         except GPUsUnavailableError as exc:
             print(f"{stage}: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
@@ -129,7 +142,7 @@ def fit_trainer(stage: str, train_loop, loop_config: dict, cfg: dict, args: argp
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=cfg["use_gpu"],
-                                     resources_per_worker=resources_per_worker),
+                                     resources_per_worker=resources_per_worker, placement_strategy=placement_strategy),
         run_config=RunConfig(name=cfg["run_name"], storage_path=cfg["storage_path"],
                              checkpoint_config=CheckpointConfig(num_to_keep=args.keep_last),
                              failure_config=FailureConfig(max_failures=args.max_failures),
@@ -190,6 +203,17 @@ def world_info() -> tuple[int, int]:
 def local_rank() -> int:
     """This worker's rank among the workers of its node."""
     return ray.train.get_context().get_local_rank()
+
+
+def worker_nodes() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective: every rank calls it; on CUDA
+    after start_worker has made the rank's device current, which NCCL's gather uses)."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [node]
+    nodes = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def configure_cpu_threads() -> int:

@@ -27,8 +27,6 @@ whole job (ray_jobs/chat_rl.py) with a tiny model.
 import functools
 import json
 import math
-import os
-import subprocess
 import sys
 
 import pytest
@@ -41,9 +39,9 @@ from nanochat.rl import (group_advantages, group_seed, pass_at_k, policy_gradien
 from nanochat.tasks import Arithmetic, Task
 from nanochat.tasks.common import extract_final_answer, last_assistant_text
 from nanochat.tokenizer import Tokenizer
+from tests.cluster_driver import start_driver
 from tests.tiny import CHAT_TEXT, random_gpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_TAG = "chat_rl_test_d2"
 SEQUENCE_LEN = 256
 # The collective weight sync's timeout in the cluster checks: what a broadcast with a dead member costs.
@@ -170,18 +168,11 @@ def test_group_seeds_differ_by_step_and_prompt():
 
 @pytest.fixture(scope="module")
 def cluster_driver(tmp_path_factory):
-    """The subprocess that runs the 3-node cluster checks: (process, path of its JSON report).
-    Started before the job's runs (rl_runs asks for it) so that the two overlap."""
-    folder = tmp_path_factory.mktemp("chat_rl_cluster")
-    out, log = folder / "report.json", folder / "driver.log"
-    env = {**os.environ, "RAY_DEDUP_LOGS": "1", "PYTHONPATH": REPO}
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.test_chat_rl", str(out)], cwd=REPO, env=env,
-                                stdout=log_file, stderr=subprocess.STDOUT)
-    yield proc, out, log
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    """The subprocess that runs the 3-node cluster checks (tests.cluster_driver). Started before
+    the job's runs (rl_runs asks for it) so that the two overlap."""
+    driver = start_driver("tests.test_chat_rl", tmp_path_factory.mktemp("chat_rl_cluster"))
+    yield driver
+    driver.kill()
 
 
 @pytest.fixture(scope="module")
@@ -292,14 +283,7 @@ def test_weight_sync_benchmark_times_both_paths_and_ends_with_its_result_line(ra
 
 @pytest.fixture(scope="module")
 def cluster_report(cluster_driver):
-    proc, out, log = cluster_driver
-    try:
-        proc.wait(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 0 and out.exists(), f"cluster driver failed:\n{log.read_text()[-6000:]}"
-    return json.loads(out.read_text())
+    return cluster_driver.report(timeout_s=240)
 
 
 def test_rollout_workers_land_on_three_nodes(cluster_report):
