@@ -17,9 +17,8 @@ from serve import cli
 from serve.api import API_KEY_ENV, api_key_digest, bearer_key_matches, exposure_warning
 from serve.app import ChatAPI, ChatAppArgs
 from tests.serve_helpers import serve_port
-from tests.test_serve_ui import GREETING_PIECES, SCRIPT, ScriptedChatModel, answer_after, browser, message_texts
+from tests.test_serve_ui import GREETING_PIECES, SCRIPT, ScriptedChatModel, answer_after, message_texts
 
-__all__ = ["browser"]  # a fixture of test_serve_ui, used here by name
 
 APP = "nanochat-auth"
 ROUTE = "/auth-test"
