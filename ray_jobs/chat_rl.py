@@ -84,6 +84,8 @@ TASK_OPTIONS = {"arithmetic": {"train": {"size": 4000}, "test": {"size": 256}}}
 IN_FLIGHT_PER_WORKER = 2
 # Tries of one prompt within a step (worker deaths, stale weights) before the step gives up.
 TRIES_PER_PROMPT = 4
+# A broadcast member that has not answered for this many sync timeouts is taken as stuck and replaced.
+STUCK_AFTER_TIMEOUTS = 2
 
 
 def rl_tasks(name: str) -> dict:
@@ -320,7 +322,9 @@ class RolloutFleet:
 
     def _await_members(self, refs: dict, works: list) -> str | None:
         """Wait for the members of a broadcast; what went wrong, or None. A dead member is replaced;
-        members that make no progress for the sync timeout are replaced as well."""
+        members that make no progress for STUCK_AFTER_TIMEOUTS sync timeouts are replaced as well
+        (a living member's own collective times out after one and answers, so a cut-off of exactly
+        one raced it and replaced healthy workers on a loaded machine)."""
         pending, failure = list(refs), None
         answered, progress, last = 0, -1, time.monotonic()
         while pending:
@@ -339,10 +343,11 @@ class RolloutFleet:
             completed = answered + sum(work.is_completed() for work in works)
             if completed > progress:
                 progress, last = completed, time.monotonic()
-            elif time.monotonic() - last > self.sync_timeout_s:
+            elif time.monotonic() - last > STUCK_AFTER_TIMEOUTS * self.sync_timeout_s:
                 for ref in pending:
                     self._lost(*refs[ref])
-                return f"{len(pending)} rollout worker(s) made no progress for {self.sync_timeout_s:.0f}s (replaced)"
+                return (f"{len(pending)} rollout worker(s) made no progress for "
+                        f"{STUCK_AFTER_TIMEOUTS * self.sync_timeout_s:.0f}s (replaced)")
         return failure
 
     def _close_group(self, abort: bool) -> None:
