@@ -11,6 +11,7 @@ checks that docs/scaling.md holds the tables this prints, so the document cannot
 inputs.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ class ModelSize:
     flops_per_token: float
 
 
+@functools.cache
 def model_size(depth: int) -> ModelSize:
     with torch.device("meta"):
         model = GPT(config_from_depth(depth, vocab_size=VOCAB_SIZE, sequence_len=SEQUENCE_LEN))

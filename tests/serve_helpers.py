@@ -13,6 +13,7 @@ from dataclasses import asdict
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+from nanochat.engine import Engine
 from nanochat.tokenizer import Tokenizer
 from tests.tiny import CHAT_TEXT, random_gpt
 
@@ -72,6 +73,18 @@ def save_tool_calling_checkpoint(model_tag: str, tokenizer_dir: str, sequence_le
     save_checkpoint(checkpoint_dir("sft", model_tag), 1, model.state_dict(), {"model_config": asdict(model.config)},
                     tokenizer_dir=tokenizer_dir)
     return model, tokenizer
+
+
+def engine_reply(model, tokenizer, prompt: list[int], **settings) -> str:
+    """The text Engine.generate makes in this process for `prompt`: its tokens up to the first
+    stop token, what a replica should stream for the same settings."""
+    engine = Engine(model, tokenizer)
+    tokens = []
+    for column, _ in engine.generate(prompt, num_samples=1, **settings):
+        if column[0] in engine.tool_use.stop_tokens:
+            break
+        tokens.append(column[0])
+    return tokenizer.decode(tokens)
 
 
 def free_port() -> int:

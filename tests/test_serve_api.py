@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from nanochat.engine import Engine
 from serve.api import MAX_MESSAGE_CHARS, MAX_MESSAGES, TextStream
 from serve.app import ChatAppArgs, build_app
-from tests.serve_helpers import EventStream, request, save_tiny_chat_checkpoint, serve_port, stream_events, wait_until
+from tests.serve_helpers import (EventStream, engine_reply, request, save_tiny_chat_checkpoint, serve_port,
+                                 stream_events, wait_until)
 
 APP = "nanochat-api"
 MODEL_TAG = "serve-api"
@@ -47,15 +47,9 @@ def model_stats() -> dict:
 
 
 def engine_text(model, tokenizer, messages, **settings) -> str:
-    """The answer Engine.generate gives in this process: its tokens up to the first stop token."""
+    """The answer the in-process Engine gives to a conversation."""
     prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
-    engine = Engine(model, tokenizer)
-    tokens = []
-    for column, _ in engine.generate(prompt, num_samples=1, **settings):
-        if column[0] in engine.tool_use.stop_tokens:
-            break
-        tokens.append(column[0])
-    return tokenizer.decode(tokens)
+    return engine_reply(model, tokenizer, prompt, **settings)
 
 
 def test_sse_and_openai_streams_carry_the_engine_text_for_a_fixed_seed(chat_app):

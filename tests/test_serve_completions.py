@@ -8,9 +8,8 @@ import openai
 import pytest
 from ray import serve
 
-from nanochat.engine import Engine
 from serve.app import ChatAppArgs, build_app
-from tests.serve_helpers import save_tiny_chat_checkpoint, serve_port
+from tests.serve_helpers import engine_reply, save_tiny_chat_checkpoint, serve_port
 
 APP = "nanochat-base"
 ROUTE = "/base"
@@ -32,14 +31,8 @@ def base_app(ray_local, tmp_path_factory):
 
 def engine_continuation(model, tokenizer, prompt: str, max_tokens: int) -> str:
     """Greedy continuation of BOS + the prompt by the in-process Engine."""
-    engine = Engine(model, tokenizer)
-    tokens = []
     ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    for column, _ in engine.generate(ids, num_samples=1, max_tokens=max_tokens, temperature=0.0):
-        if column[0] in engine.tool_use.stop_tokens:
-            break
-        tokens.append(column[0])
-    return tokenizer.decode(tokens)
+    return engine_reply(model, tokenizer, ids, max_tokens=max_tokens, temperature=0.0)
 
 
 def test_a_completion_continues_the_prompt_as_the_engine_does_whole_and_streamed(base_app):
