@@ -340,7 +340,10 @@ def test_a_worker_dying_in_a_broadcast_costs_a_timeout_and_its_replacement_rejoi
     # the learner waited about one timeout, then the living got the weights over a new generation
     assert death["sync_seconds"] < 3 * COLLECTIVE_TIMEOUT_S
     assert death["living_versions"] == [3, 3]
-    assert death["generation_after"] >= death["generation_before"] + 3  # failed, the living, the replacement
+    # the failed round, then the replacement's; the living get the weights either in the failed round
+    # (gloo sends to each member in turn, so those before the dead one may already hold them) or in a
+    # round of their own, and a replacement that is up by then joins that round
+    assert death["generation_after"] >= death["generation_before"] + 2
     assert death["bit_identical"] == [True, True, True] and death["versions"] == [3, 3, 3]
     assert death["group_versions"] == [3] * 6 and death["equal_to_local_current_policy"]
 
