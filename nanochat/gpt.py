@@ -379,6 +379,11 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """The normalized token embeddings that enter the first block (and that a KV cache carries
+        for the smear: the prefix cache recomputes a row's from its last cached token)."""
+        return norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+
     def _smear(self, x: torch.Tensor, kv_cache, lengths: list[int] | None) -> torch.Tensor:
         """x (B, T, C) with every position's previous-token embedding mixed in through the smear
         gate. Position 0 of a sequence has none. With a KV cache the first new token of a row
@@ -436,7 +441,7 @@ class GPT(nn.Module):
                 cos = self.rotary_cos[positions][:, :, None, :]
                 sin = self.rotary_sin[positions][:, :, None, :]
 
-        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        x = self.embed(idx)
         if self.smear_gate is not None:
             x = self._smear(x, kv_cache, lengths)
         x0 = x

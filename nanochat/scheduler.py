@@ -17,6 +17,12 @@ Requests past either bound wait in a FIFO queue; the head of the queue is never 
 Live requests are kept packed into the first rows of the cache (a finished row is filled by the
 last live one), so the model only ever runs on rows that have work.
 
+A prefix cache (nanochat.prefix_cache) keeps the keys and values of prompts and replies already
+computed, in blocks: a new request copies the longest cached start of its prompt into its row and
+prefills only the rest. Requests admitted in the same step share too: each one's prompt is cached
+as soon as it is prefilled, before the next one's prefill. The cache changes no output: a row's
+keys and values are the same whether computed or copied.
+
 Threading: `submit`, `cancel` and `stats` may be called from any thread; `step` belongs to one
 thread, usually the one that `start()` launches (a Ray Serve replica runs it next to its asyncio
 loop). A request's tokens can be consumed with a plain `for` loop from a thread or with
@@ -35,6 +41,7 @@ import torch
 from nanochat.engine import (RowState, ToolUse, check_prompt, check_sampling_settings, draw_from_top_k,
                              sample_next_token)
 from nanochat.kv_cache import KVCache
+from nanochat.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 
 logger = logging.getLogger("nanochat")
 
@@ -67,6 +74,7 @@ class GenerationRequest:
         self.seed = seed
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
+        self.prefix_hit_tokens = 0  # prompt tokens whose keys and values came from the prefix cache
         self._tokens: list[int] = []
         self._masks: list[int] = []
         self._changed = threading.Condition()
@@ -76,6 +84,7 @@ class GenerationRequest:
         self._row = RowState(tool_use)
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
+        self._prefix_blocks: list[int] = []  # the prefix cache's blocks this request holds
 
     @property
     def reserved_tokens(self) -> int:
@@ -185,7 +194,11 @@ class Scheduler:
     """Continuous batching over one model. See the module docstring for the design."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 max_cache_tokens: int | None = None):
+                 max_cache_tokens: int | None = None, prefix_cache_tokens: int | None = None,
+                 prefix_block_size: int = DEFAULT_BLOCK_SIZE):
+        """`prefix_cache_tokens`: the positions the prefix cache may hold (None: as many as the
+        decode cache's budget, max_cache_tokens; 0: no prefix cache), in blocks of
+        `prefix_block_size` tokens."""
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int")
         max_seq_len = model.config.sequence_len if max_seq_len is None else max_seq_len
@@ -201,6 +214,13 @@ class Scheduler:
         self.max_cache_tokens = max_cache_tokens
         self.device = model.get_device()
         self.cache = KVCache.for_model(model, batch_size=max_batch_size, max_seq_len=max_seq_len)
+        prefix_cache_tokens = max_cache_tokens if prefix_cache_tokens is None else prefix_cache_tokens
+        if isinstance(prefix_cache_tokens, bool) or not isinstance(prefix_cache_tokens, int) or not (
+                prefix_cache_tokens == 0 or prefix_cache_tokens >= prefix_block_size):
+            raise ValueError(f"prefix_cache_tokens={prefix_cache_tokens!r} must be 0 (no prefix cache) or an int "
+                             f"of at least one block ({prefix_block_size} tokens)")
+        self.prefix_cache = (PrefixCache.for_cache(self.cache, prefix_cache_tokens, prefix_block_size)
+                             if prefix_cache_tokens else None)
 
         self._lock = threading.Condition()  # guards the queue and the flags below; wakes the loop
         self._waiting: deque[GenerationRequest] = deque()
@@ -214,6 +234,8 @@ class Scheduler:
         self._tokens_generated = 0
         self._requests_finished = 0
         self._recent_steps: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens)
+        # The prefix cache's counts as of the last step (the cache itself belongs to the loop's thread).
+        self._prefix_stats = self._read_prefix_stats()
 
     # ---------------------------------------------------------------- any thread
 
@@ -259,8 +281,9 @@ class Scheduler:
             self._lock.notify_all()
 
     def stats(self) -> dict:
-        """Active sequences, queue depth, reserved cache positions, tokens generated so far, and the
-        decoding rate (tokens per second of stepping, over the last THROUGHPUT_WINDOW_S seconds)."""
+        """Active sequences, queue depth, reserved cache positions, tokens generated so far, the
+        decoding rate (tokens per second of stepping, over the last THROUGHPUT_WINDOW_S seconds),
+        and the prefix cache's counts (PrefixCache.stats; zeros without one)."""
         with self._lock:
             now = time.perf_counter()
             recent = [(duration, tokens) for end, duration, tokens in self._recent_steps
@@ -275,6 +298,7 @@ class Scheduler:
                 "tokens_generated": self._tokens_generated,
                 "requests_finished": self._requests_finished,
                 "tokens_per_second": sum(tokens for _, tokens in recent) / busy if busy > 0 else 0.0,
+                **self._prefix_stats,
             }
 
     def has_work(self) -> bool:
@@ -348,7 +372,9 @@ class Scheduler:
         except BaseException as error:
             self._fail(self._active, error)
             raise
+        prefix_stats = self._read_prefix_stats()
         with self._lock:
+            self._prefix_stats = prefix_stats
             self._tokens_generated += generated
             end = time.perf_counter()
             self._recent_steps.append((end, end - started, generated))
@@ -379,11 +405,33 @@ class Scheduler:
                                   dtype=torch.long, device=self.device)
             parts.append(self.model(newest, kv_cache=self.cache.rows(0, running))[:, -1])
         for offset, request in enumerate(admitted):
-            row = running + offset
-            self.cache.cache_seqlens[row] = 0
-            prompt = torch.tensor([request.prompt_tokens], dtype=torch.long, device=self.device)
-            parts.append(self.model(prompt, kv_cache=self.cache.rows(row, row + 1), last_only=True)[:, -1])
+            parts.append(self._prefill(request, running + offset))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _prefill(self, request: GenerationRequest, row: int) -> torch.Tensor:
+        """Write `request`'s prompt into `row`: what the prefix cache holds by copy, the rest by a
+        forward pass; the prompt's blocks are then cached. Returns the last position's logits (1, vocab)."""
+        prompt = request.prompt_tokens
+        self.cache.cache_seqlens[row] = 0
+        if self.prefix_cache is not None:
+            request._prefix_blocks = self.prefix_cache.acquire_prefix(prompt)
+            hit = self.prefix_cache.copy_into(request._prefix_blocks, self.cache, row)
+            if hit:
+                self.cache.cache_seqlens[row] = hit
+                # The smear of the first computed token reads the embedding of the last copied one.
+                last_cached = torch.tensor([prompt[hit - 1]], dtype=torch.long, device=self.device)
+                self.cache.prev_embedding[row] = self.model.embed(last_cached)[0]
+            request.prefix_hit_tokens = hit
+        rest = torch.tensor([prompt[request.prefix_hit_tokens:]], dtype=torch.long, device=self.device)
+        logits = self.model(rest, kv_cache=self.cache.rows(row, row + 1), last_only=True)[:, -1]
+        if self.prefix_cache is not None:
+            request._prefix_blocks += self.prefix_cache.add(prompt, self.cache, row, request._prefix_blocks)
+        return logits
+
+    def _read_prefix_stats(self) -> dict:
+        if self.prefix_cache is None:
+            return {key: 0 for key in PrefixCache.STAT_KEYS}
+        return self.prefix_cache.stats()
 
     def _sample_and_publish(self, logits: torch.Tensor) -> int:
         """Choose every row's next token, stream it, and retire the rows that are done; returns
@@ -419,8 +467,15 @@ class Scheduler:
         return generated
 
     def _release(self, slot: int, reason: str) -> None:
-        """Finish the request in `slot` and fill the gap with the last running row."""
+        """Finish the request in `slot` (caching the blocks of what its row holds) and fill the gap
+        with the last running row."""
         request = self._active[slot]
+        if self.prefix_cache is not None:
+            # The row holds the prompt and every token fed back since; the newest one never was.
+            written = (request.prompt_tokens + request._tokens)[:int(self.cache.cache_seqlens[slot])]
+            blocks = request._prefix_blocks
+            self.prefix_cache.release(blocks + self.prefix_cache.add(written, self.cache, slot, blocks))
+            request._prefix_blocks = []
         last = len(self._active) - 1
         self.cache.move_row(last, slot)
         self.cache.cache_seqlens[last] = 0
@@ -439,6 +494,11 @@ class Scheduler:
                 self._requests_finished += 1
         for request in requests:
             request._publish(finish_reason=FINISH_ERROR, error=error)
+            if self.prefix_cache is not None:
+                self.prefix_cache.release(request._prefix_blocks)
+                request._prefix_blocks = []
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # what the failed pass may have cached is not trusted either
         self._active = []
         self.cache.reset()
 

@@ -97,9 +97,13 @@ def stand_in_tokenizer() -> Tokenizer:
 
 
 def build_model(args, tokenizer: Tokenizer, device: torch.device) -> GPT:
-    config = config_from_depth(args.depth, vocab_size=args.vocab_size,
-                               sequence_len=max(1024, args.context + args.decode_tokens + args.naive_tokens,
-                                                args.request_prompt + args.request_tokens))
+    return random_model(args.depth, args.vocab_size, max(1024, args.context + args.decode_tokens + args.naive_tokens,
+                                                         args.request_prompt + args.request_tokens), tokenizer, device)
+
+
+def random_model(depth: int, vocab_size: int, sequence_len: int, tokenizer: Tokenizer, device: torch.device) -> GPT:
+    """A freshly initialised GPT of `depth` that never samples a special token of `tokenizer`."""
+    config = config_from_depth(depth, vocab_size=vocab_size, sequence_len=sequence_len)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -156,8 +160,9 @@ def bench_naive_decode(model, prompt: list[int], tokens: int, repeats: int, devi
 
 def bench_scheduler(model, tokenizer, prompts: list[list[int]], args, device: torch.device) -> float:
     """Total generated tokens per second with len(prompts) requests in flight at once."""
+    # No prefix cache: the repeats resend the same prompts, which would then skip their prefills.
     scheduler = Scheduler(model, tokenizer, max_batch_size=max(args.concurrency),
-                          max_seq_len=args.request_prompt + args.request_tokens)
+                          max_seq_len=args.request_prompt + args.request_tokens, prefix_cache_tokens=0)
 
     def serve_all():
         requests = [scheduler.submit(prompt, max_tokens=args.request_tokens, temperature=0.0) for prompt in prompts]

@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-replicas", type=int, default=1)
     parser.add_argument("--max-replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per replica")
+    parser.add_argument("--prefix-cache-tokens", type=int,
+                        help="positions the prefix cache of a replica keeps (default: as many as its batch's rows "
+                             "hold; 0 turns it off)")
     parser.add_argument("--replica-gpus", type=float,
                         help="GPUs per replica (default: 1 if the cluster has or its autoscaler can add GPUs)")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
     key = args.api_key or os.environ.get(API_KEY_ENV)
     try:
         app_args = ChatAppArgs(source=args.source, model_tag=model_tag, step=step, device=args.device,
-                               max_batch_size=args.max_batch_size, min_replicas=args.min_replicas,
+                               max_batch_size=args.max_batch_size, prefix_cache_tokens=args.prefix_cache_tokens,
+                               min_replicas=args.min_replicas,
                                max_replicas=args.max_replicas, replica_gpus=args.replica_gpus,
                                replica_cpus=args.replica_cpus, max_queued_requests=args.max_queued_requests,
                                ingress_min_replicas=args.ingress_min_replicas,

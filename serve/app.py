@@ -109,7 +109,8 @@ def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> 
 class ChatModel:
     """One model, one continuous-batching scheduler: every ongoing request is a row of its batch."""
 
-    def __init__(self, source: str, model_tag: str, step: int, max_batch_size: int = 8, device: str | None = None):
+    def __init__(self, source: str, model_tag: str, step: int, max_batch_size: int = 8, device: str | None = None,
+                 prefix_cache_tokens: int | None = None):
         """`model_tag` and `step` are resolved by build_app, never here: every replica, whenever it
         starts, loads the same checkpoint."""
         # torch and the model are imported here so that the ingress process never loads them.
@@ -124,7 +125,8 @@ class ChatModel:
         # A checkpoint normally carries its tokenizer; an old one falls back to the project's.
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.special_ids = {name: self.tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
-        self.scheduler = Scheduler(model, self.tokenizer, max_batch_size=max_batch_size)
+        self.scheduler = Scheduler(model, self.tokenizer, max_batch_size=max_batch_size,
+                                   prefix_cache_tokens=prefix_cache_tokens)
         self.scheduler_thread = self.scheduler.start()
         self.info = {"id": f"nanochat-{source}-{self.model_tag}", "source": source, "model_tag": self.model_tag,
                      "step": self.step, "context_length": self.scheduler.max_seq_len,
@@ -141,14 +143,31 @@ class ChatModel:
         self.queued_gauge = Gauge("nanochat_queued_sequences", "Requests waiting for a row of a replica's batch",
                                   tag_keys=("replica",))
         self.queued_gauge.set_default_tags(tags)
+        self.prefix_hit_counter = Counter("nanochat_prefix_hit_tokens",
+                                          "Prompt tokens whose keys and values came from a replica's prefix cache",
+                                          tag_keys=("replica",))
+        self.prefix_hit_counter.set_default_tags(tags)
+        self.prompt_tokens_counter = Counter("nanochat_prompt_tokens", "Prompt tokens a replica was asked to prefill",
+                                             tag_keys=("replica",))
+        self.prompt_tokens_counter.set_default_tags(tags)
+        self.cached_blocks_gauge = Gauge("nanochat_prefix_cached_blocks", "Blocks held in a replica's prefix cache",
+                                         tag_keys=("replica",))
+        self.cached_blocks_gauge.set_default_tags(tags)
         self._stopping = threading.Event()
         threading.Thread(target=self._publish_gauges, name="nanochat-gauges", daemon=True).start()
 
     def _publish_gauges(self) -> None:
+        published = {"prefix_hit_tokens": 0, "prefix_prompt_tokens": 0}  # what the counters have been told
+        counters = {"prefix_hit_tokens": self.prefix_hit_counter, "prefix_prompt_tokens": self.prompt_tokens_counter}
         while not self._stopping.wait(GAUGE_INTERVAL_S):
             stats = self.scheduler.stats()
             self.active_gauge.set(stats["active"])
             self.queued_gauge.set(stats["queued"])
+            self.cached_blocks_gauge.set(stats["prefix_cached_blocks"])
+            for key, counter in counters.items():
+                if stats[key] > published[key]:
+                    counter.inc(stats[key] - published[key])
+                    published[key] = stats[key]
 
     def describe(self) -> dict:
         return dict(self.info)
@@ -561,8 +580,9 @@ class ChatAPI:
 
     @fastapi_app.get("/stats")
     async def stats(self) -> dict:
-        """Replicas, and summed over them: requests decoding, requests queued, tokens/s; per
-        replica also the checkpoint it serves; and which ingress replica answered."""
+        """Replicas, and summed over them: requests decoding, requests queued, tokens/s, the
+        prefix caches' hits (prompt tokens served from a cache, of all prompt tokens) and cached
+        blocks; per replica also the checkpoint it serves; and which ingress replica answered."""
         replicas = await self._replica_states()
         per_replica = await self.model.broadcast("stats").results_async(timeout_s=STATS_TIMEOUT_S,
                                                                         return_exceptions=True)
@@ -573,6 +593,9 @@ class ChatAPI:
             "active_sequences": sum(stats["active"] for stats in per_replica),
             "queue_depth": sum(stats["queued"] for stats in per_replica),
             "tokens_per_second": sum(stats["tokens_per_second"] for stats in per_replica),
+            "prefix_hit_tokens": sum(stats["prefix_hit_tokens"] for stats in per_replica),
+            "prefix_prompt_tokens": sum(stats["prefix_prompt_tokens"] for stats in per_replica),
+            "prefix_cached_blocks": sum(stats["prefix_cached_blocks"] for stats in per_replica),
             "per_replica": per_replica,
             "ingress_replica": self.replica_id,
         }
@@ -588,6 +611,9 @@ class ChatAppArgs(BaseModel):
     step: int | None = Field(default=None, ge=0)
     device: str | None = None  # None: the best the replica's node has (cuda, mps, cpu)
     max_batch_size: int = Field(default=8, ge=1)
+    # Positions of keys and values a replica's prefix cache keeps (nanochat.prefix_cache); None: as
+    # many as its decode rows hold (max_batch_size x the model's context); 0: no prefix cache.
+    prefix_cache_tokens: int | None = Field(default=None, ge=0)
     # Above max_batch_size, so that a finished row is refilled from the replica's own queue at once.
     max_ongoing_requests: int = Field(default=16, ge=1)
     min_replicas: int = Field(default=1, ge=0)
@@ -668,5 +694,5 @@ def build_app(args: ChatAppArgs) -> serve.Application:
     ingress = ChatAPI.options(max_ongoing_requests=args.ingress_max_ongoing_requests,
                               max_queued_requests=args.ingress_max_queued_requests, backpressure_config=backpressure,
                               autoscaling_config=ingress_autoscaling)
-    return ingress.bind(model.bind(args.source, model_tag, step, args.max_batch_size, args.device), defaults,
-                        args.retry_after_s, digest)
+    return ingress.bind(model.bind(args.source, model_tag, step, args.max_batch_size, args.device,
+                                   args.prefix_cache_tokens), defaults, args.retry_after_s, digest)

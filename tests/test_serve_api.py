@@ -263,6 +263,27 @@ def test_health_stats_models_and_ui(chat_app):
     assert status == 200 and "<title>nanochat</title>" in page and "chat/completions" in page
 
 
+def test_each_turn_resent_with_its_history_is_prefilled_from_the_prefix_cache(chat_app):
+    port, model, tokenizer = chat_app
+    _, before = request(port, "GET", "/stats")
+    messages = [{"role": "system", "content": "You are a careful assistant who answers in one short sentence."},
+                {"role": "user", "content": "What is 12 plus 30?"}]
+    for _ in range(2):
+        status, body = request(port, "POST", "/v1/chat/completions",
+                               {"model": "nanochat", "messages": messages, "max_tokens": 8, "temperature": 0})
+        reply = body["choices"][0]["message"]["content"]
+        # what the cached keys and values give is what a prefill from nothing gives
+        assert status == 200 and reply == engine_text(model, tokenizer, messages, temperature=0, max_tokens=8)
+        messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And 7 times 6?"}]
+    _, after = request(port, "GET", "/stats")
+    first_prompt = len(tokenizer.render_for_completion({"messages": messages[:2] + [{"role": "assistant",
+                                                                                        "content": ""}]}))
+    # the second turn found the first turn's prompt, in whole blocks (at least one: the prompt is longer)
+    assert first_prompt > 16 and after["prefix_hit_tokens"] - before["prefix_hit_tokens"] >= first_prompt // 16 * 16
+    assert after["prefix_prompt_tokens"] > before["prefix_prompt_tokens"] and after["prefix_cached_blocks"] > 0
+    assert after["per_replica"][0]["prefix_cache_blocks"] == 4 * CONTEXT // 16
+
+
 def test_config_file_builds_the_app_with_its_numbers(chat_app):
     with open(os.path.join(REPO_ROOT, "serve", "config.yaml")) as f:
         config = ServeDeploySchema.model_validate(yaml.safe_load(f))
