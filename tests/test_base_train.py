@@ -109,14 +109,12 @@ def _write_core_bundle(bundle_dir: str) -> None:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Shards, the tokenizer under the session's base dir, a tiny CORE bundle, the common flags."""
-    work = tmp_path_factory.mktemp("base_train")
-    shards = work / "shards"
+def write_pretraining_inputs(shards) -> None:
+    """Into the folder `shards`: 12 train shards of 30 documents (about 20 rows of 65 tokens each),
+    then the val shard of 60 (about 40 rows, of which 32 are evaluated); a 512-token tokenizer
+    trained on the grammar into the session's base dir; the tiny CORE bundle there, unless it is
+    there already."""
     shards.mkdir()
-    # 12 train shards of 30 documents (about 20 rows of 65 tokens each), then the val shard of 60
-    # (about 40 rows, of which 32 are evaluated).
     for index in range(13):
         documents = _documents(60 if index == 12 else 30, seed=index)
         pq.write_table(pa.table({"text": documents}), str(shards / f"shard_{index:05d}.parquet"))
@@ -124,17 +122,30 @@ def setup(tmp_path_factory):
     bundle = os.path.join(os.environ["NANOCHAT_BASE_DIR"], "eval_bundle")
     if not os.path.exists(bundle):
         _write_core_bundle(bundle)
-    flags = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", str(SEQ_LEN),
-             "--window-pattern", "L", "--device-batch-size", str(DEVICE_BATCH), "--total-batch-size", "512",
-             "--num-iterations", str(STEPS), "--source", "local", "--data-dir", str(shards),
-             "--pack-buffer-docs", str(PACK_BUFFER_DOCS), "--eval-every", str(STEPS), "--eval-tokens", str(EVAL_TOKENS),
-             "--sample-every", "-1", "--save-every", str(SAVE_EVERY), "--storage-path", str(work / "runs"),
-             "--compile", "off",  # 8 steps: compiling costs more than it saves (the 1-worker run compiles)
-             # sqrt(512 / 2**19) scales the default learning rates by 1/32: too small to move in 8
-             # steps. These are 8x the seed's (0.02, 0.2, 0.004, 0.5), without the 40-step warmup.
-             "--matrix-lr", "0.16", "--embedding-lr", "1.6", "--unembedding-lr", "0.032", "--scalar-lr", "4",
-             "--warmup-steps", "0"]
-    return {"work": work, "shards": shards, "flags": flags}
+
+
+def pretraining_flags(shards, runs) -> list[str]:
+    """base_train's flags for a tiny model on write_pretraining_inputs' shards: STEPS steps, val bpb
+    at 0 and STEPS, checkpoints every SAVE_EVERY steps into the folder `runs`."""
+    return ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", str(SEQ_LEN),
+            "--window-pattern", "L", "--device-batch-size", str(DEVICE_BATCH), "--total-batch-size", "512",
+            "--num-iterations", str(STEPS), "--source", "local", "--data-dir", str(shards),
+            "--pack-buffer-docs", str(PACK_BUFFER_DOCS), "--eval-every", str(STEPS), "--eval-tokens", str(EVAL_TOKENS),
+            "--sample-every", "-1", "--save-every", str(SAVE_EVERY), "--storage-path", str(runs),
+            "--compile", "off",  # 8 steps: compiling costs more than it saves (the 1-worker run compiles)
+            # sqrt(512 / 2**19) scales the default learning rates by 1/32: too small to move in 8
+            # steps. These are 8x the seed's (0.02, 0.2, 0.004, 0.5), without the 40-step warmup.
+            "--matrix-lr", "0.16", "--embedding-lr", "1.6", "--unembedding-lr", "0.032", "--scalar-lr", "4",
+            "--warmup-steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Shards, the tokenizer under the session's base dir, a tiny CORE bundle, the common flags."""
+    work = tmp_path_factory.mktemp("base_train")
+    shards = work / "shards"
+    write_pretraining_inputs(shards)
+    return {"work": work, "shards": shards, "flags": pretraining_flags(shards, work / "runs")}
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,26 @@
-"""Monitoring: the Grafana dashboard in monitoring/ asks only for metrics the code exports, and the
-chat service's metrics and a trainer's gauge really reach the node's Prometheus export endpoint
-(the one Ray's Prometheus config scrapes), named as the dashboard queries them.
+"""Monitoring: the Grafana dashboard in monitoring/ is valid Grafana JSON with the panels the README
+promises, the chat service's metrics and a trainer's gauge really reach the node's Prometheus
+export endpoint (the one Ray's Prometheus config scrapes), and every panel's query finds series
+that the trainers and the chat service really published.
 
-Then Prometheus for real, as the README's Monitoring section runs it: Debian's `prometheus` (`make
-test` installs it; the test skips, saying so, only where it is missing) on the config Ray's
-dashboard generates for a live head (the demo's `start_local_head`, in a temp dir of its own, beside
-the session's `ray_local`, which has no dashboard and so no such config). Its copy of that config
-scrapes every second instead of every 10 s, and the head's processes report their metrics every
-second (RAY_metrics_report_interval_ms=1000, Ray's floor; 10 s by default) so that the checks wait
-seconds, not tens of seconds. A short `python -m ray_jobs.chat_sft` run and `python -m serve`,
-both started as a user would with RAY_ADDRESS pointing at the head, feed it; the test then asks
-Prometheus's HTTP API for the `ray_nanochat_*` series and runs the dashboard's own queries.
+That last check runs Prometheus for real, as the README's Monitoring section runs it: Debian's
+`prometheus` (`make test` installs it; the test skips, saying so, only where it is missing) on the
+config Ray's dashboard generates for a live head (the demo's `start_local_head`, in a temp dir of
+its own, beside the session's `ray_local`, which has no dashboard and so no such config). Its copy
+of that config scrapes every second instead of every 10 s, and the head's processes report their
+metrics every second (RAY_metrics_report_interval_ms=1000, Ray's floor; 10 s by default) so that
+the checks wait seconds, not tens of seconds. Tiny runs of all three trainers (`python -m
+ray_jobs.base_train` with val bpb and CORE on tests/test_base_train.py's shards and CORE bundle,
+`ray_jobs.chat_sft` on the offline mixture, `ray_jobs.chat_rl` on the offline arithmetic task) and
+`python -m serve`, all started at once as a user would with RAY_ADDRESS pointing at the head, feed
+it. The test then asks Prometheus's HTTP API for the `ray_nanochat_*` series: every series a panel
+queries and every one the README's table lists must be among them, every query of every panel must
+return data over the test's time range (a positive value, except where 0 is honest: idle gauges,
+a random model's RL reward, CORE at chance), and a trainer gauge's values must be its run's own
+records. So a panel on a series that nobody publishes, or a trainer key renamed, fails the suite.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -29,11 +37,11 @@ import pytest
 import ray
 import yaml
 
-from nanochat.common import get_base_dir
 from ray_jobs import demo
 from ray_jobs.train_common import latest_run_checkpoint_meta
 from serve.app import ChatAppArgs, build_app
 from tests.serve_helpers import request, save_tiny_chat_checkpoint, serve_port, wait_until
+from tests.test_base_train import pretraining_flags, write_pretraining_inputs
 from tests.test_chat_sft import BASE_META, SEQ_LEN
 from tests.tiny import save_tiny_checkpoint
 
@@ -46,6 +54,17 @@ SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_s
 def _source(path: str) -> str:
     with open(os.path.join(REPO_ROOT, path)) as f:
         return f.read()
+
+
+def readme_trainer_series() -> set[str]:
+    """The trainers' series the README's Monitoring table lists: a row's first cell names the
+    first in full (`ray_nanochat_base_loss`), the others by their ending (`_val_bpb`)."""
+    series = set()
+    for cell, phase in re.findall(r"^\| (`ray_nanochat_(base|sft|rl)_[^|]*)\|", _source("README.md"), re.MULTILINE):
+        series |= {name if name.startswith("ray_") else f"ray_nanochat_{phase}{name}"
+                   for name in re.findall(r"`(\w+)`", cell)}
+    assert len(series) >= 15, series
+    return series
 
 
 def dashboard_queries() -> list[str]:
@@ -71,21 +90,7 @@ def serve_series() -> dict[str, str]:
     return {f"ray_{name}{suffix}": kind for kind, name in found for suffix in SUFFIXES[kind]}
 
 
-def trainer_series() -> set[str]:
-    """ray_<prefix>_<key> for each trainer that creates TrainMetrics(..., "<prefix>", ...) and each
-    dict key its source writes (`"key": value` or `record["key"] = value`): the gauges its
-    publish() calls can make."""
-    series = set()
-    for module in ("base_train", "chat_sft", "chat_rl"):
-        source = _source(f"ray_jobs/{module}.py")
-        prefixes = re.findall(r"TrainMetrics\([^,]+,\s*\"(\w+)\"", source)
-        assert len(prefixes) == 1, (module, prefixes)
-        written = re.findall(r"\"(\w+)\":|\[\"(\w+)\"\]\s*=[^=]", source)
-        series |= {f"ray_{prefixes[0]}_{key}" for pair in written for key in pair if key}
-    return series
-
-
-def test_the_dashboard_is_valid_grafana_json_and_queries_only_exported_metrics():
+def test_the_dashboard_is_valid_grafana_json_with_the_panels_the_readme_promises():
     with open(DASHBOARD) as f:
         dashboard = json.load(f)
     ids = [panel["id"] for panel in dashboard["panels"]]
@@ -94,22 +99,20 @@ def test_the_dashboard_is_valid_grafana_json_and_queries_only_exported_metrics()
     assert graphs and all(panel["targets"] and panel["datasource"]["uid"] == "${datasource}" for panel in graphs)
     assert [v["name"] for v in dashboard["templating"]["list"]] == ["datasource"]
 
+    # The panels the README promises: training loss, val bpb, tokens/s and MFU, RL reward, and a
+    # chat-service panel of each metric type. Whether anything exports what they query is the
+    # Prometheus test's to check, on the series the runs really published.
     queried = dashboard_metrics()
-    exported = set(serve_series()) | trainer_series()
-    assert queried - exported == set(), "the dashboard queries metrics no code exports"
-    # The panels the README promises: training loss, val bpb, tokens/s and MFU, and every serve metric.
     for name in ("ray_nanochat_base_loss", "ray_nanochat_base_val_bpb", "ray_nanochat_base_tokens_per_second",
                  "ray_nanochat_base_mfu", "ray_nanochat_rl_mean_reward"):
         assert name in queried
     kinds_queried = {serve_series()[name] for name in queried if name in serve_series()}
     assert kinds_queried == {"Counter", "Gauge", "Histogram"}
+
+
+def test_the_serve_series_read_from_the_source_are_named_as_ray_exports_them():
     assert {n.removeprefix("ray_") for n in serve_series()} >= {"nanochat_requests_total",
                                                                 "nanochat_time_to_first_token_seconds_bucket"}
-
-
-def test_the_trainer_series_check_is_not_vacuous():
-    assert "ray_nanochat_base_tokens_per_second" in trainer_series()
-    assert "ray_nanochat_base_no_such_key" not in trainer_series()
     assert "ray_nanochat_generated_tokens_total" in serve_series()
     assert "ray_nanochat_generated_tokens" not in serve_series()  # a counter is exported with _total
 
@@ -168,15 +171,37 @@ def test_serve_and_training_metrics_reach_the_prometheus_export_endpoint(metrics
 
 # ------------------------------------------------------------ Prometheus on Ray's generated config
 
-SFT_RUN = "prometheus-test"
+# One tiny run of each trainer, told apart by its run name (every trainer gauge is tagged with it),
+# all three writing their checkpoints (and so their histories) into the fixture's folder.
+RUNS = {"base": "prometheus-base", "sft": "prometheus-sft", "rl": "prometheus-rl"}
+BASE_TAG = "prometheus_base"
 SFT_TAG = "prometheus_d2"
+RL_TAG = "prometheus_rl"
 CHAT_TAG = "prometheus_chat"
-# 8 steps keep the trainer's gauges on the export endpoint (they leave it 2 report intervals after
+BASE_STEPS = 4
+# 8 steps keep SFT's per-step gauges on the export endpoint (they leave it 2 report intervals after
 # their worker exits) for several of Prometheus's 1 s scrapes.
-SFT_FLAGS = ["--model-tag", SFT_TAG, "--mixture", "offline", "--num-iterations", "8", "--eval-every", "-1",
-             "--eval-tokens", str(4 * SEQ_LEN), "--compile", "off", "--run-name", SFT_RUN]
-# Between requests nothing decodes or waits: these gauges read 0 then.
-IDLE_GAUGES = {"ray_nanochat_active_sequences", "ray_nanochat_queued_sequences"}
+SFT_STEPS = 8
+# Each trainer's worker, RL's rollout actor and the chat replica hold a quarter of a CPU, so that
+# all run at once and, of the head's 2 CPUs, base_train's data pipeline keeps the 0.75 its packer
+# and a tokenize task ask for.
+WORKER_CPUS = ["--cpus-per-worker", "0.25"]
+# base_train: val bpb at steps 0 and 4, CORE (on the tiny bundle) and the only checkpoint at step 4.
+BASE_FLAGS = ["--num-iterations", str(BASE_STEPS), "--eval-every", str(BASE_STEPS), "--save-every", "-1",
+              "--core-metric-every", str(BASE_STEPS), "--core-metric-max-per-task", "4", "--num-workers", "1",
+              "--model-tag", BASE_TAG, *WORKER_CPUS]
+SFT_FLAGS = ["--model-tag", SFT_TAG, "--mixture", "offline", "--num-iterations", str(SFT_STEPS), "--eval-every",
+             "-1", "--eval-tokens", str(4 * SEQ_LEN), "--compile", "off", *WORKER_CPUS]
+# chat_rl: two steps on the offline arithmetic task, pass@1 at the end.
+RL_FLAGS = ["--model-tag", RL_TAG, "--task", "arithmetic", "--num-steps", "2", "--examples-per-step", "2",
+            "--num-samples", "2", "--max-new-tokens", "8", "--eval-every", "-1", "--eval-examples", "2", "--eval-k",
+            "2", "--num-rollout-workers", "1", "--rollout-cpus", "0.25", *WORKER_CPUS]
+# Series whose values may honestly all be 0 or below. Between requests nothing decodes or waits,
+# so the idle gauges read 0; a random model solves no arithmetic problem; CORE is centred on the
+# tasks' random baselines, so a 4-step model's may be 0 or below.
+NOT_POSITIVE = {"ray_nanochat_active_sequences", "ray_nanochat_queued_sequences", "ray_nanochat_rl_mean_reward",
+                "ray_nanochat_rl_pass_at_1", "ray_nanochat_base_core_metric"}
+TRAINER_GAUGE = re.compile(r"ray_nanochat_(base|sft|rl)_(\w+)")
 
 
 def prometheus_api(url: str, endpoint: str, **params) -> dict | list:
@@ -187,15 +212,19 @@ def prometheus_api(url: str, endpoint: str, **params) -> dict | list:
     return answer["data"]
 
 
-def _log_tail(path: str) -> str:
+def _log(path: str) -> str:
     with open(path) as f:
-        return f.read()[-4000:]
+        return f.read()
+
+
+def _log_tail(path: str) -> str:
+    return _log(path)[-4000:]
 
 
 def _wait_for_output(process: subprocess.Popen, log_path: str, text: str, timeout: float, what: str) -> None:
     def printed():
         assert process.poll() is None, f"{what} exited with status {process.returncode}:\n{_log_tail(log_path)}"
-        return text in _log_tail(log_path)
+        return text in _log(log_path)  # not only at the end: a driver prints every Ray worker's output too
 
     wait_until(printed, timeout=timeout, interval=1, what=what)
 
@@ -203,14 +232,19 @@ def _wait_for_output(process: subprocess.Popen, log_path: str, text: str, timeou
 @pytest.fixture(scope="module")
 def prometheus_cluster(tmp_path_factory):
     """A Ray head with its dashboard, Prometheus on Ray's generated config (scraping every second),
-    a finished 8-step chat_sft run and the chat service of a tiny checkpoint, all started from
-    this process. Yields what the test needs to reach them."""
+    finished tiny runs of base_train, chat_sft and chat_rl, and the chat service of a tiny
+    checkpoint, all started from this process. Yields what the test needs to reach them."""
     if shutil.which("prometheus") is None:
         pytest.skip("Prometheus is not installed: `make test` installs Debian's package (apt-get install "
                     "prometheus), which failed or was not run on this machine")
     work = tmp_path_factory.mktemp("prometheus")
+    runs = str(work / "runs")
+    write_pretraining_inputs(work / "shards")
     save_tiny_checkpoint("base", SFT_TAG, str(work / "sft_tokenizer"), sequence_len=SEQ_LEN, meta=BASE_META)
     save_tiny_chat_checkpoint(CHAT_TAG, str(work / "chat_tokenizer"))
+    save_tiny_chat_checkpoint(RL_TAG, str(work / "rl_tokenizer"))
+    trainers = {"base": ["ray_jobs.base_train", *pretraining_flags(work / "shards", runs), *BASE_FLAGS],
+                "sft": ["ray_jobs.chat_sft", *SFT_FLAGS], "rl": ["ray_jobs.chat_rl", *RL_FLAGS]}
     temp_dir = tempfile.mkdtemp(prefix="ray_prom_", dir="/tmp")  # short: Ray's socket paths live there
     ray_port, prometheus_port, chat_port = demo.free_port(), demo.free_port(), demo.free_port()
     processes, logs = [], []
@@ -240,18 +274,20 @@ def prometheus_cluster(tmp_path_factory):
                                             f"--web.listen-address=127.0.0.1:{prometheus_port}"], "prometheus.log")
         _wait_for_output(prometheus, prometheus_log, "Server is ready to receive web requests", 60, "Prometheus")
 
-        # The chat service starts while the run trains: both spend most of their time starting processes.
+        # The chat service and the three trainers start at once: they spend most of their time
+        # starting processes.
         env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}"}
         started = time.time()
         chat, chat_log = start([sys.executable, "-m", "serve", "--model-tag", CHAT_TAG, "--port", str(chat_port),
-                                "--replica-cpus", "0.5", "--max-batch-size", "2", "--ingress-min-replicas", "1"],
+                                "--replica-cpus", "0.25", "--max-batch-size", "2", "--ingress-min-replicas", "1"],
                                "serve.log", cwd=REPO_ROOT, env=env)
-        sft = subprocess.run([sys.executable, "-m", "ray_jobs.chat_sft", *SFT_FLAGS], cwd=REPO_ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert sft.returncode == 0, f"chat_sft failed:\n{sft.stdout[-3000:]}\n{sft.stderr[-3000:]}"
+        running = {phase: start([sys.executable, "-m", *command, "--storage-path", runs, "--run-name", RUNS[phase]],
+                                f"{phase}.log", cwd=REPO_ROOT, env=env) for phase, command in trainers.items()}
+        for phase, (process, log_path) in running.items():
+            assert process.wait(timeout=300) == 0, f"{trainers[phase][0]} failed:\n{_log_tail(log_path)}"
         _wait_for_output(chat, chat_log, "is up: http://", 180, "python -m serve")
         yield {"prometheus": f"http://127.0.0.1:{prometheus_port}", "chat_port": chat_port, "started": started,
-               "ray_config": ray_config, "session": session}
+               "ray_config": ray_config, "session": session, "runs": runs}
     finally:
         for process in processes:
             process.terminate()
@@ -287,34 +323,51 @@ def test_prometheus_on_rays_generated_config_has_the_training_runs_and_the_chat_
         wait_until(lambda: prometheus_api(url, "query", query=query)["result"], timeout=30, interval=1,
                    what=f"Prometheus answering {query}")
 
-    # /api/v1/series: every series the README lists for chat_sft and the chat service, the run's tagged with its name.
-    series = prometheus_api(url, "series", **{"match[]": '{__name__=~"ray_nanochat_.*"}',
-                                              "start": cluster["started"]})
-    names = {labels["__name__"] for labels in series}
-    sft_series = {f"ray_nanochat_sft_{key}" for key in ("loss", "val_loss", "tokens_per_second", "assistant_tokens",
-                                                       "step_seconds")}
-    assert sft_series | set(serve_series()) <= names
-    assert {labels["run"] for labels in series if labels["__name__"].startswith("ray_nanochat_sft_")} == {SFT_RUN}
+    # /api/v1/series: what the runs and the chat service really published. Every series the
+    # dashboard queries must be among them (a trainer's last gauges reach Prometheus a scrape or two
+    # after its run ends), and every series the README lists; each trainer's tagged with its run.
+    def published_series() -> list[dict]:
+        return prometheus_api(url, "series", **{"match[]": '{__name__=~"ray_nanochat_.*"}', "start": cluster["started"]})
 
-    # Every dashboard query of the SFT and chat-service panels, over the test's time range as a
-    # Grafana panel asks for it, returns values; all but the idle gauges' have a positive one.
-    exercised = set(serve_series()) | {name for name in names if name.startswith("ray_nanochat_sft_")}
-    queries = [expr for expr in dashboard_queries() if read_metrics(expr) <= exercised]
-    assert len(queries) >= 10 and any("histogram_quantile" in expr for expr in queries)
+    with contextlib.suppress(AssertionError):  # the assert below names what is missing
+        wait_until(lambda: dashboard_metrics() <= {labels["__name__"] for labels in published_series()}, timeout=30,
+                   interval=1, what="every series the dashboard queries")
+    series = published_series()
+    names = {labels["__name__"] for labels in series}
+    assert dashboard_metrics() - names == set(), "the dashboard queries series that nobody published"
+    assert readme_trainer_series() | set(serve_series()) <= names
+    for phase, run in RUNS.items():
+        assert {labels["run"] for labels in series if labels["__name__"].startswith(f"ray_nanochat_{phase}_")} == {run}
+
+    # Every query of every panel, over the test's time range as a Grafana panel asks for it,
+    # returns values, and a positive one unless its series may honestly read 0 or less.
+    queries = dashboard_queries()
+    assert len(queries) >= 18 and any("histogram_quantile" in expr for expr in queries)
 
     def values_over_the_run(expr: str) -> list[float]:
         matrix = prometheus_api(url, "query_range", query=expr, start=cluster["started"], end=time.time(), step=1)
         return [float(value) for found in matrix["result"] for _, value in found["values"]]
 
-    def every_query_answered():
-        answers = {expr: values_over_the_run(expr) for expr in queries}
-        return answers if all(values and (read_metrics(expr) <= IDLE_GAUGES or any(value > 0 for value in values))
-                              for expr, values in answers.items()) else None
+    def unanswered(answers: dict[str, list[float]]) -> list[str]:
+        return [expr for expr, values in answers.items()
+                if not values or not (read_metrics(expr) <= NOT_POSITIVE or any(value > 0 for value in values))]
 
-    answers = wait_until(every_query_answered, timeout=30, interval=1, what="every SFT and chat-service panel's data")
-    # The loss Prometheus holds is the run's own, step by step (the run's history, kept with its checkpoint).
-    history = latest_run_checkpoint_meta(os.path.join(get_base_dir(), "ray_runs"), SFT_RUN)["history"]
-    losses = [record["loss"] for record in history if "loss" in record]
-    assert answers["ray_nanochat_sft_loss"] and len(losses) == 8
-    assert all(any(math.isclose(value, loss, rel_tol=1e-9) for loss in losses)
-               for value in answers["ray_nanochat_sft_loss"])
+    with contextlib.suppress(AssertionError):  # the assert below names the queries left without data
+        wait_until(lambda: not unanswered({expr: values_over_the_run(expr) for expr in queries}), timeout=30,
+                   interval=1, what="every panel's data")
+    answers = {expr: values_over_the_run(expr) for expr in queries}
+    assert unanswered(answers) == [], "dashboard queries without the data they should have"
+
+    # What Prometheus holds of a trainer's gauge is the run's own record, step by step: the values
+    # of that key in the run's history (kept with its checkpoint).
+    histories = {phase: latest_run_checkpoint_meta(cluster["runs"], run)["history"] for phase, run in RUNS.items()}
+    recorded_steps = {phase: [record["step"] for record in histories[phase] if key in record]
+                      for phase, key in (("base", "loss"), ("sft", "loss"), ("rl", "mean_reward"))}
+    assert recorded_steps == {"base": list(range(1, BASE_STEPS + 1)), "sft": list(range(1, SFT_STEPS + 1)),
+                              "rl": [0, 1]}
+    gauges = {expr: TRAINER_GAUGE.fullmatch(expr).groups() for expr in queries if TRAINER_GAUGE.fullmatch(expr)}
+    assert len(gauges) >= 12
+    for expr, (phase, key) in gauges.items():
+        recorded = [record[key] for record in histories[phase] if key in record]
+        assert recorded and all(any(math.isclose(value, kept, rel_tol=1e-9) for kept in recorded)
+                                for value in answers[expr]), (expr, answers[expr], recorded)
