@@ -38,6 +38,11 @@ advantages, no KL, no ratio, no clip, token-level normalisation. The way it runs
 - A worker that dies (or whose node dies) is replaced in its placement-group bundle, its prompts
   go to the other workers, and the step completes; a sampled group depends only on the seed of
   (step, prompt), so it comes out the same whichever worker samples it.
+- A learner rank that dies fails the learner: Ray Train restarts it (`--max-failures`) from the
+  newest checkpoint, or the run stops for a `--resume`. Rank 0 owns the fleet, so its workers die
+  with it; the new rank 0 starts a fleet of its own, first removing the placement group that a
+  killed rank 0 left (a placement group outlives the actor that made it). The seeds make the
+  resumed steps sample what an uninterrupted run samples.
 - pass@k on the task's test split every `--eval-every` steps, sampled on the rollout workers.
 - Checkpoints and `--resume` as in the other trainers (ray_jobs.train_common); metrics gauges for
   mean reward, pass@k, rollout tokens/s, sync seconds and version lag. The final model goes to
@@ -554,7 +559,8 @@ def train_loop_per_worker(config: dict) -> None:
                                   wait=True)
             if last_step:
                 break
-            if args.fail_at_step == step and not meta:  # injected learner death (tests): a restart or --resume continues from the checkpoint
+            if args.fail_at_step == step and not meta:
+                # injected learner death (tests): a restart or --resume continues from the checkpoint
                 checkpointer.crash_after_stored(cfg, rank, world, dying_rank=args.fail_rank)
 
             # --- rollouts: rank 0 has them sampled, then shares the groups out over the ranks
@@ -669,8 +675,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-sync-timeout-s", type=float, default=300.0,
                    help="how long a weight broadcast waits for a rollout actor before replacing it")
     add_run_flags(p, "rl", save_every=60)
-    p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # fault injection for tests
-    p.add_argument("--fail-rank", type=int, default=-1, help=argparse.SUPPRESS)  # its learner rank: -1 the last, 0 the fleet's owner
+    # fault injection for tests: the learner rank that dies (-1 the last, 0 the fleet's owner) and the step
+    p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--fail-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples", "eval_k",
                  "num_workers", "keep_last"):

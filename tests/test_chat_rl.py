@@ -18,10 +18,16 @@ whole job (ray_jobs/chat_rl.py) with a tiny model.
   the members stay, a stale worker caught up over a generation of its own, and a worker killed
   in a broadcast (after the group's rendezvous) costing about one timeout: it is replaced, the
   living get the weights again, and the replacement rejoins over a new generation.
-- job: main() on the session's local Ray (two learner ranks, two rollout workers), two RL steps on
-  a task a random model half passes, then --resume for a third; checkpoints, export, history and
-  the report section. The cluster subprocess is started first and runs meanwhile. The weight
-  sync benchmark at depth 1 on the same Ray.
+- job: main() on the session's local Ray (two learner ranks, two rollout workers), three RL steps
+  on a task a random model half passes, three times: straight; with the learner's rank 0 (the
+  rollout fleet's owner) killed right after the step-2 checkpoint (--fail-at-step, fault
+  injection) and restarted by Ray Train (--max-failures 1); with the other rank killed there and
+  no restarts allowed, so the run stops with how to resume, then --resume. Rollouts are seeded
+  by (step, prompt) and the learner is deterministic on CPUs, so both crashed runs must end as
+  the straight one: the same reward and loss at every step, the same pass@1 and pass@k, the same
+  weights to the bit. The killed rank 0's rollout placement group must not outlive it. Also the
+  steps, export, history and report section. The cluster subprocess is started first and runs
+  meanwhile. The weight sync benchmark at depth 1 on the same Ray.
 """
 
 import contextlib
@@ -214,7 +220,8 @@ def rl_runs(ray_local, cluster_driver, tmp_path_factory):
 
     runs, weights, leftover = {}, {}, {}
     try:
-        for name, extra in [("straight", ["--max-failures", "0"]), ("restarted", crash + ["--fail-rank", "0", "--max-failures", "1"])]:
+        for name, extra in [("straight", ["--max-failures", "0"]),
+                            ("restarted", crash + ["--fail-rank", "0", "--max-failures", "1"])]:
             before = live_placement_groups()
             runs[name] = chat_rl.main(flags + extra + ["--run-name", f"rl_{name}"])
             weights[name] = load_checkpoint(checkpoint_dir("rl", MODEL_TAG), RL_STEPS, "cpu")[0]
