@@ -38,6 +38,11 @@ advantages, no KL, no ratio, no clip, token-level normalisation. The way it runs
 - A worker that dies (or whose node dies) is replaced in its placement-group bundle, its prompts
   go to the other workers, and the step completes; a sampled group depends only on the seed of
   (step, prompt), so it comes out the same whichever worker samples it.
+- A learner rank that dies fails the learner: Ray Train restarts it (`--max-failures`) from the
+  newest checkpoint, or the run stops for a `--resume`. Rank 0 owns the fleet, so its workers die
+  with it; the new rank 0 starts a fleet of its own, first removing the placement group that a
+  killed rank 0 left (a placement group outlives the actor that made it). The seeds make the
+  resumed steps sample what an uninterrupted run samples.
 - pass@k on the task's test split every `--eval-every` steps, sampled on the rollout workers.
 - Checkpoints and `--resume` as in the other trainers (ray_jobs.train_common); metrics gauges for
   mean reward, pass@k, rollout tokens/s, sync seconds and version lag. The final model goes to
@@ -56,7 +61,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 from ray.exceptions import RayError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from nanochat.checkpoint import (PHASE_DIRS, CheckpointError, checkpoint_dir, find_largest_model, find_last_step,
@@ -167,6 +172,19 @@ class RolloutWorker:
         return {name: tensor.cpu() for name, tensor in self.model.state_dict().items()}
 
 
+def _remove_left_placement_group(name: str) -> None:
+    """Remove this job's placement group `name`, if there is one: the fleet of an earlier attempt
+    of the run whose owner (the learner's rank 0) was killed before its `stop`. Its workers died
+    with their owner, but a placement group lives as long as the job that made it, holding its
+    resources."""
+    try:
+        left = get_placement_group(name)
+    except ValueError:
+        return  # none (a placement group that was removed is not found either)
+    print0(f"removing the rollout placement group {name!r} that an earlier attempt of the run left")
+    remove_placement_group(left)
+
+
 # What RolloutFleet._answer returns for a call whose worker died.
 _LOST = object()
 
@@ -188,18 +206,22 @@ class _Slot:
 class RolloutFleet:
     """The rollout workers of a run: their placement group, the weights they sample with (through
     the object store or a broadcast, see ray_jobs.weight_sync), the dispatch of prompts, and the
-    replacement of workers that die."""
+    replacement of workers that die. A fleet with a `name` gives it to its placement group, and
+    first removes one of that name that a fleet whose owner was killed left behind."""
 
     def __init__(self, num_workers: int, worker_args: tuple, num_cpus: float, num_gpus: float,
                  start_timeout_s: float = 300.0, stall_timeout_s: float = 900.0, weight_sync: str = "object-store",
-                 sync_timeout_s: float = 300.0):
+                 sync_timeout_s: float = 300.0, name: str = ""):
         if weight_sync not in ("object-store", "collective"):
             raise ValueError(f"a fleet's weight sync is 'object-store' or 'collective', not {weight_sync!r}")
         self.worker_args, self.num_cpus, self.num_gpus = worker_args, num_cpus, num_gpus
         self.stall_timeout_s = stall_timeout_s
         self.weight_sync, self.sync_timeout_s = weight_sync, sync_timeout_s
+        if name:
+            _remove_left_placement_group(name)
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self.placement_group = placement_group([dict(bundle) for _ in range(num_workers)], strategy="SPREAD")
+        self.placement_group = placement_group([dict(bundle) for _ in range(num_workers)], strategy="SPREAD",
+                                               name=name)
         ready, _ = ray.wait([self.placement_group.ready()], timeout=start_timeout_s)
         if not ready:
             remove_placement_group(self.placement_group)
@@ -506,7 +528,8 @@ def train_loop_per_worker(config: dict) -> None:
                               {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                                "top_k": args.top_k or None}),
                              num_cpus=cfg["rollout_cpus"], num_gpus=cfg["rollout_gpus"],
-                             weight_sync=cfg["weight_sync"], sync_timeout_s=args.weight_sync_timeout_s)
+                             weight_sync=cfg["weight_sync"], sync_timeout_s=args.weight_sync_timeout_s,
+                             name=f"chat_rl_rollouts_{cfg['run_name']}")
         print0(f"{len(fleet.slots)} rollout workers on {len(set(fleet.nodes))} node(s)")
         fleet.publish(model.state_dict(), start_step)
         fleet.sync()
@@ -536,6 +559,9 @@ def train_loop_per_worker(config: dict) -> None:
                                   wait=True)
             if last_step:
                 break
+            if args.fail_at_step == step and not meta:
+                # injected learner death (tests): a restart or --resume continues from the checkpoint
+                checkpointer.crash_after_stored(cfg, rank, world, dying_rank=args.fail_rank)
 
             # --- rollouts: rank 0 has them sampled, then shares the groups out over the ranks
             payload = [None]
@@ -649,6 +675,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-sync-timeout-s", type=float, default=300.0,
                    help="how long a weight broadcast waits for a rollout actor before replacing it")
     add_run_flags(p, "rl", save_every=60)
+    # fault injection for tests: the learner rank that dies (-1 the last, 0 the fleet's owner) and the step
+    p.add_argument("--fail-at-step", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--fail-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_examples", "eval_k",
                  "num_workers", "keep_last"):

@@ -350,12 +350,14 @@ class Checkpointer:
         self.reported_step: int | None = None
         self.host_states: tuple[dict | None, dict | None] = (None, None)
 
-    def crash_after_stored(self, cfg: dict, rank: int, world: int, timeout_s: float = 120.0) -> None:
-        """Fault injection (tests' --fail-at-step): every rank reports the pending save, then the
-        last rank waits until the newest reported step is complete in storage (Ray Train uploads
-        in the background) and dies, so that a restart has that checkpoint to go on from."""
+    def crash_after_stored(self, cfg: dict, rank: int, world: int, timeout_s: float = 120.0,
+                           dying_rank: int = -1) -> None:
+        """Fault injection (tests' --fail-at-step): every rank reports the pending save, then one
+        rank (`dying_rank`, counted from the end when negative: the last by default) waits until
+        the newest reported step is complete in storage (Ray Train uploads in the background) and
+        dies, so that a restart has that checkpoint to go on from."""
         self.finish()
-        if rank != world - 1:
+        if rank != dying_rank % world:
             return
         deadline = time.monotonic() + timeout_s
         while self.reported_step is not None and time.monotonic() < deadline:

@@ -18,32 +18,46 @@ whole job (ray_jobs/chat_rl.py) with a tiny model.
   the members stay, a stale worker caught up over a generation of its own, and a worker killed
   in a broadcast (after the group's rendezvous) costing about one timeout: it is replaced, the
   living get the weights again, and the replacement rejoins over a new generation.
-- job: main() on the session's local Ray (two learner ranks, two rollout workers), two RL steps on
-  a task a random model half passes, then --resume for a third; checkpoints, export, history and
-  the report section. The cluster subprocess is started first and runs meanwhile. The weight
-  sync benchmark at depth 1 on the same Ray.
+- job: main() on the session's local Ray (two learner ranks, two rollout workers), three RL steps
+  on a task a random model half passes, three times: straight; with the learner's rank 0 (the
+  rollout fleet's owner) killed right after the step-2 checkpoint (--fail-at-step, fault
+  injection) and restarted by Ray Train (--max-failures 1); with the other rank killed there and
+  no restarts allowed, so the run stops with how to resume, then --resume. Rollouts are seeded
+  by (step, prompt) and the learner is deterministic on CPUs, so both crashed runs must end as
+  the straight one: the same reward and loss at every step, the same pass@1 and pass@k, the same
+  weights to the bit. The killed rank 0's rollout placement group must not outlive it. Also the
+  steps, export, history and report section. The cluster subprocess is started first and runs
+  meanwhile. The weight sync benchmark at depth 1 on the same Ray.
 """
 
+import contextlib
 import functools
+import io
 import json
 import math
+import os
 import sys
 
 import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
+from nanochat.common import get_base_dir
 from nanochat.engine import Engine
 from nanochat.rl import (group_advantages, group_seed, pass_at_k, policy_gradient_loss, rollout_rows, rows_to_batch,
                          sample_group, trained_tokens)
 from nanochat.tasks import Arithmetic, Task
 from nanochat.tasks.common import extract_final_answer, last_assistant_text
 from nanochat.tokenizer import Tokenizer
+from ray_jobs.train_common import latest_run_checkpoint
 from tests.cluster_driver import start_driver
 from tests.tiny import CHAT_TEXT, random_gpt
 
 MODEL_TAG = "chat_rl_test_d2"
 SEQUENCE_LEN = 256
+# The job's runs: RL steps, and the step whose checkpoint a learner rank dies right after.
+RL_STEPS = 3
+CRASH_STEP = 2
 # The collective weight sync's timeout in the cluster checks: what a broadcast with a dead member costs.
 COLLECTIVE_TIMEOUT_S = 8.0
 
@@ -177,8 +191,14 @@ def cluster_driver(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rl_runs(ray_local, cluster_driver, tmp_path_factory):
-    """Two RL steps from a tiny random 'SFT' checkpoint on EvenLength, with two learner ranks and two
-    rollout workers, then --resume to step 3."""
+    """Three RL runs of three steps from a tiny random 'SFT' checkpoint on EvenLength, with two
+    learner ranks and two rollout workers: 'straight'; 'restarted', whose rank 0 (the owner of the
+    rollout fleet) dies right after the step-2 checkpoint and which Ray Train restarts
+    (--max-failures 1); 'resumed', whose other rank dies there with no restarts allowed, so the run
+    stops ('stopped_error' is what it printed), then --resume. The exported weights of each run,
+    the step-2 checkpoint of the stopped one, and the placement groups each run left."""
+    from ray.util import placement_group_table
+
     from ray_jobs import chat_rl
 
     tokenizer = _tiny_tokenizer()
@@ -192,31 +212,54 @@ def rl_runs(ray_local, cluster_driver, tmp_path_factory):
     flags = ["--model-tag", MODEL_TAG, "--task", "arithmetic", "--examples-per-step", "4", "--num-samples", "4",
              "--max-new-tokens", "12", "--eval-every", "2", "--eval-examples", "4", "--eval-k", "2",
              "--num-workers", "2", "--num-rollout-workers", "2", "--rollout-cpus", "0.25", "--cpus-per-worker", "0.5",
-             "--save-every", "1", "--init-lr-frac", "1.0", "--run-name", "rl_test", "--max-failures", "0"]
+             "--save-every", "1", "--init-lr-frac", "1.0", "--num-steps", str(RL_STEPS)]
+    crash = ["--fail-at-step", str(CRASH_STEP)]
+
+    def live_placement_groups() -> set:
+        return {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+
+    runs, weights, leftover = {}, {}, {}
     try:
-        first = chat_rl.main(flags + ["--num-steps", "2"])
-        first_weights, _, first_meta = load_checkpoint(checkpoint_dir("rl", MODEL_TAG), 2, "cpu")
-        resumed = chat_rl.main(flags + ["--num-steps", "3", "--resume"])
+        for name, extra in [("straight", ["--max-failures", "0"]),
+                            ("restarted", crash + ["--fail-rank", "0", "--max-failures", "1"])]:
+            before = live_placement_groups()
+            runs[name] = chat_rl.main(flags + extra + ["--run-name", f"rl_{name}"])
+            weights[name] = load_checkpoint(checkpoint_dir("rl", MODEL_TAG), RL_STEPS, "cpu")[0]
+            leftover[name] = live_placement_groups() - before
+        resumed = flags + ["--run-name", "rl_resumed", "--max-failures", "0"]
+        stderr = io.StringIO()
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(stderr):
+            chat_rl.main(resumed + crash)
+        path, _ = latest_run_checkpoint(os.path.join(get_base_dir(), "ray_runs"), "rl_resumed")
+        weights["at_crash"] = load_checkpoint(path, CRASH_STEP, "cpu")[0]
+        runs["resumed"] = chat_rl.main(resumed + crash + ["--resume"])
+        weights["resumed"] = load_checkpoint(checkpoint_dir("rl", MODEL_TAG), RL_STEPS, "cpu")[0]
     finally:
         patch.undo()
-    return {"first": first, "first_weights": first_weights, "resumed": resumed, "source": model.state_dict()}
+    return {**runs, "weights": weights, "leftover_placement_groups": leftover, "stopped_error": stderr.getvalue()}
+
+
+def _outcomes(run: dict) -> dict:
+    """What a run's steps came to: each step's mean reward and loss, each evaluation's pass@1 and pass@k."""
+    history = run["history"]
+    return {"steps": [(entry["step"], entry["reward"], entry["loss"]) for entry in history if "reward" in entry],
+            "evals": [(entry["step"], entry["pass_at_1"], entry["pass_at_k"]) for entry in history
+                      if "pass_at_k" in entry],
+            "final": (run["mean_reward"], run["pass@1"], run["pass@k"])}
 
 
 def test_rl_job_steps_reports_and_exports(rl_runs):
-    first = rl_runs["first"]
-    steps = [entry for entry in first["history"] if "reward" in entry]
-    assert [entry["step"] for entry in steps] == [0, 1]
+    straight = rl_runs["straight"]
+    steps = [entry for entry in straight["history"] if "reward" in entry]
+    assert [entry["step"] for entry in steps] == list(range(RL_STEPS))
     for entry in steps:
-        assert 0.0 <= entry["reward"] <= 1.0
         assert entry["version_lag"] == 0 and entry["stale_rejected"] == 0
         for key in ("rollout_seconds", "sync_seconds", "update_seconds", "rollout_tokens_per_second"):
             assert entry[key] > 0
-    evals = [entry for entry in first["history"] if "pass_at_k" in entry]
-    assert [entry["step"] for entry in evals] == [0, 2]
-    assert first["pass@k"] == evals[-1]["pass_at_k"] and first["mean_reward"] == steps[-1]["reward"]
-    # the learner did learn something: the exported weights moved away from the SFT ones
-    changed = [not torch.equal(rl_runs["first_weights"][name], tensor) for name, tensor in rl_runs["source"].items()]
-    assert any(changed)
+    evals = [entry for entry in straight["history"] if "pass_at_k" in entry]
+    assert [entry["step"] for entry in evals] == [0, 2, RL_STEPS]
+    assert straight["pass@k"] == evals[-1]["pass_at_k"] and straight["mean_reward"] == steps[-1]["reward"]
+    assert not any(entry.get("restored_from_checkpoint") for entry in straight["history"])
 
 
 def test_rl_job_records_its_stage_with_the_reward_history(rl_runs):
@@ -224,20 +267,37 @@ def test_rl_job_records_its_stage_with_the_reward_history(rl_runs):
 
     section = next(s for s in Report().sections() if s["stage"] == "chat_rl")
     assert section["source"] == "rl"
-    rewards = [(entry["step"], entry["reward"]) for entry in section["history"] if "reward" in entry]
-    assert [step for step, _ in rewards] == [0, 1, 2]  # the resumed run's section holds the whole run
+    # the last run logged is the resumed one: its section holds the whole run, the steps before the crash too
+    assert [entry["step"] for entry in section["history"] if "reward" in entry] == list(range(RL_STEPS))
     assert set(section["metrics"]) >= {"mean_reward", "pass@k"}
     assert all(section["timings"][key] > 0 for key in ("wall_s", "rollout_s", "update_s", "sync_s"))
 
 
-def test_rl_job_resumes_from_its_checkpoint(rl_runs):
-    resumed = rl_runs["resumed"]
-    restored = [entry for entry in resumed["history"] if entry.get("restored_from_checkpoint")]
-    assert [entry["step"] for entry in restored] == [2]
-    assert [entry["step"] for entry in resumed["history"] if "reward" in entry] == [0, 1, 2]
-    weights, _, meta = load_checkpoint(checkpoint_dir("rl", MODEL_TAG), 3, "cpu")
-    assert meta["step"] == 3
-    assert any(not torch.equal(weights[name], tensor) for name, tensor in rl_runs["first_weights"].items())
+@pytest.mark.parametrize("run", ["restarted", "resumed"])
+def test_a_learner_crashed_at_a_step_continues_from_its_checkpoint_to_the_straight_runs_outcome(rl_runs, run):
+    """Rollouts are seeded by (seed, step, prompt) and the learner is deterministic on CPUs, so a
+    run that restores the step-2 checkpoint (weights and optimizer state) samples the same groups
+    and takes the same steps as the straight run: equal rewards, losses, pass@k and weights, to the bit."""
+    history = rl_runs[run]["history"]
+    restored = [entry["step"] for entry in history if entry.get("restored_from_checkpoint")]
+    assert restored == [CRASH_STEP]
+    assert _outcomes(rl_runs[run]) == _outcomes(rl_runs["straight"])
+    straight, crashed = rl_runs["weights"]["straight"], rl_runs["weights"][run]
+    assert set(crashed) == set(straight)
+    assert [name for name in straight if not torch.equal(crashed[name], straight[name])] == []
+    # the steps after the crash moved the weights, so their equality is not that of the checkpoint
+    assert any(not torch.equal(rl_runs["weights"]["at_crash"][name], straight[name]) for name in straight)
+
+
+def test_a_learner_crash_without_restarts_stops_the_run_with_how_to_resume(rl_runs):
+    error = rl_runs["stopped_error"]
+    assert "chat_rl: training failed after 0 restart(s)" in error and "rerun with --resume" in error
+
+
+def test_a_restarted_run_leaves_no_rollout_workers_behind(rl_runs):
+    """The crashed attempt's rollout fleet (its actors and their placement group) is gone: a
+    placement group left behind would hold its CPUs for the rest of the session."""
+    assert rl_runs["leftover_placement_groups"] == {"straight": set(), "restarted": set()}
 
 
 def test_bad_flags_are_refused_with_the_reason(capsys):
