@@ -5,6 +5,8 @@ held a whole GPU until it finished. Here:
 
 - `ChatModel` holds one model and one continuous-batching `Scheduler` per replica: every request
   routed to it becomes a row of the replica's decode batch, so one GPU serves many chats at once.
+  Each replica's scheduler has a prefix cache, and requests reach the replicas through a
+  prefix-aware router (serve.routing) that sends a conversation's turns to the same replica.
   Replicas ask for one GPU each on a GPU cluster (CPUs otherwise), and Serve's autoscaler adds
   and removes them by the number of ongoing requests per replica.
 - `ChatAPI` is the FastAPI ingress: the web UI, the seed's SSE endpoint, the OpenAI-compatible
@@ -56,6 +58,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.context import _get_global_client
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
@@ -68,6 +71,7 @@ from serve.api import (API_KEY_ENV, CHAT_SHAPE, TEXT_SHAPE, ApiKeyGate, ChatRequ
                        ServingDefaults, TextStream, ToolCall, api_key_digest, error_body, exposure_warning,
                        openai_usage, server_sent_event, settings_from_chat_request,
                        settings_from_completion_request, settings_from_openai_request, validation_error_message)
+from serve.routing import SERVED_KEYS_KEPT, PrefixAffinityRouter, RecentKeys, conversation_keys
 
 logger = logging.getLogger("ray.serve")
 
@@ -153,6 +157,7 @@ class ChatModel:
         self.cached_blocks_gauge = Gauge("nanochat_prefix_cached_blocks", "Blocks held in a replica's prefix cache",
                                          tag_keys=("replica",))
         self.cached_blocks_gauge.set_default_tags(tags)
+        self.served_keys = RecentKeys(SERVED_KEYS_KEPT)  # what record_routing_stats reports
         self._stopping = threading.Event()
         threading.Thread(target=self._publish_gauges, name="nanochat-gauges", daemon=True).start()
 
@@ -174,6 +179,11 @@ class ChatModel:
 
     def stats(self) -> dict:
         return {"replica": self.replica_id, "model_tag": self.model_tag, "step": self.step, **self.scheduler.stats()}
+
+    def record_routing_stats(self) -> dict:
+        """What the prefix-aware router (serve.routing) reads of this replica: the conversation keys
+        of the requests it served lately, whose keys and values its prefix cache may hold."""
+        return {"prefix_keys": self.served_keys.keys()}
 
     def check_health(self) -> None:
         """Serve calls this periodically; a replica whose decode loop died is replaced."""
@@ -215,6 +225,7 @@ class ChatModel:
         except RequestError as error:
             yield {"type": "rejected", "field": error.field, "message": error.message, "limit": error.limit}
             return
+        self.served_keys.put(conversation_keys(settings)[0])
         request = self.scheduler.submit(prompt, max_tokens=max_tokens, temperature=settings["temperature"],
                                         top_k=settings["top_k"], seed=settings["seed"])
         yield {"type": "start", "prompt_tokens": len(prompt), "max_tokens": max_tokens, "replica": self.replica_id}
@@ -614,6 +625,14 @@ class ChatAppArgs(BaseModel):
     # Positions of keys and values a replica's prefix cache keeps (nanochat.prefix_cache); None: as
     # many as its decode rows hold (max_batch_size x the model's context); 0: no prefix cache.
     prefix_cache_tokens: int | None = Field(default=None, ge=0)
+    # How requests pick a ChatModel replica: "prefix" sends a conversation to the replica whose
+    # prefix cache holds its history (serve.routing), unless that replica's queue is longer than
+    # the shortest by more than routing_imbalance (None: half a batch, max_batch_size // 2, which
+    # continuous batching absorbs); "default" is Serve's power of two choices.
+    routing: Literal["prefix", "default"] = "prefix"
+    routing_imbalance: int | None = Field(default=None, ge=0)
+    # How often each replica tells the routers which conversations it served.
+    routing_stats_period_s: float = Field(default=2.0, gt=0)
     # Above max_batch_size, so that a finished row is refilled from the replica's own queue at once.
     max_ongoing_requests: int = Field(default=16, ge=1)
     min_replicas: int = Field(default=1, ge=0)
@@ -676,7 +695,11 @@ def build_app(args: ChatAppArgs) -> serve.Application:
     if args.look_back_period_s is not None:
         autoscaling["look_back_period_s"] = args.look_back_period_s
     backpressure = {"status_code": 503, "retry_after_s": args.retry_after_s}
-    model = ChatModel.options(max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
+    imbalance = args.routing_imbalance if args.routing_imbalance is not None else max(1, args.max_batch_size // 2)
+    routing = {"request_router_config": RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter, request_router_kwargs={"imbalance": imbalance},
+        request_routing_stats_period_s=args.routing_stats_period_s)} if args.routing == "prefix" else {}
+    model = ChatModel.options(**routing,max_ongoing_requests=max(args.max_ongoing_requests, args.max_batch_size),
                               max_queued_requests=args.max_queued_requests, backpressure_config=backpressure,
                               autoscaling_config=autoscaling, ray_actor_options=replica_resources(args),
                               health_check_period_s=args.health_check_period_s)

@@ -66,3 +66,12 @@ def test_bench_data_smoke_streams_the_same_rows_on_1_and_2_cpus(tmp_path):
             re.findall(r"^(no Ray|Ray, [12] CPU) +512 +([\d,]+) ", output, re.MULTILINE)}
     assert set(rows) == {"no Ray", "Ray, 1 CPU", "Ray, 2 CPU"} and len(set(rows.values())) == 1, output[-2000:]
     result_value(output, "ray_2cpu_vs_1cpu_T512", ">=", 0.95)  # the line is there, with the benchmark's target
+
+
+def test_bench_routing_smoke_the_prefix_aware_router_keeps_the_single_replicas_hit_rate():
+    # With a load imbalance no burst of 8 chats reaches, every turn goes where its history is.
+    out = run_benchmark("ray_jobs.bench_routing", "--smoke", "--imbalance", "8")
+    ratios = dict(re.findall(r"(prefix-aware router|Serve's default router) ([\d.]+)x", out))
+    prefix, default = float(ratios["prefix-aware router"]), float(ratios["Serve's default router"])
+    assert prefix >= 0.9 and prefix > default, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith("RESULT prefix_routing_hit_rate_vs_single_2_replicas ")

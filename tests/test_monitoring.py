@@ -49,6 +49,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASHBOARD = os.path.join(REPO_ROOT, "monitoring", "grafana_dashboard.json")
 # Ray exports a ray.util.metrics metric NAME as ray_NAME; Prometheus adds these suffixes by type.
 SUFFIXES = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count")}
+# A chat message whose prompt is longer than a block of the prefix cache (16 tokens): sent twice,
+# the second request finds the first's block, so the cache's series have values.
+CACHED_MESSAGE = "Hi! Tell me a short story about a fox, a dog and the number 42."
 
 
 def _source(path: str) -> str:
@@ -130,10 +133,11 @@ def metrics_app(ray_local, tmp_path_factory):
 
 
 def test_serve_and_training_metrics_reach_the_prometheus_export_endpoint(metrics_app):
-    status, body = request(metrics_app, "POST", "/metrics-test/v1/chat/completions",
-                           {"model": "nanochat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-                            "temperature": 0})
-    assert status == 200 and body["usage"]["completion_tokens"] == 4
+    for _ in range(2):
+        status, body = request(metrics_app, "POST", "/metrics-test/v1/chat/completions",
+                               {"model": "nanochat", "messages": [{"role": "user", "content": CACHED_MESSAGE}],
+                                "max_tokens": 4, "temperature": 0})
+        assert status == 200 and body["usage"]["completion_tokens"] == 4
 
     @ray.remote(num_cpus=0)
     def train_worker_publishes(value: float) -> None:
@@ -164,7 +168,9 @@ def test_serve_and_training_metrics_reach_the_prometheus_export_endpoint(metrics
         values.setdefault(name, []).append((labels, float(value)))
     assert any('endpoint="openai"' in labels and 'status="ok"' in labels and value >= 1
                for labels, value in values["ray_nanochat_requests_total"])
-    assert sum(value for _, value in values["ray_nanochat_generated_tokens_total"]) >= 4
+    assert sum(value for _, value in values["ray_nanochat_generated_tokens_total"]) >= 8
+    assert sum(value for _, value in values["ray_nanochat_prefix_hit_tokens_total"]) >= 16
+    assert sum(value for _, value in values["ray_nanochat_prefix_cached_blocks"]) >= 1
     assert [value for labels, value in values["ray_nanochat_base_loss"] if 'run="monitoring-test"' in labels] == [3.25]
     assert "ray_nanochat_base_note" not in values  # publish() skips values that are not numbers
 
@@ -315,9 +321,13 @@ def test_prometheus_on_rays_generated_config_has_the_training_runs_and_the_chat_
 
     wait_until(every_listed_target_up, timeout=30, interval=1, what="Prometheus scraping every target Ray lists")
 
-    # Two chat requests, the second once Prometheus holds the first: a rate needs a counter's increase.
-    chat = {"model": "nanochat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
-    for query in ("ray_nanochat_requests_total", 'ray_nanochat_requests_total{status="ok"} >= 2'):
+    # Three chat requests, each once Prometheus holds what the one before did: a rate needs a
+    # counter's increase. The same message each time: the second request is the first to find it
+    # in the prefix cache, the third makes the hits counter grow.
+    chat = {"model": "nanochat", "messages": [{"role": "user", "content": CACHED_MESSAGE}], "max_tokens": 4,
+            "temperature": 0}
+    for query in ("ray_nanochat_requests_total", "ray_nanochat_prefix_hit_tokens_total",
+                  "increase(ray_nanochat_prefix_hit_tokens_total[1m]) > 0"):
         status, body = request(cluster["chat_port"], "POST", "/v1/chat/completions", chat)
         assert status == 200 and body["usage"]["completion_tokens"] == 4
         wait_until(lambda: prometheus_api(url, "query", query=query)["result"], timeout=30, interval=1,
