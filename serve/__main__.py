@@ -31,7 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", help=f"require `Authorization: Bearer <key>` (default: ${API_KEY_ENV}, else no key)")
-    parser.add_argument("--min-replicas", type=int, default=1)
+    parser.add_argument("--min-replicas", type=int, default=1,
+                        help="model replicas kept running (0: none while idle; the next request starts one)")
     parser.add_argument("--max-replicas", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together per replica")
     parser.add_argument("--prefix-cache-tokens", type=int,

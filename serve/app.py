@@ -335,9 +335,12 @@ class ChatAPI:
     """The HTTP face of the service; it holds no model, only a handle to the ChatModel replicas."""
 
     def __init__(self, model: DeploymentHandle, defaults: dict | None = None, retry_after_s: int = 2,
-                 api_key_digest: str | None = None):
-        """`api_key_digest`: serve.api.api_key_digest of the service's API key, None for no key."""
+                 api_key_digest: str | None = None, min_replicas: int = 1):
+        """`api_key_digest`: serve.api.api_key_digest of the service's API key, None for no key.
+        `min_replicas`: the ChatModel deployment's; at 0 it scales to zero when idle, and /health
+        then answers that it is idle rather than unavailable."""
         self.model = model
+        self.min_replicas = min_replicas
         self.api_key_digest = api_key_digest
         warning = exposure_warning(_get_global_client().http_config.host, api_key_digest is not None)
         if warning:
@@ -573,30 +576,41 @@ class ChatAPI:
 
     # ---------------------------------------------------------------- operations
 
-    async def _replica_states(self) -> dict:
-        """Replica counts of the ChatModel deployment by state, as the Serve controller sees them."""
+    async def _deployment_status(self) -> tuple[str | None, dict]:
+        """(the ChatModel deployment's status, its replica counts by state), as the Serve controller
+        sees them; (None, {}) before the controller knows the deployment."""
         status = await asyncio.to_thread(serve.status)
         app = status.applications.get(serve.get_replica_context().app_name)
         deployment = app.deployments.get(self.model.deployment_name) if app else None
+        if deployment is None:
+            return None, {}
         # The states are str enums (or plain str): "RUNNING" finds either.
-        return dict(deployment.replica_states) if deployment else {}
+        return getattr(deployment.status, "value", deployment.status), dict(deployment.replica_states)
 
     @fastapi_app.get("/health")
     async def health(self) -> JSONResponse:
-        replicas = await self._replica_states()
+        """200 while a replica runs, or while none needs to (scaled to zero: the next request
+        starts one); 503 otherwise (replicas starting, failing, or none yet)."""
+        status, replicas = await self._deployment_status()
         running = replicas.get("RUNNING", 0)
-        healthy = running > 0
-        return JSONResponse({"status": "ok" if healthy else "unavailable", "running_replicas": running},
-                            status_code=200 if healthy else 503)
+        if running > 0:
+            return JSONResponse({"status": "ok", "running_replicas": running})
+        if self.min_replicas == 0 and status == "HEALTHY":
+            return JSONResponse({"status": "idle", "running_replicas": 0,
+                                 "message": "scaled to zero: the next request starts a model replica"})
+        return JSONResponse({"status": "unavailable", "running_replicas": 0, "deployment_status": status},
+                            status_code=503)
 
     @fastapi_app.get("/stats")
     async def stats(self) -> dict:
         """Replicas, and summed over them: requests decoding, requests queued, tokens/s, the
         prefix caches' hits (prompt tokens served from a cache, of all prompt tokens) and cached
         blocks; per replica also the checkpoint it serves; and which ingress replica answered."""
-        replicas = await self._replica_states()
-        per_replica = await self.model.broadcast("stats").results_async(timeout_s=STATS_TIMEOUT_S,
-                                                                        return_exceptions=True)
+        _, replicas = await self._deployment_status()
+        per_replica = []
+        if replicas.get("RUNNING", 0):  # scaled to zero, there is no replica to ask
+            per_replica = await self.model.broadcast("stats").results_async(timeout_s=STATS_TIMEOUT_S,
+                                                                            return_exceptions=True)
         per_replica = [stats for stats in per_replica if isinstance(stats, dict)]
         return {
             "replicas": replicas.get("RUNNING", 0),
@@ -718,4 +732,4 @@ def build_app(args: ChatAppArgs) -> serve.Application:
                               max_queued_requests=args.ingress_max_queued_requests, backpressure_config=backpressure,
                               autoscaling_config=ingress_autoscaling)
     return ingress.bind(model.bind(args.source, model_tag, step, args.max_batch_size, args.device,
-                                   args.prefix_cache_tokens), defaults, args.retry_after_s, digest)
+                                   args.prefix_cache_tokens), defaults, args.retry_after_s, digest, args.min_replicas)

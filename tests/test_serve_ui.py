@@ -17,6 +17,7 @@ import sys
 import pytest
 from ray import cloudpickle, serve
 
+from nanochat.prefix_cache import PrefixCache
 from serve.app import ChatAPI
 from tests.serve_helpers import serve_port
 
@@ -44,7 +45,8 @@ class ScriptedChatModel:
         return {"id": "scripted", "context_length": 1024}
 
     def stats(self) -> dict:
-        return {"replica": "scripted", "active": 0, "queued": 0, "tokens_per_second": 0.0}
+        return {"replica": "scripted", "active": 0, "queued": 0, "tokens_per_second": 0.0,
+                **{key: 0 for key in PrefixCache.STAT_KEYS}}
 
     async def generate(self, settings: dict):
         pieces = self.script.get(settings["messages"][-1]["content"], self.default)
