@@ -1,7 +1,9 @@
 """Tests of the chat service's HTTP API (serve/app.py, serve/api.py) on a local Ray: the seed's
 SSE endpoint and the OpenAI-compatible one carry exactly the text the in-process Engine makes for
 the same seed; the official `openai` client works against it; every limit is a 400 naming its
-field and malformed JSON a 422; a client that hangs up frees its batch row; plus the config file,
+field and malformed JSON a 422; a client that hangs up frees its batch row; a conversation's
+second turn, from the openai client and from the UI in Chromium, is prefilled from the replica's
+prefix cache and answers what a prefill from nothing does; plus the config file,
 `python -m serve` without a checkpoint, and the text streaming rules (stop sequences, split
 characters) on their own."""
 
@@ -22,6 +24,7 @@ from serve.api import MAX_MESSAGE_CHARS, MAX_MESSAGES, TextStream
 from serve.app import ChatAppArgs, build_app
 from tests.serve_helpers import (EventStream, engine_reply, request, save_tiny_chat_checkpoint, serve_port,
                                  stream_events, wait_until)
+from tests.test_serve_ui import message_texts, send_and_wait
 
 APP = "nanochat-api"
 MODEL_TAG = "serve-api"
@@ -265,15 +268,15 @@ def test_health_stats_models_and_ui(chat_app):
 
 def test_each_turn_resent_with_its_history_is_prefilled_from_the_prefix_cache(chat_app):
     port, model, tokenizer = chat_app
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     _, before = request(port, "GET", "/stats")
     messages = [{"role": "system", "content": "You are a careful assistant who answers in one short sentence."},
                 {"role": "user", "content": "What is 12 plus 30?"}]
     for _ in range(2):
-        status, body = request(port, "POST", "/v1/chat/completions",
-                               {"model": "nanochat", "messages": messages, "max_tokens": 8, "temperature": 0})
-        reply = body["choices"][0]["message"]["content"]
+        reply = client.chat.completions.create(model="nanochat", messages=messages, max_tokens=8,
+                                               temperature=0).choices[0].message.content
         # what the cached keys and values give is what a prefill from nothing gives
-        assert status == 200 and reply == engine_text(model, tokenizer, messages, temperature=0, max_tokens=8)
+        assert reply == engine_text(model, tokenizer, messages, temperature=0, max_tokens=8)
         messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": "And 7 times 6?"}]
     _, after = request(port, "GET", "/stats")
     first_prompt = len(tokenizer.render_for_completion({"messages": messages[:2] + [{"role": "assistant",
@@ -282,6 +285,23 @@ def test_each_turn_resent_with_its_history_is_prefilled_from_the_prefix_cache(ch
     assert first_prompt > 16 and after["prefix_hit_tokens"] - before["prefix_hit_tokens"] >= first_prompt // 16 * 16
     assert after["prefix_prompt_tokens"] > before["prefix_prompt_tokens"] and after["prefix_cached_blocks"] > 0
     assert after["per_replica"][0]["prefix_cache_blocks"] == 4 * CONTEXT // 16
+
+
+def test_the_uis_second_turn_is_prefilled_from_the_prefix_cache(chat_app, browser):
+    port, *_ = chat_app
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{port}/")
+        send_and_wait(page, "Please tell me a short story about a fox and a dog.")
+        _, before = request(port, "GET", "/stats")
+        send_and_wait(page, "And one about a cat?")
+        _, after = request(port, "GET", "/stats")
+        assert len(message_texts(page)) == 4
+        # the UI resends the first turn with the second: at least its first block comes from the cache
+        assert after["prefix_hit_tokens"] - before["prefix_hit_tokens"] >= 16
+    finally:
+        context.close()
 
 
 def test_config_file_builds_the_app_with_its_numbers(chat_app):
