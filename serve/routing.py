@@ -101,12 +101,12 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
         """`imbalance`: how many more queued requests than the shortest queue a prefix hit is worth."""
         self.imbalance = imbalance
         self.routed = RecentKeys(ROUTED_KEYS_KEPT)  # key -> replica id
+        self._reported: dict = {}  # replica id -> (its reported key list, that list as a set)
         self.stats = {"held": 0, "home": 0, "balanced": 0}
 
     def _holder(self, keys: list[str], replicas: dict) -> tuple[object, int]:
         """(replica id, keys matched) of the longest known prefix among `replicas` (None, 0 if none)."""
-        reported = {replica_id: set(replica.routing_stats.get("prefix_keys", ()))
-                    for replica_id, replica in replicas.items()}
+        reported = {replica_id: self._reported_keys(replica) for replica_id, replica in replicas.items()}
         for depth in range(len(keys), 0, -1):
             key = keys[depth - 1]
             routed = self.routed.get(key)
@@ -116,6 +116,14 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
                 if key in held:
                     return replica_id, depth
         return None, 0
+
+    def _reported_keys(self, replica: RunningReplica) -> set:
+        """The keys `replica` last reported, as a set made once per report."""
+        keys = replica.routing_stats.get("prefix_keys", ())
+        cached = self._reported.get(replica.replica_id)
+        if cached is None or cached[0] is not keys:
+            cached = self._reported[replica.replica_id] = (keys, set(keys))
+        return cached[1]
 
     def _queue_len(self, replica: RunningReplica) -> int:
         queue_len = self.replica_queue_len_cache.get(replica.replica_id)
