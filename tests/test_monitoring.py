@@ -252,7 +252,7 @@ def prometheus_cluster(tmp_path_factory):
     trainers = {"base": ["ray_jobs.base_train", *pretraining_flags(work / "shards", runs), *BASE_FLAGS],
                 "sft": ["ray_jobs.chat_sft", *SFT_FLAGS], "rl": ["ray_jobs.chat_rl", *RL_FLAGS]}
     temp_dir = tempfile.mkdtemp(prefix="ray_prom_", dir="/tmp")  # short: Ray's socket paths live there
-    ray_port, prometheus_port, chat_port = demo.free_port(), demo.free_port(), demo.free_port()
+    ray_port = demo.free_port()
     processes, logs = [], []
 
     def start(command: list[str], log_name: str, **kwargs) -> tuple[subprocess.Popen, str]:
@@ -275,15 +275,26 @@ def prometheus_cluster(tmp_path_factory):
         config_path = work / "prometheus.yml"
         config_path.write_text(yaml.safe_dump(config))
 
-        prometheus, prometheus_log = start(["prometheus", f"--config.file={config_path}",
-                                            f"--storage.tsdb.path={work / 'tsdb'}",
-                                            f"--web.listen-address=127.0.0.1:{prometheus_port}"], "prometheus.log")
-        _wait_for_output(prometheus, prometheus_log, "Server is ready to receive web requests", 60, "Prometheus")
+        # A port is free when chosen; a process of the busy machine may take it before Prometheus binds it.
+        for attempt in range(1, 4):
+            prometheus_port = demo.free_port()
+            prometheus, prometheus_log = start(["prometheus", f"--config.file={config_path}",
+                                                f"--storage.tsdb.path={work / 'tsdb'}",
+                                                f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+                                               f"prometheus{attempt}.log")
+            try:
+                _wait_for_output(prometheus, prometheus_log, "Server is ready to receive web requests", 60,
+                                 "Prometheus")
+                break
+            except AssertionError:
+                if attempt == 3 or "address already in use" not in _log(prometheus_log):
+                    raise
 
         # The chat service and the three trainers start at once: they spend most of their time
         # starting processes.
         env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}"}
         started = time.time()
+        chat_port = demo.free_port()
         chat, chat_log = start([sys.executable, "-m", "serve", "--model-tag", CHAT_TAG, "--port", str(chat_port),
                                 "--replica-cpus", "0.25", "--max-batch-size", "2", "--ingress-min-replicas", "1"],
                                "serve.log", cwd=REPO_ROOT, env=env)
