@@ -228,7 +228,8 @@ class ChatModel:
         self.served_keys.put(conversation_keys(settings)[0])
         request = self.scheduler.submit(prompt, max_tokens=max_tokens, temperature=settings["temperature"],
                                         top_k=settings["top_k"], seed=settings["seed"])
-        yield {"type": "start", "prompt_tokens": len(prompt), "max_tokens": max_tokens, "replica": self.replica_id}
+        yield {"type": "start", "prompt_tokens": len(prompt), "max_tokens": max_tokens, "replica": self.replica_id,
+               "context_length": self.scheduler.max_seq_len}
         reader = ReplyReader(self.tokenizer.decode, self.special_ids)
         text = TextStream(reader.decode_text, settings["stop"])
         finish_reason, error = None, None
@@ -429,7 +430,8 @@ class ChatAPI:
     @fastapi_app.post("/chat/completions")
     async def chat_completions(self, request: Request):
         """The seed's streaming endpoint: `data: {"token": text}` events, then
-        `data: {"done": true, "finish_reason": ..., "usage": ...}`, or `data: {"error": message}`."""
+        `data: {"done": true, "finish_reason": ..., "usage": ..., "context_length": ...}`, or
+        `data: {"error": message}`."""
         arrived = time.perf_counter()
         try:
             body = await self._read_body(request, ChatRequest)
@@ -457,7 +459,7 @@ class ChatAPI:
                     else:
                         usage = openai_usage(stream.start["prompt_tokens"], event["completion_tokens"])
                         yield server_sent_event({"done": True, "finish_reason": event["finish_reason"],
-                                                 "usage": usage})
+                                                 "usage": usage, "context_length": stream.start["context_length"]})
                         status = "ok"
         except asyncio.CancelledError:
             status = "cancelled"

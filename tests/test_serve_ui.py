@@ -26,6 +26,9 @@ ROUTE = "/ui-test"
 GREETING_PIECES = ["Hello", " from", " the", " scripted", " model", "."]
 XSS = '<img src=x onerror=alert(1)><script>window.pwned = 1</script>'
 SCRIPT = {"say something dangerous": ["Here it is: ", XSS[:20], XSS[20:], " done"]}
+CONTEXT = 1024
+NEAR_FULL = "Tell me everything."  # answered as if the conversation filled 900 of the context's tokens
+TOO_LONG = "And everything else?"  # refused as a replica refuses a conversation past the context
 
 # The stand-in is defined in this module, which Ray's workers cannot import: ship it by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -42,15 +45,23 @@ class ScriptedChatModel:
         self.pause_s = pause_s
 
     def describe(self) -> dict:
-        return {"id": "scripted", "context_length": 1024}
+        return {"id": "scripted", "context_length": CONTEXT}
 
     def stats(self) -> dict:
         return {"replica": "scripted", "active": 0, "queued": 0, "tokens_per_second": 0.0,
                 **{key: 0 for key in PrefixCache.STAT_KEYS}}
 
     async def generate(self, settings: dict):
-        pieces = self.script.get(settings["messages"][-1]["content"], self.default)
-        yield {"type": "start", "prompt_tokens": len(settings["messages"]), "max_tokens": 100, "replica": "scripted"}
+        last = settings["messages"][-1]["content"]
+        if last == TOO_LONG:
+            yield {"type": "rejected", "field": "messages", "limit": f"at most {CONTEXT - 1} prompt tokens",
+                   "message": f"the conversation is 1100 tokens long and the model's context holds {CONTEXT}: "
+                              "shorten it or start a new conversation"}
+            return
+        pieces = self.script.get(last, self.default)
+        prompt_tokens = 900 if last == NEAR_FULL else len(settings["messages"])
+        yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": 100, "replica": "scripted",
+               "context_length": CONTEXT}
         for piece in pieces:
             await asyncio.sleep(self.pause_s)
             yield {"type": "text", "text": piece}
@@ -158,3 +169,17 @@ def test_model_output_is_shown_as_text_and_never_run(page):
     assert page.dialogs == []
     assert page.evaluate("window.pwned") is None
     assert not [url for url in page.requested if url.endswith("/x")]  # the <img> never loaded its src
+
+
+def test_a_conversation_near_or_past_the_context_gets_a_notice_and_a_new_conversation_button(page):
+    send_and_wait(page, "Hello there")
+    assert page.locator("#context-notice").is_hidden()
+    send_and_wait(page, NEAR_FULL)  # 900 + 6 of 1024 tokens: past 80%
+    notice = page.text_content("#context-notice-text")
+    assert page.locator("#context-notice").is_visible() and f"906 of the model's {CONTEXT} tokens" in notice
+    send_and_wait(page, TOO_LONG)
+    assert "no longer fits the model's context (at most 1023 prompt tokens)" in page.text_content(
+        "#context-notice-text")
+    assert page.text_content("#error") == ""  # said by the notice, not as a server error
+    page.click("#context-new-chat")
+    assert message_texts(page) == [] and page.locator("#context-notice").is_hidden()
