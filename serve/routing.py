@@ -107,6 +107,8 @@ class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     def _holder(self, keys: list[str], replicas: dict) -> tuple[object, int]:
         """(replica id, keys matched) of the longest known prefix among `replicas` (None, 0 if none)."""
         reported = {replica_id: self._reported_keys(replica) for replica_id, replica in replicas.items()}
+        if len(self._reported) > len(replicas):  # forget the replicas that are gone
+            self._reported = {replica_id: self._reported[replica_id] for replica_id in replicas}
         for depth in range(len(keys), 0, -1):
             key = keys[depth - 1]
             routed = self.routed.get(key)
