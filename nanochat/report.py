@@ -20,7 +20,9 @@ assembles `<base>/report/report.md`:
 
 - the metrics table: CORE, val bpb, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee,
   Arithmetic and ChatCORE, one row for each metric some stage measured, one column per model (base, sft,
-  rl), '-' where a model was not run or not measured;
+  rl), '-' where a model was not run or not measured; ChatCORE is nanochat's, over ARC-Easy,
+  ARC-Challenge, MMLU, GSM8K and HumanEval only (nanochat.chat_eval), so SpellingBee and Arithmetic
+  are rows of their own;
 - PNG plots, linked from the markdown: training loss and val bpb against step and against wall
   time, and the RL mean reward against step, drawn from the histories the stages recorded;
 - one section per stage with its config, timings and all its metrics.

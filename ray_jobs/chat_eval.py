@@ -1,4 +1,5 @@
-"""Evaluate a chat checkpoint on chat tasks and compute ChatCORE, with the work spread over Ray actors.
+"""Evaluate a chat checkpoint on chat tasks and compute ChatCORE (when all five of its tasks ran), with the work
+spread over Ray actors.
 
     python -m ray_jobs.chat_eval --source sft [--model-tag d20] [--step N]
         [--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spellingbee] [--max-problems N]
@@ -35,16 +36,17 @@ from ray.util import ActorPool
 from nanochat.checkpoint import PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model, find_last_step
 from nanochat.common import atomic_write_bytes, get_base_dir
 from nanochat.execution import SandboxUnavailableError
-from nanochat.chat_eval import ModelAnswerer, Sampling, chatcore, score_problems, summarize
+from nanochat.chat_eval import CHATCORE_TASKS, ModelAnswerer, Sampling, chatcore, score_problems, summarize
 from nanochat.report import Report
 from nanochat.tasks import Task, get_task
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel, actor_layout
 from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, add_gpu_flags
 
 # The tasks that have an evaluation rule, in the order the reference reports them; the default
-# list is the reference's six ChatCORE tasks.
+# list is nanochat's five ChatCORE tasks (nanochat.chat_eval.CHATCORE_TASKS) and SpellingBee,
+# which the report card shows on its own.
 EVAL_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "arithmetic")
-DEFAULT_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee")
+DEFAULT_TASKS = (*CHATCORE_TASKS, "spellingbee")
 EVAL_SPLIT = "test"
 # The generated tasks are as long as one asks; the reference evaluates SpellingBee on 256 problems.
 TASK_OPTIONS = {"spellingbee": {"size": 256}, "arithmetic": {"size": 256}}
@@ -192,14 +194,17 @@ def load_tasks(names: list[str], max_problems: int | None, require_sandbox: bool
     return tasks
 
 
-def print_table(results: dict[str, dict], score: float, num_samples: int) -> None:
+def print_table(results: dict[str, dict], score: float | None, num_samples: int) -> None:
     extra = num_samples > 1
     header = f"{'task':<16} {'accuracy':>9} {'n':>6} {'chance':>7} {'centered':>9}"
     print(header + (f" {'pass@1':>7}" if extra else ""))
     for name, r in results.items():
         line = f"{name:<16} {r['accuracy']:>9.4f} {r['n']:>6} {r['chance']:>7.4f} {r['centered']:>9.4f}"
         print(line + (f" {r['pass@1']:>7.4f}" if extra else ""))
-    print(f"{'ChatCORE':<16} {'':>9} {'':>6} {'':>7} {score:>9.4f}")
+    if score is None:
+        print(f"ChatCORE: not computed, it needs all of {','.join(CHATCORE_TASKS)}")
+    else:
+        print(f"{'ChatCORE':<16} {'':>9} {'':>6} {'':>7} {score:>9.4f}")
     if extra:
         print(f"(accuracy of generative tasks is pass@{num_samples}: any of {num_samples} samples right)", flush=True)
 
@@ -241,8 +246,11 @@ def main(argv=None) -> dict:
     out_path = os.path.join(get_base_dir(), "chat_eval", f"{args.source}_{model_tag}_{step}.json")
     atomic_write_bytes(out_path, json.dumps(results, indent=2).encode("utf-8"))
     print(f"results written to {out_path}", flush=True)
+    metrics = {name: r["accuracy"] for name, r in task_results.items()}
+    if score is not None:
+        metrics["ChatCORE"] = score
     Report().log_stage("chat_eval", source=args.source, config=config, timings={"eval_s": results["wall_s"]},
-                       metrics={**{name: r["accuracy"] for name, r in task_results.items()}, "ChatCORE": score})
+                       metrics=metrics)
     return results
 
 
