@@ -5,6 +5,7 @@ spread over Ray actors.
         [--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spellingbee] [--max-problems N]
         [--num-samples K] [--temperature T] [--top-k K] [--max-new-tokens N] [--seed S]
         [--num-actors N] [--use-gpu auto|on|off] [--gpu-wait-s S] [--batch-size B] [--require-sandbox]
+        [--answer-matching exact|lenient]
 
 How answers are scored (categorical by letter logits, generative by sampling, pass@k, ChatCORE)
 is nanochat.chat_eval. The problems are cut into chunks that a pool of Ray
@@ -13,6 +14,10 @@ CPU-only machine, as in base_eval; fewer when Serve or another job holds some of
 is what ray_jobs.gpus.actor_pool can reserve). A score does not depend on how the problems are cut: problem
 i is always sampled with seed `seed + i`, and categorical batches always cover the same problems
 (chunks start at multiples of the batch size), so 1 actor and 8 actors give the same numbers.
+
+GSM8K, SpellingBee and arithmetic answers are compared as nanochat compares them (the text after
+"#### ", exactly) unless --answer-matching lenient asks for equal numbers instead
+(nanochat.tasks.common.ANSWER_MATCHING); the config, and so the report card, records which.
 
 HumanEval runs the model's code in the sandbox of nanochat.execution. An actor on a host where one
 of the sandbox's kernel layers is missing logs that once; with --require-sandbox it refuses to run
@@ -38,7 +43,8 @@ from nanochat.common import atomic_write_bytes, get_base_dir
 from nanochat.execution import SandboxUnavailableError
 from nanochat.chat_eval import CHATCORE_TASKS, ModelAnswerer, Sampling, chatcore, score_problems, summarize
 from nanochat.report import Report
-from nanochat.tasks import Task, get_task
+from nanochat.tasks import TASKS, Task, get_task
+from nanochat.tasks.common import ANSWER_MATCHING, FinalAnswerTask
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel, actor_layout
 from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, add_gpu_flags
 
@@ -147,6 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--require-sandbox", action="store_true",
                         help="run model-written code (HumanEval) only where every kernel layer of the sandbox "
                         "holds; stop the job otherwise")
+    parser.add_argument("--answer-matching", default="exact", choices=list(ANSWER_MATCHING),
+                        help="how '####' answers (gsm8k, spellingbee, arithmetic) match the reference: exact, "
+                        "as nanochat (the default), or lenient (equal numbers: 42.0 = 42), not comparable with nanochat")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     unknown = [name for name in names if name not in EVAL_TASKS]
@@ -181,14 +190,18 @@ def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> 
     return model_tag, step
 
 
-def load_tasks(names: list[str], max_problems: int | None, require_sandbox: bool = False) -> dict[str, Task]:
+def load_tasks(names: list[str], max_problems: int | None, require_sandbox: bool = False,
+               answer_matching: str = "exact") -> dict[str, Task]:
     """The test split of each named task, cut to its first max_problems problems; require_sandbox
-    goes to the tasks that run model-written code (HumanEval)."""
+    goes to the tasks that run model-written code (HumanEval), answer_matching to those with a
+    "####" answer (FinalAnswerTask)."""
     tasks = {}
     for name in names:
         options = dict(TASK_OPTIONS.get(name, {}))
         if name == "humaneval":
             options["require_sandbox"] = require_sandbox
+        if issubclass(TASKS[name], FinalAnswerTask):
+            options["answer_matching"] = answer_matching
         task = get_task(name, EVAL_SPLIT, **options)
         tasks[name] = task if max_problems is None else task[:max_problems]
     return tasks
@@ -223,7 +236,7 @@ def main(argv=None) -> dict:
     if args.num_samples > 1 and args.temperature == 0:
         print("note: at --temperature 0 all samples of a problem are the same, so pass@k equals pass@1", flush=True)
 
-    tasks = load_tasks(args.tasks, args.max_problems, args.require_sandbox)
+    tasks = load_tasks(args.tasks, args.max_problems, args.require_sandbox, args.answer_matching)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit`, or starts a local one
     started = time.time()

@@ -318,6 +318,7 @@ def test_the_job_gives_the_answers_of_this_process_and_writes_them(ray_local, ti
     assert out.startswith("chat_eval config: ")
     config = json.loads(out.splitlines()[0][len("chat_eval config: "):])
     assert config["model_tag"] == MODEL_TAG and config["step"] == 0 and config["temperature"] == 0.0
+    assert config["answer_matching"] == "exact"  # nanochat's protocol unless asked otherwise
     assert "ChatCORE: not computed, it needs all of arc-easy,arc-challenge,mmlu,gsm8k,humaneval" in out
 
     assert [results["tasks"][name]["passed"] for name in made_here] == [problems // 2, problems // 2]
@@ -356,7 +357,18 @@ def test_require_sandbox_reaches_the_code_task_and_its_refusal_stops_the_job(ray
     assert "Traceback" not in err
 
 
+def test_answer_matching_reaches_the_tasks_with_a_final_answer():
+    assert all(task.answer_matching == "exact" for task in load_tasks(["arithmetic", "spellingbee"], 2).values())
+    tasks = load_tasks(["arithmetic", "spellingbee"], 2, answer_matching="lenient")
+    assert [task.answer_matching for task in tasks.values()] == ["lenient", "lenient"]
+    problem = tasks["arithmetic"][0]
+    answer = last_assistant_text(problem).rsplit("#### ", 1)[1]
+    assert tasks["arithmetic"].evaluate(problem, f"#### {answer}.0") is True
+    assert load_tasks(["arithmetic"], 2)["arithmetic"].evaluate(problem, f"#### {answer}.0") is False
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--answer-matching", "fuzzy"], "invalid choice: 'fuzzy'"),
     (["--tasks", "arithmetic,smoltalk"], "smoltalk"),
     (["--tasks", "arithmetic,arithmetic"], "names a task twice"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),
