@@ -10,10 +10,12 @@ Two kinds of task (nanochat.tasks):
   reported accuracy). The mean share of right samples, the unbiased estimate of pass@1, is
   reported beside it.
 
-ChatCORE, as the nanochat reference defines it, is the mean over the tasks run of the accuracy
-centered on chance, (acc - chance) / (1 - chance): 0 is guessing, 1 is perfect. Chance is 0.25
-for MMLU and ARC (the reference's value for 4-choice questions) and 0 for generative tasks; any
-other categorical task gets the mean of 1/(number of letters) over its problems.
+Each task's accuracy is also centered on chance, (acc - chance) / (1 - chance): 0 is guessing,
+1 is perfect. Chance is 0.25 for MMLU and ARC (the reference's value for 4-choice questions) and 0
+for generative tasks; any other categorical task gets the mean of 1/(number of letters) over its
+problems. ChatCORE, as nanochat defines it today, is the mean centered accuracy of its five tasks,
+CHATCORE_TASKS (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval), and exists only when all five
+were run; other tasks (SpellingBee, arithmetic) are reported on their own and never enter it.
 
 Scoring takes an "answerer": anything with `pick_letters(conversations) -> letters` and
 `complete(conversation, seed) -> completions`. `ModelAnswerer` is a model and its tokenizer; tests
@@ -30,6 +32,8 @@ from nanochat.tasks import Task
 
 # The reference's chance levels; generative tasks are 0 and other categorical tasks get 1/letters.
 CHANCE = {"arc-easy": 0.25, "arc-challenge": 0.25, "mmlu": 0.25}
+# The tasks nanochat's ChatCORE averages, no more and no fewer.
+CHATCORE_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval")
 
 
 class Answerer(Protocol):
@@ -174,11 +178,12 @@ def evaluate_task(name: str, task: Task, answerer: Answerer, batch_size: int = 8
     return summarize(name, task, score_problems(task, list(range(len(task))), answerer, batch_size, seed))
 
 
-def chatcore(results: dict[str, dict]) -> float:
-    """ChatCORE: the mean centered accuracy of the tasks in `results` (summarize's dicts)."""
-    if not results:
-        raise ValueError("ChatCORE needs at least one task result")
-    return sum(result["centered"] for result in results.values()) / len(results)
+def chatcore(results: dict[str, dict]) -> float | None:
+    """ChatCORE: the mean centered accuracy of the CHATCORE_TASKS in `results` (summarize's dicts),
+    whatever other tasks `results` holds; None unless all of them are there, as in nanochat."""
+    if not all(name in results for name in CHATCORE_TASKS):
+        return None
+    return sum(results[name]["centered"] for name in CHATCORE_TASKS) / len(CHATCORE_TASKS)
 
 
 # ----------------------------------------------------------------------------------------------

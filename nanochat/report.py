@@ -20,7 +20,10 @@ assembles `<base>/report/report.md`:
 
 - the metrics table: CORE, val bpb, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee,
   Arithmetic and ChatCORE, one row for each metric some stage measured, one column per model (base, sft,
-  rl), '-' where a model was not run or not measured;
+  rl), '-' where a model was not run or not measured; ChatCORE is nanochat's, over ARC-Easy,
+  ARC-Challenge, MMLU, GSM8K and HumanEval only (nanochat.chat_eval), so SpellingBee and Arithmetic
+  are rows of their own; under it, a line per way of matching "####" answers that an eval or RL
+  stage used ("GSM8K answers: exact, as nanochat ...", or lenient when asked for);
 - PNG plots, linked from the markdown: training loss and val bpb against step and against wall
   time, and the RL mean reward against step, drawn from the histories the stages recorded;
 - one section per stage with its config, timings and all its metrics.
@@ -48,6 +51,7 @@ import psutil
 import torch
 
 from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.tasks.common import ANSWER_MATCHING
 
 SOURCES = ("base", "sft", "rl")
 
@@ -295,6 +299,21 @@ class Report:
                 values.setdefault(normalize_metric_name(name), {})[section["source"]] = value
         return [(label, values[key]) for label, key in TABLE_METRICS if key in values]
 
+    @staticmethod
+    def answer_matching_lines(sections: list[dict]) -> list[str]:
+        """The protocol lines under the metrics table: for each way of matching "####" answers that
+        a stage's config records (chat_eval's --answer-matching, chat_rl's reward), which one it is
+        and which stages used it."""
+        stages_by_matching: dict[str, list[str]] = {}
+        for section in sections:
+            matching = (section.get("config") or {}).get("answer_matching")
+            if matching is not None:
+                name = section["stage"] + (f" ({section['source']})" if section["source"] else "")
+                stages_by_matching.setdefault(matching, []).append(name)
+        return [line for matching, stages in stages_by_matching.items()
+                for line in ("", f"GSM8K answers: {ANSWER_MATCHING.get(matching, matching)}; "
+                                 f"used by {', '.join(stages)}. SpellingBee and Arithmetic follow the same rule.")]
+
     # ------------------------------------------------------------------ writing
 
     def _plot(self, filename: str, key: str, x_key: str, title: str, sections: list[dict]) -> bool:
@@ -364,6 +383,7 @@ class Report:
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         else:
             lines.append("No evaluation metrics were recorded.")
+        lines += self.answer_matching_lines(sections)
         walls = [(s["stage"] + (f" ({s['source']})" if s["source"] else ""), s["timings"]["wall_s"])
                  for s in sections if "wall_s" in s["timings"]]
         if walls:

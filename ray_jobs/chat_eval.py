@@ -1,9 +1,11 @@
-"""Evaluate a chat checkpoint on chat tasks and compute ChatCORE, with the work spread over Ray actors.
+"""Evaluate a chat checkpoint on chat tasks and compute ChatCORE (when all five of its tasks ran), with the work
+spread over Ray actors.
 
     python -m ray_jobs.chat_eval --source sft [--model-tag d20] [--step N]
         [--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spellingbee] [--max-problems N]
         [--num-samples K] [--temperature T] [--top-k K] [--max-new-tokens N] [--seed S]
         [--num-actors N] [--use-gpu auto|on|off] [--gpu-wait-s S] [--batch-size B] [--require-sandbox]
+        [--answer-matching exact|lenient]
 
 How answers are scored (categorical by letter logits, generative by sampling, pass@k, ChatCORE)
 is nanochat.chat_eval. The problems are cut into chunks that a pool of Ray
@@ -12,6 +14,10 @@ CPU-only machine, as in base_eval; fewer when Serve or another job holds some of
 is what ray_jobs.gpus.actor_pool can reserve). A score does not depend on how the problems are cut: problem
 i is always sampled with seed `seed + i`, and categorical batches always cover the same problems
 (chunks start at multiples of the batch size), so 1 actor and 8 actors give the same numbers.
+
+GSM8K, SpellingBee and arithmetic answers are compared as nanochat compares them (the text after
+"#### ", exactly) unless --answer-matching lenient asks for equal numbers instead
+(nanochat.tasks.common.ANSWER_MATCHING); the config, and so the report card, records which.
 
 HumanEval runs the model's code in the sandbox of nanochat.execution. An actor on a host where one
 of the sandbox's kernel layers is missing logs that once; with --require-sandbox it refuses to run
@@ -35,16 +41,18 @@ from ray.util import ActorPool
 from nanochat.checkpoint import PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model, find_last_step
 from nanochat.common import atomic_write_bytes, get_base_dir
 from nanochat.execution import SandboxUnavailableError
-from nanochat.chat_eval import ModelAnswerer, Sampling, chatcore, score_problems, summarize
+from nanochat.chat_eval import CHATCORE_TASKS, ModelAnswerer, Sampling, chatcore, score_problems, summarize
 from nanochat.report import Report
-from nanochat.tasks import Task, get_task
+from nanochat.tasks import TASKS, Task, get_task
+from nanochat.tasks.common import ANSWER_MATCHING, FinalAnswerTask
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel, actor_layout
 from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, add_gpu_flags
 
 # The tasks that have an evaluation rule, in the order the reference reports them; the default
-# list is the reference's six ChatCORE tasks.
+# list is nanochat's five ChatCORE tasks (nanochat.chat_eval.CHATCORE_TASKS) and SpellingBee,
+# which the report card shows on its own.
 EVAL_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee", "arithmetic")
-DEFAULT_TASKS = ("arc-easy", "arc-challenge", "mmlu", "gsm8k", "humaneval", "spellingbee")
+DEFAULT_TASKS = (*CHATCORE_TASKS, "spellingbee")
 EVAL_SPLIT = "test"
 # The generated tasks are as long as one asks; the reference evaluates SpellingBee on 256 problems.
 TASK_OPTIONS = {"spellingbee": {"size": 256}, "arithmetic": {"size": 256}}
@@ -145,6 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--require-sandbox", action="store_true",
                         help="run model-written code (HumanEval) only where every kernel layer of the sandbox "
                         "holds; stop the job otherwise")
+    parser.add_argument("--answer-matching", default="exact", choices=list(ANSWER_MATCHING),
+                        help="how '####' answers (gsm8k, spellingbee, arithmetic) match the reference: exact, "
+                        "as nanochat (the default), or lenient (equal numbers: 42.0 = 42), not comparable with nanochat")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     unknown = [name for name in names if name not in EVAL_TASKS]
@@ -179,27 +190,34 @@ def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> 
     return model_tag, step
 
 
-def load_tasks(names: list[str], max_problems: int | None, require_sandbox: bool = False) -> dict[str, Task]:
+def load_tasks(names: list[str], max_problems: int | None, require_sandbox: bool = False,
+               answer_matching: str = "exact") -> dict[str, Task]:
     """The test split of each named task, cut to its first max_problems problems; require_sandbox
-    goes to the tasks that run model-written code (HumanEval)."""
+    goes to the tasks that run model-written code (HumanEval), answer_matching to those with a
+    "####" answer (FinalAnswerTask)."""
     tasks = {}
     for name in names:
         options = dict(TASK_OPTIONS.get(name, {}))
         if name == "humaneval":
             options["require_sandbox"] = require_sandbox
+        if issubclass(TASKS[name], FinalAnswerTask):
+            options["answer_matching"] = answer_matching
         task = get_task(name, EVAL_SPLIT, **options)
         tasks[name] = task if max_problems is None else task[:max_problems]
     return tasks
 
 
-def print_table(results: dict[str, dict], score: float, num_samples: int) -> None:
+def print_table(results: dict[str, dict], score: float | None, num_samples: int) -> None:
     extra = num_samples > 1
     header = f"{'task':<16} {'accuracy':>9} {'n':>6} {'chance':>7} {'centered':>9}"
     print(header + (f" {'pass@1':>7}" if extra else ""))
     for name, r in results.items():
         line = f"{name:<16} {r['accuracy']:>9.4f} {r['n']:>6} {r['chance']:>7.4f} {r['centered']:>9.4f}"
         print(line + (f" {r['pass@1']:>7.4f}" if extra else ""))
-    print(f"{'ChatCORE':<16} {'':>9} {'':>6} {'':>7} {score:>9.4f}")
+    if score is None:
+        print(f"ChatCORE: not computed, it needs all of {','.join(CHATCORE_TASKS)}")
+    else:
+        print(f"{'ChatCORE':<16} {'':>9} {'':>6} {'':>7} {score:>9.4f}")
     if extra:
         print(f"(accuracy of generative tasks is pass@{num_samples}: any of {num_samples} samples right)", flush=True)
 
@@ -218,7 +236,7 @@ def main(argv=None) -> dict:
     if args.num_samples > 1 and args.temperature == 0:
         print("note: at --temperature 0 all samples of a problem are the same, so pass@k equals pass@1", flush=True)
 
-    tasks = load_tasks(args.tasks, args.max_problems, args.require_sandbox)
+    tasks = load_tasks(args.tasks, args.max_problems, args.require_sandbox, args.answer_matching)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit`, or starts a local one
     started = time.time()
@@ -241,8 +259,11 @@ def main(argv=None) -> dict:
     out_path = os.path.join(get_base_dir(), "chat_eval", f"{args.source}_{model_tag}_{step}.json")
     atomic_write_bytes(out_path, json.dumps(results, indent=2).encode("utf-8"))
     print(f"results written to {out_path}", flush=True)
+    metrics = {name: r["accuracy"] for name, r in task_results.items()}
+    if score is not None:
+        metrics["ChatCORE"] = score
     Report().log_stage("chat_eval", source=args.source, config=config, timings={"eval_s": results["wall_s"]},
-                       metrics={**{name: r["accuracy"] for name, r in task_results.items()}, "ChatCORE": score})
+                       metrics=metrics)
     return results
 
 

@@ -14,7 +14,10 @@ advantages, no KL, no ratio, no clip, token-level normalisation. The way it runs
   driven by `RolloutFleet`, which lives in the learner's rank 0.
 - Each step rank 0 hands the step's prompts to all workers at once (a queue, two prompts in
   flight per worker); a worker samples `--num-samples` completions of a prompt with tool use,
-  scores them with the task's reward and returns them with the weights version it used.
+  scores them with the task's reward and returns them with the weights version it used. The
+  reward is 1 when the task's evaluation calls the answer right, with the task's default answer
+  matching: nanochat's exact "####" comparison, the one chat_eval uses by default (and nanochat's
+  RL), so a reward and an eval score mean the same; the config records it for the report.
 - The learner is a TorchTrainer (data parallel): rank 0 shares the groups out over the ranks,
   every rank turns its groups into inputs, targets (-1 where the mask is 0) and advantages, and
   the distributed MuonAdamW steps (it averages the gradients itself).
@@ -743,6 +746,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, dict]:
         "tokenizer_dir": tokenizer_dir, "num_steps": num_steps, "num_train": num_train,
         "num_test": len(tasks["test"]), "use_gpu": use_gpu, "num_rollout_workers": num_rollout,
         "rollout_cpus": rollout_cpus, "rollout_gpus": rollout_gpus, "weight_sync": weight_sync,
+        "answer_matching": getattr(tasks["train"], "answer_matching", None),  # None: a task without "####" answers
     }
     return cfg, {"tokenizer": Tokenizer.from_directory(tokenizer_dir), "tasks": tasks}
 

@@ -1,8 +1,8 @@
 """Tests of chat evaluation: the scoring (nanochat/chat_eval.py) and the job (ray_jobs/chat_eval.py).
 
 Scoring is checked against answer keys with test doubles (an answerer that is always right, one
-that always says "A", one that is right on a known share of its samples), ChatCORE against the
-reference's definition, and the model path with a tiny random GPT saved as an SFT checkpoint:
+that always says "A", one that is right on a known share of its samples), ChatCORE against
+nanochat's definition (its five tasks, centered on chance), and the model path with a tiny random GPT saved as an SFT checkpoint:
 the letters it picks in a padded batch are the ones it picks one prompt at a time, its
 completions are the engine's, and the scores over 1 and 2 Ray actors equal those computed in
 this process, for sampled answers with a fixed seed as well as greedy ones. The job is given
@@ -25,7 +25,7 @@ from nanochat.tasks.common import MultipleChoiceTask, last_assistant_text, rende
 from nanochat.tokenizer import Tokenizer
 from ray_jobs.base_eval import CheckpointModel
 from nanochat.chat_eval import (ModelAnswerer, Sampling, chance_level, chatcore, evaluate_task,
-                                score_problems)
+                                score_problems, summarize)
 import ray_jobs.chat_eval
 from ray_jobs.chat_eval import evaluate_on_actors, load_tasks, main, plan_chunks
 from tests.tiny import CHAT_TEXT, random_gpt
@@ -168,15 +168,36 @@ def test_pass_at_k_counts_a_problem_when_any_sample_is_right():
     assert result["chance"] == 0.0 and result["centered"] == result["accuracy"]
 
 
-def test_chance_levels_and_chatcore_follow_the_reference():
+def test_chance_levels_follow_the_reference():
     assert chance_level("mmlu", LetterQuiz()) == 0.25
     assert chance_level("arc-easy", LetterQuiz(num_letters=3)) == 0.25  # the reference's fixed 4-choice level
     assert chance_level("quiz", LetterQuiz(key="ABAB", num_letters=2)) == pytest.approx(0.5)
     assert chance_level("gsm8k", Arithmetic("test", size=2)) == 0.0
-    results = {"mmlu": {"centered": (0.5 - 0.25) / 0.75}, "gsm8k": {"centered": 0.2}}
-    assert chatcore(results) == pytest.approx((1 / 3 + 0.2) / 2)
-    with pytest.raises(ValueError, match="at least one task"):
-        chatcore({})
+
+
+def passed_of_20(name: str, task: Task, passed: int) -> dict:
+    """summarize's dict for `task` scored on 20 problems, `passed` of them right."""
+    return summarize(name, task, [(1, 1)] * passed + [(0, 1)] * (20 - passed))
+
+
+def test_chatcore_is_the_mean_of_nanochats_five_centered_tasks_and_ignores_the_others():
+    # Known accuracies and the centered scores nanochat's formula gives them, (acc - base) / (1 - base),
+    # with base 0.25 for the three 4-choice tasks and 0 for GSM8K and HumanEval.
+    quiz, generative = LetterQuiz(), Arithmetic("test", size=2)
+    results = {"arc-easy": passed_of_20("arc-easy", quiz, 11),            # 0.55  -> 0.4
+               "arc-challenge": passed_of_20("arc-challenge", quiz, 8),   # 0.40  -> 0.2
+               "mmlu": passed_of_20("mmlu", quiz, 6),                     # 0.30  -> 0.0667
+               "gsm8k": passed_of_20("gsm8k", generative, 6),             # 0.30  -> 0.3
+               "humaneval": passed_of_20("humaneval", generative, 2)}     # 0.10  -> 0.1
+    expected = (0.4 + 0.2 + (0.3 - 0.25) / 0.75 + 0.3 + 0.1) / 5
+    assert chatcore(results) == pytest.approx(expected)
+    # SpellingBee and arithmetic are reported on their own: a perfect score there changes nothing.
+    others = {"spellingbee": passed_of_20("spellingbee", generative, 20),
+              "arithmetic": passed_of_20("arithmetic", generative, 20)}
+    assert chatcore({**results, **others}) == pytest.approx(expected)
+    # nanochat prints no ChatCORE unless all five were evaluated.
+    assert chatcore({name: r for name, r in results.items() if name != "humaneval"} | others) is None
+    assert chatcore({}) is None
 
 
 def test_a_training_only_task_is_refused():
@@ -297,12 +318,13 @@ def test_the_job_gives_the_answers_of_this_process_and_writes_them(ray_local, ti
     assert out.startswith("chat_eval config: ")
     config = json.loads(out.splitlines()[0][len("chat_eval config: "):])
     assert config["model_tag"] == MODEL_TAG and config["step"] == 0 and config["temperature"] == 0.0
-    assert "ChatCORE" in out
+    assert config["answer_matching"] == "exact"  # nanochat's protocol unless asked otherwise
+    assert "ChatCORE: not computed, it needs all of arc-easy,arc-challenge,mmlu,gsm8k,humaneval" in out
 
     assert [results["tasks"][name]["passed"] for name in made_here] == [problems // 2, problems // 2]
     assert results["tasks"] == {name: evaluate_task(name, task[:problems], greedy, seed=42)
                                 for name, task in made_here.items()}
-    assert results["chatcore"] == pytest.approx(sum(r["centered"] for r in results["tasks"].values()) / 2)
+    assert results["chatcore"] is None  # arithmetic and SpellingBee are none of ChatCORE's tasks
     with open(os.path.join(os.environ["NANOCHAT_BASE_DIR"], "chat_eval", f"sft_{MODEL_TAG}_0.json")) as f:
         assert json.load(f) == results
 
@@ -335,7 +357,18 @@ def test_require_sandbox_reaches_the_code_task_and_its_refusal_stops_the_job(ray
     assert "Traceback" not in err
 
 
+def test_answer_matching_reaches_the_tasks_with_a_final_answer():
+    assert all(task.answer_matching == "exact" for task in load_tasks(["arithmetic", "spellingbee"], 2).values())
+    tasks = load_tasks(["arithmetic", "spellingbee"], 2, answer_matching="lenient")
+    assert [task.answer_matching for task in tasks.values()] == ["lenient", "lenient"]
+    problem = tasks["arithmetic"][0]
+    answer = last_assistant_text(problem).rsplit("#### ", 1)[1]
+    assert tasks["arithmetic"].evaluate(problem, f"#### {answer}.0") is True
+    assert load_tasks(["arithmetic"], 2)["arithmetic"].evaluate(problem, f"#### {answer}.0") is False
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--answer-matching", "fuzzy"], "invalid choice: 'fuzzy'"),
     (["--tasks", "arithmetic,smoltalk"], "smoltalk"),
     (["--tasks", "arithmetic,arithmetic"], "names a task twice"),
     (["--num-samples", "0"], "--num-samples must be at least 1"),

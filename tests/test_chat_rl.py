@@ -171,6 +171,16 @@ def test_rewards_of_a_fixed_test_policy_are_the_tasks_answers_checked():
     assert pass_at_k(groups) == {"pass@1": 0.5, "pass@k": 1.0, "k": 4}
 
 
+def test_the_rl_reward_matches_answers_exactly_as_nanochat_and_the_eval_default_do():
+    from ray_jobs import chat_rl
+    tasks = chat_rl.rl_tasks("arithmetic")
+    assert [tasks[split].answer_matching for split in ("train", "test")] == ["exact", "exact"]
+    problem = tasks["train"][0]
+    right = last_assistant_text(problem).rsplit("#### ", 1)[1]
+    assert tasks["train"].reward(problem, f"#### {right}") == 1.0
+    assert tasks["train"].reward(problem, f"#### {right}.0") == 0.0  # an equal number, another string
+
+
 def test_group_seeds_differ_by_step_and_prompt():
     seeds = {group_seed(42, step, index) for step in range(50) for index in range(50)}
     assert len(seeds) == 2500

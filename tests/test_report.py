@@ -114,6 +114,21 @@ def test_rl_stage_adds_its_column_and_the_reward_plot(tmp_path):
     _assert_valid_png(os.path.join(report.dir, "rl_reward_vs_step.png"))
 
 
+def test_the_report_card_says_how_gsm8k_answers_were_matched(tmp_path):
+    report = Report(str(tmp_path))
+    _log_pipeline_without_rl(report)  # its stages record no answer matching: no protocol line
+    assert "GSM8K answers" not in open(report.write_report()).read()
+    report.log_stage("chat_eval", source="sft", config={"answer_matching": "exact"}, metrics={"GSM8K": 0.045})
+    report.log_stage("chat_rl", source="rl", config={"answer_matching": "exact"}, timings={"wall_s": 90.0})
+    report.log_stage("chat_eval", source="rl", config={"answer_matching": "lenient"}, metrics={"GSM8K": 0.09})
+    lines = [line for line in open(report.write_report()).read().splitlines() if line.startswith("GSM8K answers")]
+    assert lines == [
+        "GSM8K answers: exact, as nanochat (the text after '#### ', commas dropped: 42.0 is not 42); "
+        "used by chat_eval (sft), chat_rl (rl). SpellingBee and Arithmetic follow the same rule.",
+        "GSM8K answers: lenient, not nanochat's (equal numbers match: 42.0, $42 and 42 are one answer); "
+        "used by chat_eval (rl). SpellingBee and Arithmetic follow the same rule."]
+
+
 def test_rerun_of_a_stage_replaces_its_section(tmp_path):
     report = Report(str(tmp_path))
     report.log_stage("base_eval", source="base", metrics={"core": 0.10})

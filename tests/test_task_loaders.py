@@ -292,7 +292,9 @@ def test_gsm8k_loader(hub):
         {"type": "text", "text": "10.\n#### 10"},
     ]
     assert task.evaluate(weng, "She earned 10 dollars.\n#### 10") is True
-    assert task.evaluate(weng, "#### 10.00") is True
+    assert task.evaluate(weng, "#### 10.00") is False  # nanochat's exact matching by default
+    lenient = GSM8K("train", base_url=hub.base_url, shuffle_seed=None, answer_matching="lenient")
+    assert lenient.evaluate(weng, "#### 10.00") is True
     assert task.evaluate(weng, "#### 600") is False
     assert task.evaluate(weng, "10") is False
 

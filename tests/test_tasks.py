@@ -10,7 +10,8 @@ import pytest
 from nanochat.calculator import use_calculator
 from nanochat.tasks import TASKS, get_task
 from nanochat.tasks.arithmetic import Arithmetic, make_problem, split_of_problem
-from nanochat.tasks.common import Task, TaskMixture, TaskSequence, extract_final_answer
+from nanochat.tasks.common import (FinalAnswerTask, Task, TaskMixture, TaskSequence, extract_exact_final_answer,
+                                   extract_final_answer)
 from nanochat.tasks.customjson import CustomJSON, CustomJSONError
 from nanochat.tasks.gsm8k import assistant_parts_from_solution, conversation_from_problem
 from nanochat.tasks.identity import TOPICS, Identity
@@ -166,6 +167,63 @@ def test_final_answer_extraction_normalizes_numbers():
     assert extract_final_answer("#### $7") == "7"
     assert extract_final_answer("#### 5 then #### 6") == "5"
     assert extract_final_answer("the answer is 5") is None
+
+
+class OneProblem(FinalAnswerTask):
+    """One GSM8K-format problem whose worked solution ends with `gold`'s "####" line."""
+
+    def __init__(self, gold: str, **options):
+        super().__init__(**options)
+        self.gold = gold
+
+    def num_examples(self):
+        return 1
+
+    def get_example(self, index):
+        return conversation_from_problem("How many?", f"It is 6*7 = <<6*7={self.gold}>>{self.gold}.\n#### {self.gold}")
+
+
+# (model output, gold, nanochat's verdict): read off nanochat's tasks/gsm8k.py, which takes the run
+# of [-0-9.,] after the first "#### " (one space) in both texts, drops the commas, and compares the
+# strings, in evaluation and as the RL reward alike.
+NANOCHAT_GSM8K_VERDICTS = [
+    ("#### 42", "42", True),
+    ("Six sevens are 42.\n#### 42", "42", True),
+    ("#### 42.0", "42", False),          # equal numbers, different strings
+    ("#### 42.", "42", False),           # the sentence's full stop is part of the run
+    ("####42", "42", False),             # no space after the marker: no answer at all
+    ("####  42", "42", False),           # two spaces: no answer either
+    ("#### $42", "42", False),
+    ("#### 1,200", "1200", True),        # commas are dropped
+    ("#### 12,00", "1200", True),        # wherever they are
+    ("#### -3", "-3", True),
+    ("#### 42 or #### 7", "42", True),   # the first answer counts
+    ("#### 7 or #### 42", "42", False),
+    ("#### many\n#### 42", "42", True),  # the first "#### " followed by a number
+    ("42", "42", False),
+    ("#### 10.00", "10.00", True),
+]
+
+
+@pytest.mark.parametrize("output, gold, verdict", NANOCHAT_GSM8K_VERDICTS)
+def test_final_answers_are_matched_exactly_as_nanochat_does_by_default(output, gold, verdict):
+    task = OneProblem(gold)
+    assert task.answer_matching == "exact"
+    assert task.evaluate(task[0], output) is verdict
+    assert task.reward(task[0], output) == float(verdict)  # RL's reward follows the same rule
+
+
+def test_lenient_answer_matching_is_an_explicit_option_that_compares_numbers():
+    task = OneProblem("42", answer_matching="lenient")
+    for output in ("#### 42.0", "####42", "#### $42", "#### 42."):
+        assert task.evaluate(task[0], output) is True, output
+    assert task.evaluate(task[0], "#### 7 or #### 42") is False
+    assert extract_exact_final_answer("#### 1,200.50 dollars") == "1200.50"
+    with pytest.raises(ValueError, match="answer_matching='fuzzy': choose one of exact, lenient"):
+        OneProblem("42", answer_matching="fuzzy")
+    # The offline tasks take the option too, and their slices keep it.
+    assert Arithmetic("test", size=4, answer_matching="lenient")[:2].answer_matching == "lenient"
+    assert SpellingBee("test", size=4).answer_matching == "exact"
 
 
 # -----------------------------------------------------------------------------------------------

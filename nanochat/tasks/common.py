@@ -210,13 +210,29 @@ class MultipleChoiceTask(Task):
 # -----------------------------------------------------------------------------------------------
 # GSM8K-style generative tasks: the answer ends with a line "#### <number>"
 
+# How a FinalAnswerTask compares the model's "####" answer with the reference's, and how the
+# report card describes each way. "exact" is nanochat's protocol and the default everywhere (eval
+# and RL reward); "lenient" is an explicit option whose numbers are not comparable with nanochat's.
+ANSWER_MATCHING = {
+    "exact": "exact, as nanochat (the text after '#### ', commas dropped: 42.0 is not 42)",
+    "lenient": "lenient, not nanochat's (equal numbers match: 42.0, $42 and 42 are one answer)",
+}
+_EXACT_FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 _FINAL_ANSWER = re.compile(r"####\s*\$?\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?|-?\.[0-9]+)")
 
 
+def extract_exact_final_answer(text: str) -> str | None:
+    """The answer as nanochat reads it: the first "#### " (one space) followed by an optional minus
+    and a run of digits, dots and commas; that run with its commas removed, compared as a string
+    ("42.0", "42." and "42" are three answers), or None when `text` has no such run."""
+    match = _EXACT_FINAL_ANSWER.search(text)
+    return None if match is None else match.group(1).replace(",", "")
+
+
 def extract_final_answer(text: str) -> str | None:
-    """The number after the first "####" of `text` in a canonical form ("1,200" and "1200.0" both
-    give "1200"), or None when there is none. The first one counts, so that an answer cannot
-    list several numbers and have one of them match."""
+    """The lenient reading: the number after the first "####" of `text` in a canonical form
+    ("1,200" and "1200.0" both give "1200"), or None when there is none. The first one counts, so
+    that an answer cannot list several numbers and have one of them match."""
     match = _FINAL_ANSWER.search(text)
     if match is None:
         return None
@@ -243,18 +259,26 @@ def last_assistant_text(conversation: dict) -> str:
 
 class FinalAnswerTask(Task):
     """Generative tasks in the GSM8K format: the reference answer and the model's answer are
-    compared by the number on their "####" line."""
+    compared by the number on their "####" line, read as `answer_matching` says (a key of
+    ANSWER_MATCHING; nanochat's "exact" unless asked otherwise). reward() uses the same rule."""
 
     eval_type = "generative"
+
+    def __init__(self, *, answer_matching: str = "exact", **view):
+        if answer_matching not in ANSWER_MATCHING:
+            raise ValueError(f"answer_matching={answer_matching!r}: choose one of {', '.join(ANSWER_MATCHING)}")
+        super().__init__(**view)
+        self.answer_matching = answer_matching
 
     def evaluate(self, conversation: dict, answer: str) -> bool:
         if not isinstance(answer, str):
             raise ValueError(f"the answer must be the assistant's text (a str), not {type(answer).__name__}")
-        reference = extract_final_answer(last_assistant_text(conversation))
+        extract = extract_exact_final_answer if self.answer_matching == "exact" else extract_final_answer
+        reference = extract(last_assistant_text(conversation))
         if reference is None:
             raise ValueError("the conversation's assistant message has no '#### <number>' line; "
                              "it is not an example of this task")
-        return extract_final_answer(answer) == reference
+        return extract(answer) == reference
 
 
 # -----------------------------------------------------------------------------------------------
