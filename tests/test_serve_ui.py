@@ -1,5 +1,6 @@
 """Tests of the web UI (serve/ui.html) in a real headless Chromium, driven by Playwright, against
-the real ChatAPI ingress on a local Ray.
+the real ChatAPI ingress on a local Ray; and, on the same app, how the ingress ends a stream whose
+answer fails half way.
 
 Behind the ingress sits a scripted stand-in for ChatModel: a deployment that speaks the same event
 protocol (start, text pieces, end) but answers from a script, piece by piece with a short pause,
@@ -19,13 +20,15 @@ from ray import cloudpickle, serve
 
 from nanochat.prefix_cache import PrefixCache
 from serve.app import ChatAPI
-from tests.serve_helpers import serve_port
+from tests.serve_helpers import serve_port, stream_events
 
 APP = "nanochat-ui"
 ROUTE = "/ui-test"
 GREETING_PIECES = ["Hello", " from", " the", " scripted", " model", "."]
 XSS = '<img src=x onerror=alert(1)><script>window.pwned = 1</script>'
-SCRIPT = {"say something dangerous": ["Here it is: ", XSS[:20], XSS[20:], " done"]}
+FAILING = "fail half way"  # its answer ends as ChatModel ends one whose decode step failed
+SCRIPT = {"say something dangerous": ["Here it is: ", XSS[:20], XSS[20:], " done"],
+          FAILING: ["Half", " an", " answer"]}
 
 # The stand-in is defined in this module, which Ray's workers cannot import: ship it by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -49,12 +52,15 @@ class ScriptedChatModel:
                 **{key: 0 for key in PrefixCache.STAT_KEYS}}
 
     async def generate(self, settings: dict):
-        pieces = self.script.get(settings["messages"][-1]["content"], self.default)
+        message = settings["messages"][-1]["content"]
+        pieces = self.script.get(message, self.default)
         yield {"type": "start", "prompt_tokens": len(settings["messages"]), "max_tokens": 100, "replica": "scripted"}
         for piece in pieces:
             await asyncio.sleep(self.pause_s)
             yield {"type": "text", "text": piece}
-        yield {"type": "end", "finish_reason": "stop", "completion_tokens": len(pieces), "error": None}
+        failed = message == FAILING
+        yield {"type": "end", "finish_reason": "error" if failed else "stop", "completion_tokens": len(pieces),
+               "error": "the decode step failed" if failed else None}
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +164,18 @@ def test_model_output_is_shown_as_text_and_never_run(page):
     assert page.dialogs == []
     assert page.evaluate("window.pwned") is None
     assert not [url for url in page.requested if url.endswith("/x")]  # the <img> never loaded its src
+
+
+def test_an_answer_that_fails_half_way_ends_with_an_error_and_on_v1_without_done(ui_url):
+    """The text so far, then an error event; on /v1 an OpenAI error chunk and no [DONE], so that a
+    client does not take the half answer for a whole one."""
+    port = int(ui_url.split(":")[-1].split("/")[0])
+    body = {"messages": [{"role": "user", "content": FAILING}], "max_tokens": 20}
+    *pieces, ending = stream_events(port, f"{ROUTE}/chat/completions", body)
+    assert "".join(piece["token"] for piece in pieces) == "Half an answer"
+    assert set(ending) == {"error"} and "the decode step failed" in ending["error"], ending
+    events = stream_events(port, f"{ROUTE}/v1/chat/completions", {**body, "stream": True})
+    assert "[DONE]" not in events, events[-3:]
+    *chunks, ending = events
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == "Half an answer"
+    assert ending["error"]["type"] == "server_error" and "the decode step failed" in ending["error"]["message"]
