@@ -1,5 +1,6 @@
 """Tests of the web UI (serve/ui.html) in a real headless Chromium, driven by Playwright, against
-the real ChatAPI ingress on a local Ray.
+the real ChatAPI ingress on a local Ray; and, on the same app, how the ingress ends a stream whose
+answer fails half way.
 
 Behind the ingress sits a scripted stand-in for ChatModel: a deployment that speaks the same event
 protocol (start, text pieces, end) but answers from a script, piece by piece with a short pause,
@@ -19,13 +20,15 @@ from ray import cloudpickle, serve
 
 from nanochat.prefix_cache import PrefixCache
 from serve.app import ChatAPI
-from tests.serve_helpers import serve_port
+from tests.serve_helpers import serve_port, stream_events
 
 APP = "nanochat-ui"
 ROUTE = "/ui-test"
 GREETING_PIECES = ["Hello", " from", " the", " scripted", " model", "."]
 XSS = '<img src=x onerror=alert(1)><script>window.pwned = 1</script>'
-SCRIPT = {"say something dangerous": ["Here it is: ", XSS[:20], XSS[20:], " done"]}
+FAILING = "fail half way"  # its answer ends as ChatModel ends one whose decode step failed
+SCRIPT = {"say something dangerous": ["Here it is: ", XSS[:20], XSS[20:], " done"],
+          FAILING: ["Half", " an", " answer"]}
 CONTEXT = 1024
 NEAR_FULL = "Tell me everything."  # answered as if the conversation filled 900 of the context's tokens
 TOO_LONG = "And everything else?"  # refused as a replica refuses a conversation past the context
@@ -52,20 +55,22 @@ class ScriptedChatModel:
                 **{key: 0 for key in PrefixCache.STAT_KEYS}}
 
     async def generate(self, settings: dict):
-        last = settings["messages"][-1]["content"]
-        if last == TOO_LONG:
+        message = settings["messages"][-1]["content"]
+        if message == TOO_LONG:
             yield {"type": "rejected", "field": "messages", "limit": f"at most {CONTEXT - 1} prompt tokens",
                    "message": f"the conversation is 1100 tokens long and the model's context holds {CONTEXT}: "
                               "shorten it or start a new conversation"}
             return
-        pieces = self.script.get(last, self.default)
-        prompt_tokens = 900 if last == NEAR_FULL else len(settings["messages"])
+        pieces = self.script.get(message, self.default)
+        prompt_tokens = 900 if message == NEAR_FULL else len(settings["messages"])
         yield {"type": "start", "prompt_tokens": prompt_tokens, "max_tokens": 100, "replica": "scripted",
                "context_length": CONTEXT}
         for piece in pieces:
             await asyncio.sleep(self.pause_s)
             yield {"type": "text", "text": piece}
-        yield {"type": "end", "finish_reason": "stop", "completion_tokens": len(pieces), "error": None}
+        failed = message == FAILING
+        yield {"type": "end", "finish_reason": "error" if failed else "stop", "completion_tokens": len(pieces),
+               "error": "the decode step failed" if failed else None}
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +188,18 @@ def test_a_conversation_near_or_past_the_context_gets_a_notice_and_a_new_convers
     assert page.text_content("#error") == ""  # said by the notice, not as a server error
     page.click("#context-new-chat")
     assert message_texts(page) == [] and page.locator("#context-notice").is_hidden()
+
+
+def test_an_answer_that_fails_half_way_ends_with_an_error_and_on_v1_without_done(ui_url):
+    """The text so far, then an error event; on /v1 an OpenAI error chunk and no [DONE], so that a
+    client does not take the half answer for a whole one."""
+    port = int(ui_url.split(":")[-1].split("/")[0])
+    body = {"messages": [{"role": "user", "content": FAILING}], "max_tokens": 20}
+    *pieces, ending = stream_events(port, f"{ROUTE}/chat/completions", body)
+    assert "".join(piece["token"] for piece in pieces) == "Half an answer"
+    assert set(ending) == {"error"} and "the decode step failed" in ending["error"], ending
+    events = stream_events(port, f"{ROUTE}/v1/chat/completions", {**body, "stream": True})
+    assert "[DONE]" not in events, events[-3:]
+    *chunks, ending = events
+    assert "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks) == "Half an answer"
+    assert ending["error"]["type"] == "server_error" and "the decode step failed" in ending["error"]["message"]
