@@ -233,6 +233,7 @@ class Scheduler:
         self._loop_exited = threading.Event()
         self._tokens_generated = 0
         self._requests_finished = 0
+        self._peak_active = 0  # the most requests one step has decoded
         self._recent_steps: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens)
         # The prefix cache's counts as of the last step (the cache itself belongs to the loop's thread).
         self._prefix_stats = self._read_prefix_stats()
@@ -281,7 +282,8 @@ class Scheduler:
             self._lock.notify_all()
 
     def stats(self) -> dict:
-        """Active sequences, queue depth, reserved cache positions, tokens generated so far, the
+        """Active sequences (now, and the most one step has decoded), queue depth, reserved cache
+        positions, tokens generated so far, the
         decoding rate (tokens per second of stepping, over the last THROUGHPUT_WINDOW_S seconds),
         and the prefix cache's counts (PrefixCache.stats; zeros without one)."""
         with self._lock:
@@ -297,6 +299,7 @@ class Scheduler:
                 "max_cache_tokens": self.max_cache_tokens,
                 "tokens_generated": self._tokens_generated,
                 "requests_finished": self._requests_finished,
+                "peak_active": self._peak_active,
                 "tokens_per_second": sum(tokens for _, tokens in recent) / busy if busy > 0 else 0.0,
                 **self._prefix_stats,
             }
@@ -375,6 +378,7 @@ class Scheduler:
         prefix_stats = self._read_prefix_stats()
         with self._lock:
             self._prefix_stats = prefix_stats
+            self._peak_active = max(self._peak_active, generated)
             self._tokens_generated += generated
             end = time.perf_counter()
             self._recent_steps.append((end, end - started, generated))

@@ -174,7 +174,8 @@ def http_request(session, url: str, max_tokens: int):
     return one_request
 
 
-async def bench_http(port: int, route: str, args) -> dict:
+async def bench_http(port: int, route: str, args) -> tuple[dict, int]:
+    """(the figures by number of clients, the most requests the app's replica decoded at once)."""
     url = f"http://127.0.0.1:{port}{route}/chat/completions"
     results = {}
     limits = aiohttp.TCPConnector(limit=0)
@@ -184,7 +185,10 @@ async def bench_http(port: int, route: str, args) -> dict:
             results[clients] = await run_clients(clients, args.requests_per_client,
                                                  http_request(session, url, args.max_tokens))
             print(f"  {route}: {clients} clients done", flush=True)
-    return results
+        async with session.get(f"http://127.0.0.1:{port}{route}/stats") as response:
+            (replica,) = (await response.json())["per_replica"]
+    print(f"  {route}: its replica decoded at most {replica['peak_active']} requests at once", flush=True)
+    return results, replica["peak_active"]
 
 
 async def bench_in_process(model, tokenizer, args) -> dict:
@@ -239,7 +243,7 @@ def main(argv=None) -> dict:
         for name, (route, app_args) in setups.items():
             # One app at a time: the other's idle replica would hold CPUs that this one may want.
             serve.run(build_app(app_args), name=route.strip("/"), route_prefix=route)
-            results[name] = asyncio.run(bench_http(port, route, args))
+            results[name], _ = asyncio.run(bench_http(port, route, args))
             serve.delete(route.strip("/"))
     finally:
         serve.shutdown()
