@@ -32,7 +32,7 @@ import hashlib
 import random
 from collections import OrderedDict
 
-from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
 PROMPT_PIECE_CHARS = 256  # a text completion's prompt is keyed in pieces of this many characters
 ROUTED_KEYS_KEPT = 65536  # keys a router remembers where it sent
@@ -94,12 +94,13 @@ def request_settings(pending_request: PendingRequest | None) -> dict | None:
     return settings if isinstance(settings, dict) else None
 
 
-class PrefixAffinityRouter(RequestRouter):
+class PrefixAffinityRouter(FIFOMixin, RequestRouter):
     """Routes a request to the replica that holds the longest start of it (see the module docstring).
 
-    Without Serve's FIFOMixin on purpose: with it, a replica chosen for one request goes to the
-    oldest request waiting, whose conversation may live elsewhere (measured: the hit rate fell to
-    the default router's). The base class gives each request the replica chosen for it."""
+    With Serve's FIFOMixin, as its own routers have: without it, a chosen replica that Serve cannot
+    match to the request it was chosen for is offered again at once, and a loaded ingress spun
+    (seen in a test run). FIFO hands a chosen replica to the oldest waiting request, which is this
+    request unless several wait at once."""
 
     def initialize_state(self, imbalance: int = 4, **kwargs):
         """`imbalance`: how many more queued requests than the shortest queue a prefix hit is worth."""
@@ -137,6 +138,10 @@ class PrefixAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            # Serve's loop retries at once until something sets this (its LocalityMixin does): with
+            # every replica full it would spin and starve its own queue-length probes.
+            pending_request.routing_context.should_backoff = True
         if not candidate_replicas:
             return []
         settings = request_settings(pending_request)

@@ -36,9 +36,15 @@ class Metadata:
 
 
 @dataclass
+class RoutingContext:
+    should_backoff: bool = False
+
+
+@dataclass
 class Pending:
     args: list
     metadata: Metadata = field(default_factory=Metadata)
+    routing_context: RoutingContext = field(default_factory=RoutingContext)
 
 
 class QueueLengths(dict):
@@ -139,5 +145,7 @@ def test_other_calls_and_a_single_replica_get_serves_default_choice(replicas):
     stats_call = Pending([], Metadata(call_method="stats"))
     ranks = asyncio.run(router.choose_replicas(replicas, stats_call))
     assert len(ranks) == 1 and len(ranks[0]) == 2
+    # Serve backs off between tries only when told to: else, with every replica full, its loop spins
+    assert stats_call.routing_context.should_backoff
     assert asyncio.run(router.choose_replicas(replicas[:1], Pending([chat("Hi")]))) == [replicas[:1]]
     assert asyncio.run(router.choose_replicas([], Pending([chat("Hi")]))) == []
