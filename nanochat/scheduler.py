@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -52,6 +53,18 @@ FINISH_CANCELLED = "cancelled"  # cancel() or the scheduler shut down
 FINISH_ERROR = "error"          # the decode step failed; iterating raises the error
 
 THROUGHPUT_WINDOW_S = 10.0  # tokens/s in stats() is measured over the steps of this recent window
+
+
+class _AsyncWaiter:
+    """An asyncio consumer of a request's tokens: the scheduler's thread wakes it through its loop
+    once the request holds `wake_at` tokens, or has finished."""
+
+    __slots__ = ("loop", "wake_up", "wake_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.wake_up = asyncio.Event()
+        self.wake_at = 1
 
 
 class GenerationRequest:
@@ -78,7 +91,7 @@ class GenerationRequest:
         self._tokens: list[int] = []
         self._masks: list[int] = []
         self._changed = threading.Condition()
-        self._async_waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+        self._async_waiters: set[_AsyncWaiter] = set()
         self._cancel_requested = False
         # Decoding state, touched by the scheduler's thread only.
         self._row = RowState(tool_use)
@@ -128,32 +141,37 @@ class GenerationRequest:
                 self._raise_if_failed()
                 return
 
-    async def token_batches(self):
+    async def token_batches(self, batch_tokens: Callable[[], int] | None = None):
         """Async iteration over the new tokens in lists: each list holds every token published
         since the previous one was taken (one token while the consumer keeps up; more when it
         lags behind the decode steps, so a slow consumer makes fewer, larger hand-offs instead of
-        falling further behind). Nothing is held back to make a list longer."""
-        loop = asyncio.get_running_loop()
-        wake_up = asyncio.Event()
-        waiter = (loop, wake_up)
+        falling further behind).
+
+        `batch_tokens`, called after each list, says how many tokens the next one waits for
+        (default 1: nothing is held back). A server under load passes a number that grows with its
+        batch, so that it hands on fewer, larger pieces per decode step. The first token and the
+        last ones are never held: a list goes out as soon as the request has finished."""
+        waiter = _AsyncWaiter(asyncio.get_running_loop())
         with self._changed:
             self._async_waiters.add(waiter)
         try:
-            position = 0
+            position, wanted = 0, 1
             while True:
                 # Clear before looking: a token published after the look sets the event again.
-                wake_up.clear()
+                waiter.wake_up.clear()
                 with self._changed:
                     new_tokens = self._tokens[position:]
                     finished = self.finish_reason is not None
-                if new_tokens:
+                    waiter.wake_at = position + wanted
+                if new_tokens and (finished or len(new_tokens) >= wanted):
                     yield new_tokens
-                position += len(new_tokens)
-                if finished and not new_tokens:
+                    position += len(new_tokens)
+                    wanted = max(1, batch_tokens()) if batch_tokens is not None else 1
+                elif finished:
                     self._raise_if_failed()
                     return
-                if not new_tokens:
-                    await wake_up.wait()
+                else:
+                    await waiter.wake_up.wait()
         finally:
             with self._changed:
                 self._async_waiters.discard(waiter)
@@ -182,10 +200,11 @@ class GenerationRequest:
                 self.error = error
                 self.finish_reason = finish_reason
             self._changed.notify_all()
-            waiters = list(self._async_waiters)
-        for loop, wake_up in waiters:
+            waiters = [waiter for waiter in self._async_waiters
+                       if self.finish_reason is not None or len(self._tokens) >= waiter.wake_at]
+        for waiter in waiters:
             try:
-                loop.call_soon_threadsafe(wake_up.set)
+                waiter.loop.call_soon_threadsafe(waiter.wake_up.set)
             except RuntimeError:
                 pass  # that consumer's event loop is closed: nobody is listening any more
 
@@ -280,6 +299,11 @@ class Scheduler:
             else:
                 request._cancel_requested = True
             self._lock.notify_all()
+
+    @property
+    def active_count(self) -> int:
+        """How many requests the next decode step advances (read without waiting for a step)."""
+        return len(self._active)
 
     def stats(self) -> dict:
         """Active sequences (now, and the most one step has decoded), queue depth, reserved cache

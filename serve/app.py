@@ -31,7 +31,8 @@ weights as the running ones, even when a newer step has been saved since. /v1/mo
 Text is made in the replica (it has the tokenizer): the stream between the two deployments
 carries small dict events, `start` (prompt size) or `rejected` (the prompt does not fit the
 context), then `text` pieces (each the text of every token ready when the replica looked, so a
-busy replica sends fewer, larger pieces) and `tool` events (a tool call's readable text and its
+busy replica sends fewer, larger pieces; with many requests decoding, each waits for a few tokens
+so that the replica makes about STREAM_EVENTS_PER_STEP events per decode step) and `tool` events (a tool call's readable text and its
 fields, serve.api.ReplyReader), then `end` (finish reason and token count). Both APIs put a tool
 call's readable text into the reply; the seed's SSE event also carries it as `tool_call`.
 
@@ -81,6 +82,10 @@ APP_NAME = "nanochat"
 # yet, so the client cannot tell); after this many tries the client gets a 503.
 OPEN_ATTEMPTS = 3
 GAUGE_INTERVAL_S = 1.0
+# About how many text events a replica streams per decode step, all requests together (see
+# ChatModel.tokens_per_event). Measured with bench_serve at 16 clients on 2 CPUs: the Serve path
+# streamed 328 tokens/s with an event per token, 465 with 4 events per step, 548 with 2, 527 with 1.
+STREAM_EVENTS_PER_STEP = 2
 STATS_TIMEOUT_S = 5.0
 TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 # The replica's events that carry reply text: plain pieces, and tool calls in readable form.
@@ -190,6 +195,13 @@ class ChatModel:
         if not self.scheduler_thread.is_alive():
             raise RuntimeError("the scheduler's decode loop has stopped")
 
+    def tokens_per_event(self) -> int:
+        """How many tokens a request's next event waits for: enough that the whole batch makes
+        about STREAM_EVENTS_PER_STEP events per decode step (1 token, no wait, for up to that many
+        requests; 8 with 16 decoding). Each event costs a Ray message to the ingress and one from
+        the ingress to the proxy, which share the CPUs with the decode loop."""
+        return -(-self.scheduler.active_count // STREAM_EVENTS_PER_STEP)
+
     def _prompt(self, settings: dict) -> tuple[list[int], int]:
         """(prompt tokens, max_tokens) of a request; RequestError when it does not fit the context."""
         if settings["prompt"] is not None:  # a text completion: the document so far, as pretraining saw it
@@ -234,9 +246,10 @@ class ChatModel:
         text = TextStream(reader.decode_text, settings["stop"])
         finish_reason, error = None, None
         try:
-            # All the tokens ready at once go out as one event: under load the replica hands
-            # fewer, larger messages to the ingress instead of falling behind the decode steps.
-            async for tokens in request.token_batches():
+            # All the tokens ready at once go out as one event, and under load each request waits
+            # for a few tokens (tokens_per_event): the replica hands the ingress fewer, larger
+            # messages instead of falling behind the decode steps.
+            async for tokens in request.token_batches(self.tokens_per_event):
                 for event in text_events(reader.feed(tokens), text):
                     yield event
                 if text.stopped:

@@ -221,6 +221,10 @@ def test_streaming_from_the_loop_thread_to_a_thread_and_to_asyncio(model, tokeni
                 await asyncio.sleep(0.3)  # a slow consumer: the tokens of several steps wait for it
             return request, batches
 
+        async def consume_in_groups_of_4(prompt):
+            request = scheduler.submit(prompt, max_tokens=10, temperature=0.0)
+            return [tokens async for tokens in request.token_batches(batch_tokens=lambda: 4)]
+
         async def consume_both():
             return await asyncio.gather(consume(prompts[1]), consume(prompts[2]))
 
@@ -228,6 +232,10 @@ def test_streaming_from_the_loop_thread_to_a_thread_and_to_asyncio(model, tokeni
         batched, batches = asyncio.run(consume_in_batches(prompts[1]))
         assert [token for batch in batches for token in batch] == batched.tokens == streamed[0][1]
         assert all(batches) and len(batches) < len(batched.tokens)  # whole lists, several tokens in some
+        groups = asyncio.run(consume_in_groups_of_4(prompts[1]))
+        # The first tokens at once, then lists of at least 4 but for the last.
+        assert [token for group in groups for token in group] == batched.tokens
+        assert len(groups) >= 2 and all(len(group) >= 4 for group in groups[1:-1])
         reader.join(timeout=60)
         assert received_in_thread == threaded.result(timeout=60) and len(received_in_thread) == 12
         engine = Engine(model, tokenizer)
