@@ -69,6 +69,13 @@ def test_the_autograd_function_is_the_matmuls_of_the_quantized_operands():
     assert 0.01 < relative_error(weight.grad, grad_output.t() @ x.detach()) < 0.15
 
 
+def test_only_layers_of_at_least_128_in_multiples_of_16_are_eligible():
+    assert fp8.fp8_eligible(torch.nn.Linear(128, 256)) and fp8.fp8_eligible(torch.nn.Linear(1536, 6144))
+    assert not fp8.fp8_eligible(torch.nn.Linear(128, 64))  # too narrow to pay for its quantization
+    assert not fp8.fp8_eligible(torch.nn.Linear(136, 256))  # not a multiple of 16: _scaled_mm refuses it
+    assert fp8.fp8_eligible(torch.nn.Linear(32, 64), min_features=32)
+
+
 def test_a_gpt_trains_through_fp8_and_evaluates_without_it():
     torch.manual_seed(2)
     config = config_from_depth(2, aspect_ratio=64, head_dim=32, sequence_len=32, vocab_size=256)
