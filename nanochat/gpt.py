@@ -20,7 +20,9 @@
 
 Precision is explicit instead of autocast: parameters (master weights) are fp32, activations
 and matmuls run in nanochat.common.COMPUTE_DTYPE (bf16 on modern GPUs, fp32 on CPU); every
-linear layer casts its weight to the activation dtype on the fly.
+linear layer casts its weight to the activation dtype on the fly. `store_embeddings_in` keeps the
+embedding tables in another dtype (bf16, as nanochat stores them), and `enable_fp8`
+(nanochat.fp8) runs the large linear layers' training matmuls in fp8.
 
 Weights are created on the meta device and materialised with `to_empty()` + `init_weights()`,
 so building a large model never allocates memory twice.
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, get_dist_info, print0
 from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
+from nanochat.fp8 import fp8_linear
 
 LOGIT_SOFTCAP = 15.0
 VOCAB_PAD_MULTIPLE = 64
@@ -46,6 +49,8 @@ NANOCHAT_WINDOW_MULTIPLE = 128  # nanochat rounds short windows up to its attent
 # built with: no smear, no backout, a value-embedding gate over 32 channels, windows unrounded.
 LEGACY_CONFIG = {"smear": False, "backout": False, "ve_gate_channels": 32, "window_multiple": 1}
 ROTARY_HEADROOM = 10  # rotary tables cover 10x the training context, for long generations
+# The dtypes the embedding tables may be stored and updated in (base_train --embedding-dtype).
+EMBEDDING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -129,13 +134,17 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer whose fp32 master weight is cast to the activation dtype."""
+    """A bias-free linear layer whose fp32 master weight is cast to the activation dtype. With
+    `fp8` set (nanochat.fp8.enable_fp8) its matmuls run in fp8 while the model trains."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.fp8 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
+        if self.fp8 and self.training:
+            return fp8_linear(x, weight)
         # Checked here rather than left to .to(): a no-op cast still costs a dispatch per layer per token.
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
 
@@ -336,6 +345,16 @@ class GPT(nn.Module):
             attended = cfg.sequence_len if left < 0 else min(left + 1, cfg.sequence_len)
             attention += 12 * cfg.n_head * head_dim * attended
         return 6 * self.num_scaling_params() + attention
+
+    def store_embeddings_in(self, dtype: torch.dtype) -> None:
+        """Store the token and value embedding tables in `dtype`, before the optimizer is built (its
+        AdamW state is made in the parameters' dtype; the update itself runs in fp32 and is rounded
+        back). nanochat keeps them in bf16 on GPUs: half their memory and optimizer traffic, and a
+        lookup's result is cast to the compute dtype anyway. Checkpoints then hold them in `dtype`;
+        a model built in fp32 loads them widened."""
+        self.transformer.wte.to(dtype)
+        for embedding in self.value_embeds.values():
+            embedding.to(dtype)
 
     def _smear_backout_params(self) -> list[nn.Parameter]:
         params = [self.smear_gate.weight, self.smear_lambda] if self.smear_gate is not None else []

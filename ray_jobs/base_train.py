@@ -40,7 +40,8 @@ import torch
 
 from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0
 from nanochat.dataset import SOURCES, resolve_source
-from nanochat.gpt import GPT, config_from_depth
+from nanochat.fp8 import enable_fp8, fp8_unavailable_reason
+from nanochat.gpt import EMBEDDING_DTYPES, GPT, config_from_depth
 from nanochat.core_eval import core_score, count_correct
 from nanochat.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat.report import Report, stage_history
@@ -68,6 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length")
     p.add_argument("--window-pattern", default="SSSL", help="sliding windows per layer: S = T/4, L = full")
+    p.add_argument("--fp8", action="store_true",
+                   help="train the large linear layers' matmuls in fp8 (tensorwise scaling, nanochat's --fp8); "
+                        "needs a CUDA GPU of compute capability 8.9+ (H100): elsewhere the run says why and trains "
+                        "without it")
+    p.add_argument("--embedding-dtype", default="float32", choices=EMBEDDING_DTYPES,
+                   help="dtype the token and value embedding tables are stored and updated in; nanochat keeps "
+                        "them in bfloat16 on GPUs (the gpt2 preset does too)")
     # horizon (precedence: num-iterations, target-flops, target-param-data-ratio)
     p.add_argument("--num-iterations", type=int, default=-1)
     p.add_argument("--target-flops", type=float, default=-1.0)
@@ -287,6 +295,20 @@ def _print_samples(model: GPT, tokenizer: Tokenizer) -> None:
     model.train()
 
 
+def fp8_setup(model: GPT, device: torch.device) -> dict:
+    """Turn on fp8 training of the model's eligible linear layers when `device` can run it, and
+    say what happened (printed, and returned for the run's history): the layers in fp8, or why
+    the run trains without fp8, as nanochat ignores --fp8 off CUDA."""
+    reason = fp8_unavailable_reason(device)
+    if reason is not None:
+        print0(f"--fp8 ignored: {reason}; the linear layers train in {str(COMPUTE_DTYPE).removeprefix('torch.')}")
+        return {"fp8_layers": 0, "fp8_unavailable": reason}
+    layers = enable_fp8(model)
+    print0(f"fp8 training (tensorwise scaling) in {len(layers)} linear layers; the narrower ones stay in "
+           f"{str(COMPUTE_DTYPE).removeprefix('torch.')}, and evaluation runs without fp8")
+    return {"fp8_layers": len(layers)}
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg, refs = config["cfg"], config["refs"]
     args = argparse.Namespace(**cfg["args"])
@@ -295,6 +317,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_float32_matmul_precision("high")
 
     model = build_model(cfg["model_config"], device, seed=args.seed)
+    model.store_embeddings_in(EMBEDDING_DTYPES[args.embedding_dtype])
     scale = horizon["lr_batch_scale"]
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr * scale, embedding_lr=args.embedding_lr * scale,
                                       matrix_lr=args.matrix_lr * scale, scalar_lr=args.scalar_lr * scale,
@@ -307,6 +330,8 @@ def train_loop_per_worker(config: dict) -> None:
     if meta:
         restore_rng_state(meta["rng_state"])
         history[-1].update(restored_from_checkpoint=True, model_verifications=meta["model_verifications"])
+    if args.fp8:
+        history[-1].update(fp8_setup(model, device))
     train_model = maybe_compile(model, args.compile, device)
 
     num_steps = horizon["num_iterations"]

@@ -19,9 +19,14 @@ on synthetic tokens, and checks and measures, one section each:
 - train_d12, train_d20: training tokens/s and MFU (against the GPU's bf16 peak from its name) at
   T=2048 on synthetic tokens, after warm-up steps, compiled as the trainers compile on CUDA;
 - kv_greedy: Engine greedy decoding through the KV cache against naive recompute, token for token;
-- decode: Engine decode tokens/s at batch 1, 8 and 32.
+- decode: Engine decode tokens/s at batch 1, 8 and 32;
+- fp8: nanochat.fp8's linear layer (base_train --fp8) against the bf16 one on the same inputs, its
+  output and both gradients, with torch._scaled_mm on the GPU; then a GPT training step with fp8 on,
+  compiled as base_train compiles it, against the bf16 step. Where the GPU cannot run fp8 (compute
+  capability below 8.9) the section passes with the reason, as base_train falls back to bf16; the
+  CPU smoke runs it through PyTorch's CPU _scaled_mm, eagerly.
 
-They run in the order precision, attention, kv_greedy, decode, compile (with train_d12), train_d20.
+They run in the order precision, attention, kv_greedy, decode, fp8, compile (with train_d12), train_d20.
 
 Each section has a time budget; a global deadline (`--deadline-s`) skips the sections whose budget
 no longer fits and says so. The run prints a table, writes one JSON file (`--out`) with every
@@ -49,6 +54,7 @@ from nanochat import flash_attention, gpt as gpt_module, kv_cache as kv_cache_mo
 from nanochat.common import COMPUTE_DTYPE, peak_flops
 from nanochat.engine import Engine, greedy_decode_without_cache
 from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
+from nanochat.fp8 import enable_fp8, fp8_linear, fp8_unavailable_reason
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from ray_jobs import engine_timing
 from ray_jobs.bench_results import result_line
@@ -79,10 +85,20 @@ ATTN_REL_TOL = 2e-2
 TIE_TOL = 0.25
 # The compile check holds the compiled step to the bf16 tolerances above: compiled and eager are
 # two bf16 evaluations of the same math, which differ by rounding only.
+# fp8 against bf16, one linear layer: e4m3 keeps 4 significant bits (half an ulp is 6.25%, about
+# 2.6% RMS over a tensor's values), and the output carries the rounding of both the input and the
+# weight: about 4% of its norm (3.8% measured on CPU). The gradients take e5m2's coarser rounding
+# of the incoming gradient on top (half an ulp 12.5%): about 6% (5.9%). Twice those are the
+# bounds. A lost or inverted scale is off by orders of magnitude, a wrong operand by O(1).
+FP8_OUT_REL_TOL = 0.08
+FP8_GRAD_REL_TOL = 0.12
+# A whole model's loss averages those errors over every token: a step in fp8 lands within a
+# fraction of a percent of bf16's; 2% is the bound.
+FP8_LOSS_REL_TOL = 2e-2
 
 # --- sizes ------------------------------------------------------------------------------------
 GPU_SIZES = {
-    "deadline_s": 450.0,  # leaves 30 s of the 8 minutes for start-up and the last section's overrun
+    "deadline_s": 480.0,  # the 8 minutes; sections finish well inside their budgets (the d12 one in ~100 s)
     "model": dict(aspect_ratio=64, head_dim=128, vocab_size=32768),
     "precision": dict(depth=12, sequence_len=2048, batch=4, presteps=3),
     "attention": dict(batch=2, seq_len=2048, heads=10, head_dim=128),
@@ -95,8 +111,13 @@ GPU_SIZES = {
     # T=64 makes the short window 16 tokens: the 8-token prompt and 32 new tokens run well past it
     "kv_greedy": dict(depth=20, sequence_len=64, tokens=32),
     "decode": dict(depth=20, batches=(1, 8, 32), batch_ratio_target=8.0),
+    # one linear layer of the gpt2 preset's d24 MLP (1536 -> 6144) over 8 rows of 2048 tokens; then a
+    # d4 GPT (width 256, so every block matrix and the lm_head take fp8), compiled as base_train does
+    "fp8": dict(tokens=8 * 2048, in_features=1536, out_features=6144, depth=4, batch=8, sequence_len=2048,
+                compile=True),
     # seconds each section may take; a section starts only when its budget fits before the deadline
-    "budgets": {"precision": 40, "attention": 20, "kv_greedy": 30, "compile_and_train_d12": 150, "train_d20": 150, "decode": 50},
+    "budgets": {"precision": 40, "attention": 20, "kv_greedy": 30, "decode": 50, "fp8": 60, "compile_and_train_d12": 150,
+                "train_d20": 150},
 }
 CPU_SIZES = {
     "deadline_s": 120.0,
@@ -107,7 +128,10 @@ CPU_SIZES = {
               dict(name="d2", depth=2, batch=4, sequence_len=64, warmup=1, steps=3, tokens_target=100.0)],
     "kv_greedy": dict(depth=2, sequence_len=64, tokens=32),
     "decode": dict(depth=2, batches=(1, 8, 32), batch_ratio_target=2.0),
-    "budgets": {"precision": 10, "attention": 5, "kv_greedy": 10, "compile_and_train_d1": 60, "train_d2": 40, "decode": 20},
+    # width 128 at depth 4 (aspect ratio 32): the smallest GPT whose block matrices take fp8
+    "fp8": dict(tokens=256, in_features=128, out_features=512, depth=4, batch=2, sequence_len=64, compile=False),
+    "budgets": {"precision": 10, "attention": 5, "kv_greedy": 10, "decode": 20, "fp8": 10, "compile_and_train_d1": 60,
+                "train_d2": 40},
 }
 
 
@@ -117,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: the same code, in seconds")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="skip the sections that no longer fit this many seconds after start "
-                        "(default 450 on the GPU, 120 for --cpu-smoke)")
+                        "(default 480 on the GPU, 120 for --cpu-smoke)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -465,12 +489,71 @@ def check_decode(run: Run) -> None:
     run.result(f"decode_batch_{max(rates)}_over_{min(rates)}", ratio, ">=", size["batch_ratio_target"])
 
 
+def linear_pass(x, weight, grad_out, use_fp8: bool) -> list[torch.Tensor]:
+    """Output and (input, weight) gradients of one linear layer on bf16 activations, its weight an
+    fp32 master weight: in fp8 (nanochat.fp8) or as gpt.Linear runs it in bf16."""
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    y = fp8_linear(x, weight) if use_fp8 else torch.nn.functional.linear(x, weight.to(x.dtype))
+    y.backward(grad_out)
+    return [y.detach(), x.grad, weight.grad]
+
+
+def check_fp8(run: Run) -> None:
+    size = run.sizes["fp8"]
+    reason = fp8_unavailable_reason(run.device) if run.device.type == "cuda" else None
+    if reason is not None:  # what base_train does on this GPU: trains in bf16 and says why
+        run.add("fp8", True, {"skipped": reason})
+        return
+    generator = torch.Generator(device=run.device).manual_seed(run.seed + 21)
+    x = torch.randn(size["tokens"], size["in_features"], generator=generator, device=run.device).bfloat16()
+    weight = torch.randn(size["out_features"], size["in_features"], generator=generator,
+                         device=run.device) / math.sqrt(size["in_features"])
+    grad_out = torch.randn(size["tokens"], size["out_features"], generator=generator, device=run.device).bfloat16()
+    bf16 = linear_pass(x, weight, grad_out, use_fp8=False)
+    fp8 = linear_pass(x, weight, grad_out, use_fp8=True)
+    errors = {name: relative_error([a], [b]) for name, a, b in zip(("out", "grad_input", "grad_weight"), fp8, bf16)}
+    figures = {"linear": [size["tokens"], size["in_features"], size["out_features"]],
+               **{f"{name}_rel_diff_vs_bf16": error for name, error in errors.items()},
+               "dtypes": [str(t.dtype).removeprefix("torch.") for t in fp8]}
+    # fp8 really ran: a path that silently stayed in bf16 would match it to its last bit
+    passed = (min(errors.values()) > 0 and errors["out"] <= FP8_OUT_REL_TOL
+              and max(errors["grad_input"], errors["grad_weight"]) <= FP8_GRAD_REL_TOL
+              and [t.dtype for t in fp8] == [torch.bfloat16, torch.bfloat16, torch.float32])
+
+    # A training step of a GPT with fp8 on, compiled where the trainers compile, against bf16.
+    config = run.config(size["depth"], size["sequence_len"])
+    model = run.model(config)
+    batch = run.tokens(size["batch"], size["sequence_len"], config.vocab_size, seed=3)
+    optimizer = model.setup_optimizer()
+    with compute_dtype(model, torch.bfloat16):
+        train_step(model, model, optimizer, *batch)  # the output projections leave zero
+        bf16_loss, _ = loss_and_grads(model, model, *batch)
+        layers = enable_fp8(model)
+        step_model = torch.compile(model, dynamic=False) if size["compile"] else model
+        fp8_loss, fp8_grads = loss_and_grads(model, step_model, *batch)
+        model.eval()
+        with torch.no_grad():
+            eval_loss = float(model(*batch))  # evaluation stays in bf16
+    figures.update(model_depth=size["depth"], fp8_layers=len(layers), compiled=size["compile"],
+                   loss_bf16=bf16_loss, loss_fp8=fp8_loss, loss_rel_error=abs(fp8_loss - bf16_loss) / abs(bf16_loss),
+                   eval_loss_rel_error=abs(eval_loss - bf16_loss) / abs(bf16_loss),
+                   grads_finite=all(bool(torch.isfinite(g).all()) for g in fp8_grads.values()))
+    passed &= (len(layers) == 6 * size["depth"] + 1 and figures["loss_rel_error"] <= FP8_LOSS_REL_TOL
+               and figures["grads_finite"] and figures["eval_loss_rel_error"] <= LOSS_REL_TOL)
+    run.add("fp8", passed, figures, {"out_rel_diff_vs_bf16": FP8_OUT_REL_TOL, "grad_rel_diff_vs_bf16": FP8_GRAD_REL_TOL,
+                                     "loss_rel_error": FP8_LOSS_REL_TOL})
+    run.result("fp8_out_rel_diff_vs_bf16", errors["out"], "<=", FP8_OUT_REL_TOL)
+    run.result("fp8_loss_rel_error", figures["loss_rel_error"], "<=", FP8_LOSS_REL_TOL)
+
+
 def sections(run: Run) -> list[tuple[str, object]]:
     """(budget key, callable) in the order they run: the quick sections first, the training ones (which
     compile) last, so that a deadline cuts the most expensive section first."""
     first, *rest = run.sizes["train"]
     plan = [("precision", lambda: check_precision(run)), ("attention", lambda: check_attention(run)),
             ("kv_greedy", lambda: check_kv_greedy(run)), ("decode", lambda: check_decode(run)),
+            ("fp8", lambda: check_fp8(run)),
             (f"compile_and_train_{first['name']}", lambda: check_training(run, first, compare_eager=True))]
     return plan + [(f"train_{spec['name']}", lambda spec=spec: check_training(run, spec, compare_eager=False))
                    for spec in rest]

@@ -1,7 +1,8 @@
 """The whole pipeline, stage after stage, each stage its own Ray job.
 
     python -m ray_jobs.speedrun --preset tiny            # offline, a few minutes on 2 CPUs
-    python -m ray_jobs.speedrun --preset d20 --rl        # the seed's GPU run, on a cluster
+    python -m ray_jobs.speedrun --preset gpt2 --rl       # nanochat's speedrun today, on a cluster
+    python -m ray_jobs.speedrun --preset d20 --rl        # the seed's older GPU run
 
 Every stage is submitted through the Ray Job Submission API, so it shows in the dashboard with its
 own logs; `--inline` runs the stages one after the other in this process instead. The pipeline
@@ -63,8 +64,24 @@ TINY_CHAT_RL = ["--task", "arithmetic", "--num-steps", "20", "--examples-per-ste
 # itself, runs on a worker node. The tiny preset runs on a local head of 2 CPUs, where a driver
 # holding a CPU for its whole stage would leave the stage's own train workers and Ray Data tasks
 # waiting for it: there the drivers reserve nothing and run anywhere.
-ENTRYPOINT_NUM_CPUS = {"tiny": 0, "d20": 1, "d26": 1}
-GPU_PRESETS = ("d20", "d26")
+ENTRYPOINT_NUM_CPUS = {"tiny": 0, "gpt2": 1, "d20": 1, "d26": 1}
+GPU_PRESETS = ("gpt2", "d20", "d26")
+PRESETS = ("tiny", *GPU_PRESETS)
+# The GPU presets' pretraining data and recipe. gpt2 is nanochat's speedrun today (runs/speedrun.sh,
+# its time-to-GPT-2 run): depth 24 on ClimbMix-400B, 170 shards, slightly undertrained at 8 tokens
+# per scaling parameter, 16 rows per GPU, fp8 matmuls and bf16 embeddings. d20 and d26 are the
+# seed's older runs on FineWeb-Edu at the default ratio of 12, kept as they were.
+GPU_PRETRAINING = {
+    "gpt2": dict(depth=24, source="climbmix", shards=170, device_batch_size=16, param_data_ratio=8, fp8=True,
+                 embedding_dtype="bfloat16"),
+    "d20": dict(depth=20, source="fineweb-edu", shards=240, device_batch_size=32, param_data_ratio=12, fp8=False,
+                embedding_dtype="float32"),
+    "d26": dict(depth=26, source="fineweb-edu", shards=450, device_batch_size=16, param_data_ratio=12, fp8=False,
+                embedding_dtype="float32"),
+}
+# Validation tokens per bpb evaluation on the GPU presets: nanochat's 80 x 2**19 (base_train's own
+# default, 10 x 2**19, suits runs on fewer devices).
+GPU_EVAL_TOKENS = 80 * 2 ** 19
 # The stages that checkpoint through Ray Train: they get --resume and --storage-path.
 CHECKPOINTING_STAGES = ("base_train", "chat_sft", "chat_rl")
 
@@ -108,22 +125,22 @@ def preset_stages(preset: str, with_rl: bool) -> list[Stage]:
                        Stage("chat_eval_rl", "ray_jobs.chat_eval", ["--source", "rl", "--model-tag", tag,
                                                                     *TINY_CHAT_EVAL], report_as="chat_eval")]
         return stages
-    if preset in ("d20", "d26"):
-        depth = int(preset[1:])
-        tag = preset
-        num_shards = "240" if depth == 20 else "450"
+    if preset in GPU_PRETRAINING:
+        spec = GPU_PRETRAINING[preset]
+        tag = f"d{spec['depth']}"
+        source, device_batch = spec["source"], str(spec["device_batch_size"])
         stages = [
-            Stage("data", "ray_jobs.download_data", ["--source", "fineweb-edu", "-n", num_shards]),
-            Stage("tokenizer", "ray_jobs.tok_train", ["--source", "fineweb-edu", "--vocab-size", "32768",
+            Stage("data", "ray_jobs.download_data", ["--source", source, "-n", str(spec["shards"])]),
+            Stage("tokenizer", "ray_jobs.tok_train", ["--source", source, "--vocab-size", "32768",
                                                       "--max-chars", "2000000000"], "tokenizer/token_bytes.pt"),
-            Stage("tok_eval", "ray_jobs.tok_eval", ["--source", "fineweb-edu"]),
+            Stage("tok_eval", "ray_jobs.tok_eval", ["--source", source]),
             Stage("base_train", "ray_jobs.base_train",
-                  ["--depth", str(depth), "--num-workers", "8", "--device-batch-size", "32" if depth == 20 else "16",
-                   "--source", "fineweb-edu", "--save-every", "1000", "--core-metric-every", "2000",
-                   "--model-tag", tag, "--resume", "--use-gpu", "on"],
+                  ["--depth", str(spec["depth"]), "--num-workers", "8", "--device-batch-size", device_batch,
+                   "--target-param-data-ratio", f"{spec['param_data_ratio']:g}", *(["--fp8"] if spec["fp8"] else []),
+                   "--embedding-dtype", spec["embedding_dtype"], "--source", source, "--eval-tokens", str(GPU_EVAL_TOKENS), "--save-every", "1000",
+                   "--core-metric-every", "2000", "--model-tag", tag, "--resume", "--use-gpu", "on"],
                   f"base_checkpoints/{tag}"),
-            Stage("base_eval", "ray_jobs.base_eval", ["--model-tag", tag, "--device-batch-size",
-                                                      "32" if depth == 20 else "16"]),
+            Stage("base_eval", "ray_jobs.base_eval", ["--model-tag", tag, "--device-batch-size", device_batch]),
             Stage("chat_sft", "ray_jobs.chat_sft", ["--model-tag", tag, "--mixture", "real", "--num-workers", "8",
                                                     "--resume", "--use-gpu", "on"],
                   f"chatsft_checkpoints/{tag}"),
@@ -136,7 +153,7 @@ def preset_stages(preset: str, with_rl: bool) -> list[Stage]:
                        Stage("chat_eval_rl", "ray_jobs.chat_eval", ["--source", "rl", "--model-tag", tag,
                                                                     "--tasks", "gsm8k"], report_as="chat_eval")]
         return stages
-    raise ValueError(f"unknown preset {preset!r}: choose tiny, d20 or d26")
+    raise ValueError(f"unknown preset {preset!r}: choose {', '.join(PRESETS)}")
 
 
 def run_inline(stage: Stage) -> None:
@@ -224,7 +241,9 @@ def storage_path_for(preset: str, flag: str | None) -> str | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Run the nanochat pipeline, one Ray job per stage")
-    p.add_argument("--preset", choices=["tiny", "d20", "d26"], default="tiny")
+    p.add_argument("--preset", choices=PRESETS, default="tiny",
+                   help="tiny: offline, on CPUs; gpt2: nanochat's speedrun today (d24, ClimbMix, fp8); d20, d26: "
+                        "the seed's older GPU runs (FineWeb-Edu)")
     p.add_argument("--rl", action="store_true", help="also run the RL stage")
     p.add_argument("--from", dest="from_stage", default=None, help="start at this stage")
     p.add_argument("--fresh", action="store_true", help="run stages even when their output exists")
@@ -232,11 +251,11 @@ def main(argv=None) -> int:
     p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"),
                    help="the Ray dashboard (job submission) address")
     p.add_argument("--entrypoint-num-cpus", type=float, default=None,
-                   help="CPUs each stage's job driver reserves (default: 0 for tiny, 1 for d20/d26, which "
+                   help="CPUs each stage's job driver reserves (default: 0 for tiny, 1 for the GPU presets, which "
                         "keeps the drivers off a head that offers no CPUs)")
     p.add_argument("--storage-path", default=None,
                    help="checkpoint storage of base_train, chat_sft and chat_rl: folder or URI (s3://...); "
-                        "default $NANOCHAT_STORAGE for d20/d26, <base>/ray_runs for tiny")
+                        "default $NANOCHAT_STORAGE for the GPU presets, <base>/ray_runs for tiny")
     args = p.parse_args(argv)
     entrypoint_num_cpus = (ENTRYPOINT_NUM_CPUS[args.preset] if args.entrypoint_num_cpus is None
                            else args.entrypoint_num_cpus)

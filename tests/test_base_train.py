@@ -162,7 +162,10 @@ def recovered(ray_local, setup):
 
 @pytest.fixture(scope="module")
 def resumed(ray_local, setup):
-    flags = setup["flags"] + ["--num-workers", "2", "--run-name", "resumed", "--model-tag", "bt_resumed"]
+    # with the gpt2 preset's bf16 embedding tables (their AdamW state goes through the checkpoint
+    # too), and its --fp8, which a CPU worker declines with the reason
+    flags = setup["flags"] + ["--num-workers", "2", "--run-name", "resumed", "--model-tag", "bt_resumed",
+                              "--embedding-dtype", "bfloat16", "--fp8"]
     with pytest.raises(SystemExit) as stopped:
         main(flags + ["--fail-at-step", str(FAIL_AT), "--max-failures", "0"])
     assert stopped.value.code == 1
@@ -315,6 +318,11 @@ def test_stopped_run_resumes_to_the_loss_of_an_uninterrupted_run(resumed, two_wo
     # schedule ends 6% away and one that loses the weights 27%. Tolerance: 3%. (Losing the
     # optimizer state moves it by only 0.7% here; tests/test_optim.py checks that round trip.)
     assert _val_bpb(history)[STEPS] == pytest.approx(_val_bpb(two_workers["history"])[STEPS], rel=0.03)
+    starts = [r for r in history if "worker_nodes" in r]
+    assert len(starts) == 2 and all(r["fp8_layers"] == 0 and "need a CUDA GPU" in r["fp8_unavailable"] for r in starts)
+    state, _, _ = load_checkpoint(resumed["checkpoint_dir"], STEPS, "cpu")
+    assert state["transformer.wte.weight"].dtype == torch.bfloat16
+    assert state["lm_head.weight"].dtype == torch.float32
 
 
 def test_checkpoint_loads_and_gives_the_trainers_val_bpb_and_core(two_workers, setup):

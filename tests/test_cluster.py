@@ -122,7 +122,7 @@ def test_cluster_yaml_head_offers_no_cpus_so_job_drivers_run_on_the_workers():
     assert head["resources"] == {"CPU": 0}
     assert "ray start --head --num-cpus=0 " in " ".join(config["head_start_ray_commands"])
     # The GPU presets' stage drivers, and the README's cluster submissions, ask for a CPU.
-    assert speedrun.ENTRYPOINT_NUM_CPUS == {"tiny": 0, "d20": 1, "d26": 1}
+    assert speedrun.ENTRYPOINT_NUM_CPUS == {"tiny": 0, "gpt2": 1, "d20": 1, "d26": 1}
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
     submits = [line for line in readme.splitlines() if line.startswith("ray job submit ")]

@@ -65,14 +65,14 @@ class ShardRequestHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def shard_server():
-    """A local server holding four shards (indices 0, 1, 2 and fineweb's val index 1822) and a
-    corrupt file; yields (base_url, server)."""
+    """A local server holding five shards (indices 0, 1, 2, fineweb's val index 1822 and
+    ClimbMix's 6542) and a corrupt file; yields (base_url, server)."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ShardRequestHandler)
     server.daemon_threads = True
     server.lock = threading.Lock()
     server.requests, server.seen = [], {}
-    val_index = dataset.HF_DATASETS["fineweb-edu"].val_index
-    server.files = {dataset.shard_filename(i): parquet_bytes(shard_texts(i)) for i in (0, 1, 2, val_index)}
+    val_indices = [dataset.HF_DATASETS[name].val_index for name in ("fineweb-edu", "climbmix")]
+    server.files = {dataset.shard_filename(i): parquet_bytes(shard_texts(i)) for i in (0, 1, 2, *val_indices)}
     server.files[dataset.shard_filename(3)] = b"this is not a parquet file" * 100
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -90,6 +90,23 @@ def test_download_shard_writes_the_served_bytes_and_skips_it_next_time(shard_ser
     assert os.listdir(tmp_path) == ["shard_00000.parquet"]
     assert download_shard(0, "fineweb-edu", str(tmp_path), base_url=f"{base_url}/ok") == path
     assert len(server.requests) == 1  # the second call found the shard in place
+
+
+def test_climbmix_is_nanochats_set_with_its_validation_shard_last(shard_server, tmp_path):
+    """The gpt2 preset's data: nanochat's ClimbMix-400B repository and file names, 170 training
+    shards and the last shard of the set (6542) as validation, through the same resumable download."""
+    from ray_jobs.download_data import shard_indices
+    climbmix = dataset.get_hf_dataset("climbmix")
+    assert climbmix.base_url == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    assert shard_indices("climbmix", 170) == [*range(170), 6542]
+    base_url, server = shard_server
+    for index in (0, 1, 6542):
+        download_shard(index, "climbmix", str(tmp_path), base_url=f"{base_url}/drop-once", backoff=0.01)
+    files = resolve_source("climbmix", str(tmp_path))
+    assert [os.path.basename(p) for p in files.train_files] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert [os.path.basename(p) for p in files.val_files] == ["shard_06542.parquet"]
+    assert open(files.val_files[0], "rb").read() == server.files["shard_06542.parquet"]
+    assert sum(range_header is not None for _, range_header in server.requests) == 3  # each cut one resumed
 
 
 def test_a_dropped_connection_is_resumed_with_a_range_request(shard_server, tmp_path):

@@ -134,8 +134,34 @@ def test_the_tiny_preset_trains_the_depth_2_recipe_and_d26_the_seed_settings():
     assert d26["base_train"].flags[d26["base_train"].flags.index("--device-batch-size") + 1] == "16"
 
 
+def test_the_gpt2_preset_is_nanochats_speedrun_and_every_gpu_preset_validates_on_80_x_2_19_tokens():
+    """runs/speedrun.sh of nanochat today: 170 ClimbMix shards, a tokenizer on them, base_train at
+    depth 24 with --target-param-data-ratio=8 --device-batch-size=16 --fp8 (and bf16 embeddings,
+    which nanochat always has on GPUs), base_eval at 16 rows."""
+    gpt2 = {s.name: s for s in speedrun.preset_stages("gpt2", with_rl=False)}
+    assert gpt2["data"].flags == ["--source", "climbmix", "-n", "170"]
+    assert gpt2["tokenizer"].flags[:4] == ["--source", "climbmix", "--vocab-size", "32768"]
+    flags = gpt2["base_train"].flags
+    value = {name: flags[flags.index(name) + 1] for name in ("--depth", "--device-batch-size", "--source",
+                                                             "--target-param-data-ratio", "--embedding-dtype",
+                                                             "--model-tag", "--num-workers")}
+    assert value == {"--depth": "24", "--device-batch-size": "16", "--source": "climbmix",
+                     "--target-param-data-ratio": "8", "--embedding-dtype": "bfloat16", "--model-tag": "d24",
+                     "--num-workers": "8"}
+    assert "--fp8" in flags
+    assert gpt2["base_eval"].flags == ["--model-tag", "d24", "--device-batch-size", "16"]
+    for preset in speedrun.GPU_PRESETS:
+        flags = next(s for s in speedrun.preset_stages(preset, with_rl=False) if s.name == "base_train").flags
+        assert int(flags[flags.index("--eval-tokens") + 1]) == 80 * 2 ** 19, preset
+    # the seed's older runs stay as they were: FineWeb-Edu at the default ratio, no fp8
+    d20 = next(s for s in speedrun.preset_stages("d20", with_rl=False) if s.name == "base_train").flags
+    assert d20[d20.index("--source") + 1] == "fineweb-edu"
+    assert "--fp8" not in d20 and d20[d20.index("--target-param-data-ratio") + 1] == "12"
+    assert d20[d20.index("--embedding-dtype") + 1] == "float32"
+
+
 def test_every_checkpointing_stage_resumes_so_that_from_continues_its_run():
-    for preset in ("tiny", "d20", "d26"):
+    for preset in speedrun.PRESETS:
         stages = {s.name: s for s in speedrun.preset_stages(preset, with_rl=True)}
         for name in speedrun.CHECKPOINTING_STAGES:
             assert "--resume" in stages[name].flags, (preset, name)
@@ -146,6 +172,7 @@ def test_every_checkpointing_stage_resumes_so_that_from_continues_its_run():
     ("tiny", [], "s3://bucket/runs", 0, None),  # tiny: drivers run anywhere, checkpoints stay local
     ("d20", [], "s3://bucket/runs", 1, "s3://bucket/runs"),
     ("d26", [], None, 1, None),
+    ("gpt2", [], "s3://bucket/runs", 1, "s3://bucket/runs"),
     ("d20", ["--storage-path", "/shared/runs", "--entrypoint-num-cpus", "2"], "s3://bucket/runs", 2, "/shared/runs"),
     ("tiny", ["--storage-path", "s3://other/runs", "--entrypoint-num-cpus", "0.5"], None, 0.5, "s3://other/runs"),
 ])
@@ -195,7 +222,7 @@ def test_follow_job_logs_prints_the_stream_and_reports_a_broken_one(capsys):
     assert "ray job logs job_b" in out
 
 
-@pytest.mark.parametrize("preset", ["d20", "d26"])
+@pytest.mark.parametrize("preset", speedrun.GPU_PRESETS)
 def test_gpu_presets_ask_for_gpus(preset):
     """A GPU preset's trainers never decide from the GPUs that happen to be up (ray_jobs.gpus)."""
     stages = {stage.name: stage for stage in speedrun.preset_stages(preset, with_rl=True)}
