@@ -305,10 +305,11 @@ def test_mmlu_loaders_read_the_test_file_and_the_nested_auxiliary_file(hub):
     test = MMLU("test", base_url=hub.base_url)
     assert len(test) == 8 and test.eval_type == "categorical"
     by_question = {c["messages"][0]["content"].split("\n")[0]: c for c in test}
-    sodium = by_question["What is the chemical symbol for sodium?"]
+    sodium = by_question["Multiple Choice question: What is the chemical symbol for sodium?"]
+    # nanochat's layout (its tasks/common.py render_mc): each letter after its choice, after "=".
     assert sodium["messages"][0]["content"] == (
-        "What is the chemical symbol for sodium?\n\nA. Na\nB. S\nC. So\nD. Sd\n\n"
-        "Answer with the letter of the correct choice (A, B, C, D).")
+        "Multiple Choice question: What is the chemical symbol for sodium?\n- Na=A\n- S=B\n- So=C\n- Sd=D\n\n"
+        "Respond only with the letter of the correct answer.")
     assert sodium["messages"][1]["content"] == "A"
     assert sodium["letters"] == ["A", "B", "C", "D"] and sodium["subject"] == "high_school_chemistry"
     # The shuffle is fixed by the seed and is not the file order.
@@ -319,16 +320,23 @@ def test_mmlu_loaders_read_the_test_file_and_the_nested_auxiliary_file(hub):
 
     train = MMLU("train", base_url=hub.base_url, shuffle_seed=None)
     assert [c["messages"][1]["content"] for c in train] == ["C", "A"]
-    assert train[0]["messages"][0]["content"].startswith("The sky on a clear day is\n\nA. red\n")
+    assert train[0]["messages"][0]["content"].startswith("Multiple Choice question: The sky on a clear day is\n- red=A\n")
 
 
-def test_arc_loader_maps_numeric_labels_to_letters(hub):
+def test_arc_loader_keeps_each_question_s_own_labels_as_nanochat_does(hub):
     hub.publish("allenai/ai2_arc", "ARC-Challenge/test-00000-of-00001.parquet", arc_table())
     task = ARC("ARC-Challenge", "test", base_url=hub.base_url, shuffle_seed=None)
     assert len(task) == 4
-    assert [c["messages"][1]["content"] for c in task] == ["C", "B", "C", "A"]
-    assert [c["letters"] for c in task] == [list("ABCD"), list("ABCD"), list("ABC"), list("ABCDE")]
-    assert "A. ruler\nB. balance\nC. thermometer\nD. graduated cylinder" in task[1]["messages"][0]["content"]
+    assert [c["messages"][1]["content"] for c in task] == ["C", "2", "C", "A"]
+    assert [c["letters"] for c in task] == [list("ABCD"), list("1234"), list("ABC"), list("ABCDE")]
+    assert task[1]["messages"][0]["content"] == (
+        "Multiple Choice question: Which tool is best for measuring the mass of a rock?\n"
+        "- ruler=1\n- balance=2\n- thermometer=3\n- graduated cylinder=4\n\n"
+        "Respond only with the letter of the correct answer.")
+    # nanochat's verdicts: the answer key is right, any other label wrong (a letter the question
+    # does not show too).
+    assert task.evaluate(task[1], "2") is True
+    assert task.evaluate(task[1], "1") is False and task.evaluate(task[1], "B") is False
     with pytest.raises(ValueError, match="subset 'ARC-Hard' does not exist"):
         ARC("ARC-Hard", "test", base_url=hub.base_url)
 
@@ -370,7 +378,7 @@ def test_known_answer_key_gives_the_known_score(hub, dataset):
     else:
         hub.publish("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet", arc_table())
         task = ARC("ARC-Easy", "test", base_url=hub.base_url)
-        key = ["C", "B", "C", "A"]
+        key = ["C", "2", "C", "A"]
     share_of_a = key.count("A") / len(key)
     assert 0 < share_of_a < 1
     assert accuracy(task, lambda c: c["messages"][-1]["content"]) == 1.0
