@@ -409,23 +409,37 @@ def test_humaneval_scores_completions_by_running_the_tests(hub):
     assert len(task) == 1 and task.eval_type == "generative"
     problem = task[0]
     assert problem["entry_point"] == "running_max" and problem["task_id"] == "HumanEval/9"
-    # The reference answer passes, as a whole function in a fenced block and as a bare body.
+    assert task.harness == "nanochat"
+    # nanochat's verdicts (its tasks/humaneval.py: the prompt's imports, the answer's first ``` or
+    # ```python block or else the whole answer, stripped, then the tests): the reference answer and
+    # a whole function pass, the prompt's imports included (List is not imported by the answer).
     assert task.evaluate(problem, problem["messages"][1]["content"]) is True
-    fenced = ("Here is the function:\n```python\ndef running_max(numbers):\n    out = []\n"
-              "    for i in range(len(numbers)):\n        out.append(max(numbers[:i + 1]))\n"
+    fenced = ("Here is the function:\n```python\ndef running_max(numbers: List[int]) -> List[int]:\n"
+              "    out = []\n    for i in range(len(numbers)):\n        out.append(max(numbers[:i + 1]))\n"
               "    return out\n```\nIt keeps the running maximum.")
     assert task.evaluate(problem, fenced) is True
-    assert task.evaluate(problem, HUMANEVAL_SOLUTION) is True
+    # A bare body fails: the prompt's unfinished def is not in nanochat's program. So does a block
+    # fenced as ```py, which nanochat does not read as a block (the whole answer is run).
+    assert task.evaluate(problem, HUMANEVAL_SOLUTION) is False
+    assert task.evaluate(problem, fenced.replace("```python", "```py")) is False
     # Wrong answers fail: a wrong result, and code that does not run.
     wrong = "```python\ndef running_max(numbers: List[int]) -> List[int]:\n    return sorted(numbers)\n```"
     assert task.evaluate(problem, wrong) is False
     assert task.evaluate(problem, "I do not know.") is False
     assert task.reward(problem, wrong) == 0.0
+    # The lenient harness, an explicit option, runs the whole prompt first: the bare body and the
+    # ```py block pass there.
+    lenient = get_task("humaneval", "test", base_url=hub.base_url, harness="lenient")
+    assert lenient.evaluate(problem, HUMANEVAL_SOLUTION) is True
+    assert lenient.evaluate(problem, fenced.replace("```python", "```py")) is True
+    assert lenient.evaluate(problem, wrong) is False
+    with pytest.raises(ValueError, match="harness='loose': choose one of nanochat, lenient"):
+        get_task("humaneval", "test", base_url=hub.base_url, harness="loose")
     # require_sandbox: the answer runs only where every kernel layer of the sandbox holds.
     strict = get_task("humaneval", "test", base_url=hub.base_url, require_sandbox=True)
     missing = execute_code("pass").missing_layers
     if missing:
         with pytest.raises(SandboxUnavailableError, match=missing[0]):
-            strict.evaluate(problem, HUMANEVAL_SOLUTION)
+            strict.evaluate(problem, fenced)
     else:
-        assert strict.evaluate(problem, HUMANEVAL_SOLUTION) is True
+        assert strict.evaluate(problem, fenced) is True
