@@ -18,8 +18,9 @@ by running a program built from it in the sandbox of nanochat.execution, in one 
   A full function replaces the prompt's unfinished one and may use its helpers, and a bare body
   continues the prompt's function, so some answers pass that fail under nanochat's harness.
 
-Right means the program ran to the end. With require_sandbox=True an answer is only run where
-every kernel layer of the sandbox holds (SandboxUnavailableError otherwise).
+Right means the program ran to the end within nanochat's limits: `timeout_s` (5 s by default; the
+sandbox's interpreter starts in about 0.05 s of it) and 256 MB. With require_sandbox=True an answer
+is only run where every kernel layer of the sandbox holds (SandboxUnavailableError otherwise).
 """
 
 import re
@@ -89,7 +90,7 @@ class HumanEval(HFParquetTask):
     repo_id = "openai/openai_humaneval"
     eval_type = "generative"
 
-    def __init__(self, split: str = "test", timeout_s: float = 10.0, require_sandbox: bool = False,
+    def __init__(self, split: str = "test", timeout_s: float = 5.0, require_sandbox: bool = False,
                  harness: str = "nanochat", **kwargs):
         if split != "test":
             raise ValueError(f"HumanEval has only the split 'test', not {split!r}")
