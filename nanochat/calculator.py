@@ -7,7 +7,8 @@ model's tool calls get the same outputs, and so the same token sequences, as the
 - Every comma is removed first, inside quotes too: "1,000" is 1000, and '"a,b".count(",")' is
   '"ab".count("")', which is 3.
 - Arithmetic: an expression made only of digits, '.', '+', '-', '*', '/', parentheses and spaces,
-  without '**'. So + - * / // and unary signs work; % and powers give no output.
+  without '**' (nanochat refuses powers: no operator but + - * / // and the signs is evaluated).
+  So % and powers give no output.
 - Letter counting: an expression made only of ASCII letters, digits, quotes, parentheses, '.',
   '_' and spaces, that contains ".count(" and none of nanochat's refused words (IDENTIFIER_WORDS,
   in any case, inside quotes too: "direction".count("i") gives no output).
@@ -59,8 +60,6 @@ def use_calculator(expression: str, timeout: float = 1.0) -> str | None:
     expression = expression.replace(",", "")
     characters = set(expression)
     arithmetic = characters <= _ARITHMETIC_CHARS
-    if arithmetic and "**" in expression:
-        return None
     if not arithmetic:
         lowered = expression.lower()
         if not characters <= _COUNTING_CHARS or ".count(" not in expression \

@@ -192,6 +192,20 @@ def check(candidate):
 '''
 
 
+# A prompt with a comment above its import and a helper function before the one to complete.
+HELPER_PROMPT = '''# doubling
+import math
+
+
+def twice(x):
+    return 2 * x
+
+
+def double_all(xs):
+    """ Double every number of xs. """
+'''
+
+
 def humaneval_table() -> pa.Table:
     return pa.table({"task_id": ["HumanEval/9"], "prompt": [HUMANEVAL_PROMPT],
                      "canonical_solution": [HUMANEVAL_SOLUTION], "test": [HUMANEVAL_TEST],
@@ -433,6 +447,14 @@ def test_humaneval_scores_completions_by_running_the_tests(hub):
     assert lenient.evaluate(problem, HUMANEVAL_SOLUTION) is True
     assert lenient.evaluate(problem, fenced.replace("```python", "```py")) is True
     assert lenient.evaluate(problem, wrong) is False
+    # A prompt's helper function is not in nanochat's program, its imports are.
+    helper_problem = {"messages": [{"role": "user", "content": HELPER_PROMPT}], "entry_point": "double_all",
+                      "test": "def check(candidate):\n    assert candidate([1, 4]) == [2, 8]\n"}
+    uses_helper = "```python\ndef double_all(xs):\n    return [twice(x) for x in xs]\n```"
+    uses_import = "```python\ndef double_all(xs):\n    return [int(math.fsum([x, x])) for x in xs]\n```"
+    assert task.evaluate(helper_problem, uses_helper) is False
+    assert task.evaluate(helper_problem, uses_import) is True
+    assert lenient.evaluate(helper_problem, uses_helper) is True
     with pytest.raises(ValueError, match="harness='loose': choose one of nanochat, lenient"):
         get_task("humaneval", "test", base_url=hub.base_url, harness="loose")
     # require_sandbox: the answer runs only where every kernel layer of the sandbox holds.
