@@ -1,45 +1,52 @@
 """The calculator tool: what the chat model's text between <|python_start|> and <|python_end|>
 evaluates to, as the string the engine feeds back between <|output_start|> and <|output_end|>.
 
-The model writes things like `48/2`, `(12 + 8) * 3 % 7` or `"strawberry".count("r")`. Nothing is
-handed to eval(): the text is parsed with `ast` and only an allow-list of node types is
-evaluated, namely int and float literals, + - * / // % ** (binary), unary + and -, parentheses,
-and a string literal's .count() of one string literal. Anything else (names, other calls or
-attributes, subscripts, comprehensions, lambdas, ...) gives None, and so do expressions that
-would be expensive: longer than MAX_EXPRESSION_CHARS, an exponent above MAX_EXPONENT, an integer
-result above MAX_INTEGER_BITS. Division by zero, overflow and non-finite results give None too.
-None means "no tool output": the engine then lets the model continue on its own.
+What it accepts and what it answers are nanochat's (its engine.py, use_calculator), so that a
+model's tool calls get the same outputs, and so the same token sequences, as they would there:
 
-Results read the way a person writes them, because the model was trained on such text (GSM8K's
-annotations say 24, not 24.0): ints exactly, floats with at most 15 significant digits and
-without a trailing ".0", so 6/3 -> "2", 0.1+0.2 -> "0.3", 7/2 -> "3.5", 1/3 -> "0.333333333333333".
-Commas between digits that group thousands ("1,000") are removed first, as the model writes
-numbers that way; commas inside string literals are left alone.
+- Every comma is removed first, inside quotes too: "1,000" is 1000, and '"a,b".count(",")' is
+  '"ab".count("")', which is 3.
+- Arithmetic: an expression made only of digits, '.', '+', '-', '*', '/', parentheses and spaces,
+  without '**' (nanochat refuses powers: no operator but + - * / // and the signs is evaluated).
+  So % and powers give no output.
+- Letter counting: an expression made only of ASCII letters, digits, quotes, parentheses, '.',
+  '_' and spaces, that contains ".count(" and none of nanochat's refused words (IDENTIFIER_WORDS,
+  in any case, inside quotes too: "direction".count("i") gives no output).
+- The result is Python's str() of the value: 6/3 -> "2.0", 48/2 -> "24.0", 7//2 -> "3",
+  0.1+0.2 -> "0.30000000000000004", "strawberry".count("r") -> "3".
 
-The time limit is a deadline checked before every step. The size bounds keep each single step
-far below a millisecond, so the deadline is a real limit, and unlike SIGALRM it works in any
-thread (Ray Serve replicas and rollout actors run the engine outside the main thread).
+None means "no tool output": the engine then forces nothing and the model continues on its own.
+
+Where this differs from nanochat, on purpose: nanochat hands the text to eval(); here nothing is.
+The text is parsed with `ast` and only an allow-list of node types is evaluated: int and float
+literals, + - * / //, unary + and -, and a string literal's .count() of one string literal (the
+form SpellingBee teaches). What else nanochat's filters let through to eval() gives None here:
+chains of other string methods ('Ab'.lower().count('a')), which there run arbitrary str methods
+and can ask for any amount of memory ('a'.center(10**9) needs no '*'), and the odd non-numbers
+"()" and "..." (there "()" and "Ellipsis"). Expressions longer than MAX_EXPRESSION_CHARS give None
+as well (nanochat has no such limit; the model's tool calls are a few dozen characters).
+
+The time limit is a deadline checked before every step, which unlike nanochat's SIGALRM works in
+any thread (Ray Serve replicas and rollout actors run the engine outside the main thread, where
+nanochat's signal-based limit cannot be installed). With no powers and the length limit, every
+value has at most a few hundred digits, so each step is far below a millisecond.
 """
 
 import ast
-import math
 import operator
-import re
 import time
 
 MAX_EXPRESSION_CHARS = 500
-MAX_EXPONENT = 1000
-# About 3,000 decimal digits: cheap to multiply and below Python's int-to-str limit (4,300).
-MAX_INTEGER_BITS = 10_000
-_SIGNIFICANT_DIGITS = 15
+_ARITHMETIC_CHARS = frozenset("0123456789*+-/.() ")
+_COUNTING_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
+# Text that makes nanochat refuse a letter-counting expression wherever it occurs, compared in
+# lower case ("raw_input", also on its list, holds "input").
+IDENTIFIER_WORDS = ("__", "import", "exec", "eval", "compile", "open", "file", "input", "globals",
+                    "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr")
 
 _BINARY_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-                     ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv,
-                     ast.Mod: operator.mod, ast.Pow: operator.pow}
+                     ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv}
 _UNARY_OPERATORS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-# A string literal (kept as it is) or a comma between digits followed by a group of three.
-_STRING_OR_THOUSANDS_COMMA = re.compile(
-    r"""("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(?<=\d),(?=\d{3}(?!\d))""")
 
 
 class _Refused(Exception):
@@ -50,78 +57,41 @@ def use_calculator(expression: str, timeout: float = 1.0) -> str | None:
     """Evaluate a calculator expression; the result as text, or None when refused or invalid."""
     if not isinstance(expression, str) or len(expression) > MAX_EXPRESSION_CHARS:
         return None
-    expression = _STRING_OR_THOUSANDS_COMMA.sub(lambda match: match.group(1) or "",
-                                                expression).strip()
-    if not expression:
-        return None
+    expression = expression.replace(",", "")
+    characters = set(expression)
+    arithmetic = characters <= _ARITHMETIC_CHARS
+    if not arithmetic:
+        lowered = expression.lower()
+        if not characters <= _COUNTING_CHARS or ".count(" not in expression \
+                or any(word in lowered for word in IDENTIFIER_WORDS):
+            return None
     deadline = time.monotonic() + timeout
     try:
-        tree = ast.parse(expression, mode="eval")
-        value = _evaluate(tree.body, deadline)
+        # Like eval(), which the model's text goes to in nanochat, ignore leading spaces.
+        body = ast.parse(expression.lstrip(" "), mode="eval").body
+        return str(_arithmetic(body, deadline) if arithmetic else _count(body))
     except (_Refused, SyntaxError, ValueError, ArithmeticError, RecursionError, MemoryError):
         return None
-    return _format_number(value)
 
 
-def _format_number(value: int | float) -> str:
-    """An int exactly; a float with 15 significant digits, no trailing '.0', no '-0'."""
-    if isinstance(value, int):
-        return str(value)
-    if value == 0:
-        return "0"
-    return format(value, f".{_SIGNIFICANT_DIGITS}g")
-
-
-def _evaluate(node: ast.AST, deadline: float) -> int | float:
+def _arithmetic(node: ast.AST, deadline: float) -> int | float:
     if time.monotonic() >= deadline:
         raise _Refused("out of time")
-    if isinstance(node, ast.Constant):
-        return _number(node.value)
+    # type() rather than isinstance(): Ellipsis and True are no numbers to the calculator.
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPERATORS:
-        return _UNARY_OPERATORS[type(node.op)](_evaluate(node.operand, deadline))
+        return _UNARY_OPERATORS[type(node.op)](_arithmetic(node.operand, deadline))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPERATORS:
-        left = _evaluate(node.left, deadline)
-        right = _evaluate(node.right, deadline)
-        # Only a power can grow far beyond its operands; every other operation on bounded
-        # operands is cheap, and its result is checked afterwards.
-        if isinstance(node.op, ast.Pow):
-            _check_power(left, right)
-        return _checked_result(_BINARY_OPERATORS[type(node.op)](left, right))
-    if isinstance(node, ast.Call):
-        return _count(node)
+        return _BINARY_OPERATORS[type(node.op)](_arithmetic(node.left, deadline),
+                                                _arithmetic(node.right, deadline))
     raise _Refused(f"{type(node).__name__} is not supported")
 
 
-def _number(value) -> int | float:
-    # type() rather than isinstance(): True and False are ints to Python, not to the calculator.
-    if type(value) in (int, float):
-        return _checked_result(value)
-    raise _Refused(f"a {type(value).__name__} literal is not a number")
-
-
-def _check_power(base, exponent) -> None:
-    """Refuse powers whose cost or size is out of bounds, before computing them."""
-    if abs(exponent) > MAX_EXPONENT:
-        raise _Refused("exponent too large")
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
-        if base.bit_length() * exponent > MAX_INTEGER_BITS:
-            raise _Refused("power too large")
-
-
-def _checked_result(value) -> int | float:
-    if not isinstance(value, (int, float)):  # e.g. complex, from (-8) ** 0.5
-        raise _Refused(f"result is a {type(value).__name__}")
-    if isinstance(value, int) and value.bit_length() > MAX_INTEGER_BITS:
-        raise _Refused("integer too large")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _Refused("result is not finite")
-    return value
-
-
-def _count(call: ast.Call) -> int:
+def _count(call: ast.AST) -> int:
     """Only `"literal".count("literal")`, the form the spelling tasks teach."""
-    function = call.func
-    if not (isinstance(function, ast.Attribute) and function.attr == "count"
+    function = getattr(call, "func", None)
+    if not (isinstance(call, ast.Call) and isinstance(function, ast.Attribute) and function.attr == "count"
             and _is_string_literal(function.value) and len(call.args) == 1
             and _is_string_literal(call.args[0]) and not call.keywords):
         raise _Refused("the only call allowed is 'string'.count('substring')")

@@ -22,8 +22,10 @@ assembles `<base>/report/report.md`:
   Arithmetic and ChatCORE, one row for each metric some stage measured, one column per model (base, sft,
   rl), '-' where a model was not run or not measured; ChatCORE is nanochat's, over ARC-Easy,
   ARC-Challenge, MMLU, GSM8K and HumanEval only (nanochat.chat_eval), so SpellingBee and Arithmetic
-  are rows of their own; under it, a line per way of matching "####" answers that an eval or RL
-  stage used ("GSM8K answers: exact, as nanochat ...", or lenient when asked for);
+  are rows of their own; under it, the protocol lines: one per way of matching "####" answers that
+  an eval or RL stage used ("GSM8K answers: exact, as nanochat ...", or lenient when asked for),
+  and one per HumanEval harness that an eval that ran HumanEval used ("HumanEval harness:
+  nanochat's ...", or lenient);
 - PNG plots, linked from the markdown: training loss and val bpb against step and against wall
   time, and the RL mean reward against step, drawn from the histories the stages recorded;
 - one section per stage with its config, timings and all its metrics.
@@ -52,6 +54,7 @@ import torch
 
 from nanochat.common import atomic_write_bytes, get_base_dir
 from nanochat.tasks.common import ANSWER_MATCHING
+from nanochat.tasks.humaneval import HUMANEVAL_HARNESSES
 
 SOURCES = ("base", "sft", "rl")
 
@@ -314,6 +317,22 @@ class Report:
                 for line in ("", f"GSM8K answers: {ANSWER_MATCHING.get(matching, matching)}; "
                                  f"used by {', '.join(stages)}. SpellingBee and Arithmetic follow the same rule.")]
 
+    @staticmethod
+    def humaneval_harness_lines(sections: list[dict]) -> list[str]:
+        """The protocol lines for HumanEval: for each harness that an eval which ran HumanEval
+        records in its config (chat_eval's --humaneval-harness), which one it is and which stages
+        used it."""
+        stages_by_harness: dict[str, list[str]] = {}
+        for section in sections:
+            config = section.get("config") or {}
+            harness = config.get("humaneval_harness")
+            if harness is not None and "humaneval" in (config.get("tasks") or []):
+                name = section["stage"] + (f" ({section['source']})" if section["source"] else "")
+                stages_by_harness.setdefault(harness, []).append(name)
+        return [line for harness, stages in stages_by_harness.items()
+                for line in ("", f"HumanEval harness: {HUMANEVAL_HARNESSES.get(harness, harness)}; "
+                                 f"used by {', '.join(stages)}.")]
+
     # ------------------------------------------------------------------ writing
 
     def _plot(self, filename: str, key: str, x_key: str, title: str, sections: list[dict]) -> bool:
@@ -383,7 +402,7 @@ class Report:
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         else:
             lines.append("No evaluation metrics were recorded.")
-        lines += self.answer_matching_lines(sections)
+        lines += self.answer_matching_lines(sections) + self.humaneval_harness_lines(sections)
         walls = [(s["stage"] + (f" ({s['source']})" if s["source"] else ""), s["timings"]["wall_s"])
                  for s in sections if "wall_s" in s["timings"]]
         if walls:

@@ -5,7 +5,7 @@ spread over Ray actors.
         [--tasks arc-easy,arc-challenge,mmlu,gsm8k,humaneval,spellingbee] [--max-problems N]
         [--num-samples K] [--temperature T] [--top-k K] [--max-new-tokens N] [--seed S]
         [--num-actors N] [--use-gpu auto|on|off] [--gpu-wait-s S] [--batch-size B] [--require-sandbox]
-        [--answer-matching exact|lenient]
+        [--answer-matching exact|lenient] [--humaneval-harness nanochat|lenient]
 
 How answers are scored (categorical by letter logits, generative by sampling, pass@k, ChatCORE)
 is nanochat.chat_eval. The problems are cut into chunks that a pool of Ray
@@ -19,7 +19,10 @@ GSM8K, SpellingBee and arithmetic answers are compared as nanochat compares them
 "#### ", exactly) unless --answer-matching lenient asks for equal numbers instead
 (nanochat.tasks.common.ANSWER_MATCHING); the config, and so the report card, records which.
 
-HumanEval runs the model's code in the sandbox of nanochat.execution. An actor on a host where one
+HumanEval runs the model's code in the sandbox of nanochat.execution, in nanochat's harness (the
+prompt's imports, the answer's code, the tests) unless --humaneval-harness lenient asks for the
+whole prompt to run before the answer (nanochat.tasks.humaneval.HUMANEVAL_HARNESSES); the config,
+and so the report card, records which. An actor on a host where one
 of the sandbox's kernel layers is missing logs that once; with --require-sandbox it refuses to run
 the code there instead, and the job stops with the reason.
 
@@ -45,6 +48,7 @@ from nanochat.chat_eval import CHATCORE_TASKS, ModelAnswerer, Sampling, chatcore
 from nanochat.report import Report
 from nanochat.tasks import TASKS, Task, get_task
 from nanochat.tasks.common import ANSWER_MATCHING, FinalAnswerTask
+from nanochat.tasks.humaneval import HUMANEVAL_HARNESSES
 from ray_jobs.base_eval import DEFAULT_CPU_ACTORS, CheckpointModel, actor_layout
 from ray_jobs.gpus import DEFAULT_GPU_WAIT_S, GPUsUnavailableError, actor_pool, add_gpu_flags
 
@@ -156,6 +160,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--answer-matching", default="exact", choices=list(ANSWER_MATCHING),
                         help="how '####' answers (gsm8k, spellingbee, arithmetic) match the reference: exact, "
                         "as nanochat (the default), or lenient (equal numbers: 42.0 = 42), not comparable with nanochat")
+    parser.add_argument("--humaneval-harness", default="nanochat", choices=list(HUMANEVAL_HARNESSES),
+                        help="the program a HumanEval answer runs in: nanochat's (the prompt's imports, the answer's "
+                        "code, the tests; the default), or lenient (the whole prompt first, so a bare function body "
+                        "passes), not comparable with nanochat")
     args = parser.parse_args(argv)
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     unknown = [name for name in names if name not in EVAL_TASKS]
@@ -191,15 +199,16 @@ def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> 
 
 
 def load_tasks(names: list[str], max_problems: int | None, require_sandbox: bool = False,
-               answer_matching: str = "exact") -> dict[str, Task]:
+               answer_matching: str = "exact", humaneval_harness: str = "nanochat") -> dict[str, Task]:
     """The test split of each named task, cut to its first max_problems problems; require_sandbox
-    goes to the tasks that run model-written code (HumanEval), answer_matching to those with a
-    "####" answer (FinalAnswerTask)."""
+    and humaneval_harness go to the task that runs model-written code (HumanEval), answer_matching
+    to those with a "####" answer (FinalAnswerTask)."""
     tasks = {}
     for name in names:
         options = dict(TASK_OPTIONS.get(name, {}))
         if name == "humaneval":
             options["require_sandbox"] = require_sandbox
+            options["harness"] = humaneval_harness
         if issubclass(TASKS[name], FinalAnswerTask):
             options["answer_matching"] = answer_matching
         task = get_task(name, EVAL_SPLIT, **options)
@@ -236,7 +245,8 @@ def main(argv=None) -> dict:
     if args.num_samples > 1 and args.temperature == 0:
         print("note: at --temperature 0 all samples of a problem are the same, so pass@k equals pass@1", flush=True)
 
-    tasks = load_tasks(args.tasks, args.max_problems, args.require_sandbox, args.answer_matching)
+    tasks = load_tasks(args.tasks, args.max_problems, args.require_sandbox, args.answer_matching,
+                       args.humaneval_harness)
     if not ray.is_initialized():
         ray.init()  # joins the cluster of `ray job submit`, or starts a local one
     started = time.time()

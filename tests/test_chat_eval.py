@@ -96,9 +96,9 @@ class CodeOnAnUnsandboxedHost(EvenLength):
     """A task that would run its answers as code, on a host where the sandbox misses a layer and
     its caller asked for all of them: it refuses, as HumanEval with require_sandbox does there."""
 
-    def __init__(self, require_sandbox: bool = False, **view):
+    def __init__(self, require_sandbox: bool = False, harness: str = "nanochat", **view):
         super().__init__(**view)
-        self.require_sandbox = require_sandbox
+        self.require_sandbox, self.harness = require_sandbox, harness
 
     def evaluate(self, conversation: dict, answer: str) -> bool:
         if self.require_sandbox:
@@ -319,6 +319,7 @@ def test_the_job_gives_the_answers_of_this_process_and_writes_them(ray_local, ti
     config = json.loads(out.splitlines()[0][len("chat_eval config: "):])
     assert config["model_tag"] == MODEL_TAG and config["step"] == 0 and config["temperature"] == 0.0
     assert config["answer_matching"] == "exact"  # nanochat's protocol unless asked otherwise
+    assert config["humaneval_harness"] == "nanochat"
     assert "ChatCORE: not computed, it needs all of arc-easy,arc-challenge,mmlu,gsm8k,humaneval" in out
 
     assert [results["tasks"][name]["passed"] for name in made_here] == [problems // 2, problems // 2]
@@ -365,6 +366,13 @@ def test_answer_matching_reaches_the_tasks_with_a_final_answer():
     answer = last_assistant_text(problem).rsplit("#### ", 1)[1]
     assert tasks["arithmetic"].evaluate(problem, f"#### {answer}.0") is True
     assert load_tasks(["arithmetic"], 2)["arithmetic"].evaluate(problem, f"#### {answer}.0") is False
+
+
+def test_humaneval_harness_reaches_humaneval_only(monkeypatch):
+    monkeypatch.setattr(ray_jobs.chat_eval, "get_task", lambda name, split, **options: options)
+    assert load_tasks(["humaneval"], None)["humaneval"]["harness"] == "nanochat"
+    options = load_tasks(["humaneval", "arithmetic"], None, humaneval_harness="lenient")
+    assert options["humaneval"]["harness"] == "lenient" and "harness" not in options["arithmetic"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -129,6 +129,19 @@ def test_the_report_card_says_how_gsm8k_answers_were_matched(tmp_path):
         "used by chat_eval (rl). SpellingBee and Arithmetic follow the same rule."]
 
 
+def test_the_report_card_says_which_humaneval_harness_ran(tmp_path):
+    report = Report(str(tmp_path))
+    # An eval without HumanEval records the flag's default but no HumanEval score: no line.
+    report.log_stage("chat_eval", source="sft", config={"tasks": ["gsm8k"], "humaneval_harness": "nanochat"},
+                     metrics={"GSM8K": 0.045})
+    assert "HumanEval harness" not in open(report.write_report()).read()
+    report.log_stage("chat_eval", source="rl", config={"tasks": ["humaneval"], "humaneval_harness": "lenient"},
+                     metrics={"HumanEval": 0.061})
+    lines = [line for line in open(report.write_report()).read().splitlines() if line.startswith("HumanEval harness")]
+    assert lines == ["HumanEval harness: lenient, not nanochat's (the whole prompt with its helpers, then the "
+                     "answer's code and the tests: a bare function body passes); used by chat_eval (rl)."]
+
+
 def test_rerun_of_a_stage_replaces_its_section(tmp_path):
     report = Report(str(tmp_path))
     report.log_stage("base_eval", source="base", metrics={"core": 0.10})

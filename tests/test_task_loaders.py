@@ -192,6 +192,20 @@ def check(candidate):
 '''
 
 
+# A prompt with a comment above its import and a helper function before the one to complete.
+HELPER_PROMPT = '''# doubling
+import math
+
+
+def twice(x):
+    return 2 * x
+
+
+def double_all(xs):
+    """ Double every number of xs. """
+'''
+
+
 def humaneval_table() -> pa.Table:
     return pa.table({"task_id": ["HumanEval/9"], "prompt": [HUMANEVAL_PROMPT],
                      "canonical_solution": [HUMANEVAL_SOLUTION], "test": [HUMANEVAL_TEST],
@@ -305,10 +319,11 @@ def test_mmlu_loaders_read_the_test_file_and_the_nested_auxiliary_file(hub):
     test = MMLU("test", base_url=hub.base_url)
     assert len(test) == 8 and test.eval_type == "categorical"
     by_question = {c["messages"][0]["content"].split("\n")[0]: c for c in test}
-    sodium = by_question["What is the chemical symbol for sodium?"]
+    sodium = by_question["Multiple Choice question: What is the chemical symbol for sodium?"]
+    # nanochat's layout (its tasks/common.py render_mc): each letter after its choice, after "=".
     assert sodium["messages"][0]["content"] == (
-        "What is the chemical symbol for sodium?\n\nA. Na\nB. S\nC. So\nD. Sd\n\n"
-        "Answer with the letter of the correct choice (A, B, C, D).")
+        "Multiple Choice question: What is the chemical symbol for sodium?\n- Na=A\n- S=B\n- So=C\n- Sd=D\n\n"
+        "Respond only with the letter of the correct answer.")
     assert sodium["messages"][1]["content"] == "A"
     assert sodium["letters"] == ["A", "B", "C", "D"] and sodium["subject"] == "high_school_chemistry"
     # The shuffle is fixed by the seed and is not the file order.
@@ -319,16 +334,23 @@ def test_mmlu_loaders_read_the_test_file_and_the_nested_auxiliary_file(hub):
 
     train = MMLU("train", base_url=hub.base_url, shuffle_seed=None)
     assert [c["messages"][1]["content"] for c in train] == ["C", "A"]
-    assert train[0]["messages"][0]["content"].startswith("The sky on a clear day is\n\nA. red\n")
+    assert train[0]["messages"][0]["content"].startswith("Multiple Choice question: The sky on a clear day is\n- red=A\n")
 
 
-def test_arc_loader_maps_numeric_labels_to_letters(hub):
+def test_arc_loader_keeps_each_question_s_own_labels_as_nanochat_does(hub):
     hub.publish("allenai/ai2_arc", "ARC-Challenge/test-00000-of-00001.parquet", arc_table())
     task = ARC("ARC-Challenge", "test", base_url=hub.base_url, shuffle_seed=None)
     assert len(task) == 4
-    assert [c["messages"][1]["content"] for c in task] == ["C", "B", "C", "A"]
-    assert [c["letters"] for c in task] == [list("ABCD"), list("ABCD"), list("ABC"), list("ABCDE")]
-    assert "A. ruler\nB. balance\nC. thermometer\nD. graduated cylinder" in task[1]["messages"][0]["content"]
+    assert [c["messages"][1]["content"] for c in task] == ["C", "2", "C", "A"]
+    assert [c["letters"] for c in task] == [list("ABCD"), list("1234"), list("ABC"), list("ABCDE")]
+    assert task[1]["messages"][0]["content"] == (
+        "Multiple Choice question: Which tool is best for measuring the mass of a rock?\n"
+        "- ruler=1\n- balance=2\n- thermometer=3\n- graduated cylinder=4\n\n"
+        "Respond only with the letter of the correct answer.")
+    # nanochat's verdicts: the answer key is right, any other label wrong (a letter the question
+    # does not show too).
+    assert task.evaluate(task[1], "2") is True
+    assert task.evaluate(task[1], "1") is False and task.evaluate(task[1], "B") is False
     with pytest.raises(ValueError, match="subset 'ARC-Hard' does not exist"):
         ARC("ARC-Hard", "test", base_url=hub.base_url)
 
@@ -370,7 +392,7 @@ def test_known_answer_key_gives_the_known_score(hub, dataset):
     else:
         hub.publish("allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet", arc_table())
         task = ARC("ARC-Easy", "test", base_url=hub.base_url)
-        key = ["C", "B", "C", "A"]
+        key = ["C", "2", "C", "A"]
     share_of_a = key.count("A") / len(key)
     assert 0 < share_of_a < 1
     assert accuracy(task, lambda c: c["messages"][-1]["content"]) == 1.0
@@ -401,23 +423,45 @@ def test_humaneval_scores_completions_by_running_the_tests(hub):
     assert len(task) == 1 and task.eval_type == "generative"
     problem = task[0]
     assert problem["entry_point"] == "running_max" and problem["task_id"] == "HumanEval/9"
-    # The reference answer passes, as a whole function in a fenced block and as a bare body.
+    assert task.harness == "nanochat"
+    # nanochat's verdicts (its tasks/humaneval.py: the prompt's imports, the answer's first ``` or
+    # ```python block or else the whole answer, stripped, then the tests): the reference answer and
+    # a whole function pass, the prompt's imports included (List is not imported by the answer).
     assert task.evaluate(problem, problem["messages"][1]["content"]) is True
-    fenced = ("Here is the function:\n```python\ndef running_max(numbers):\n    out = []\n"
-              "    for i in range(len(numbers)):\n        out.append(max(numbers[:i + 1]))\n"
+    fenced = ("Here is the function:\n```python\ndef running_max(numbers: List[int]) -> List[int]:\n"
+              "    out = []\n    for i in range(len(numbers)):\n        out.append(max(numbers[:i + 1]))\n"
               "    return out\n```\nIt keeps the running maximum.")
     assert task.evaluate(problem, fenced) is True
-    assert task.evaluate(problem, HUMANEVAL_SOLUTION) is True
+    # A bare body fails: the prompt's unfinished def is not in nanochat's program. So does a block
+    # fenced as ```py, which nanochat does not read as a block (the whole answer is run).
+    assert task.evaluate(problem, HUMANEVAL_SOLUTION) is False
+    assert task.evaluate(problem, fenced.replace("```python", "```py")) is False
     # Wrong answers fail: a wrong result, and code that does not run.
     wrong = "```python\ndef running_max(numbers: List[int]) -> List[int]:\n    return sorted(numbers)\n```"
     assert task.evaluate(problem, wrong) is False
     assert task.evaluate(problem, "I do not know.") is False
     assert task.reward(problem, wrong) == 0.0
+    # The lenient harness, an explicit option, runs the whole prompt first: the bare body and the
+    # ```py block pass there.
+    lenient = get_task("humaneval", "test", base_url=hub.base_url, harness="lenient")
+    assert lenient.evaluate(problem, HUMANEVAL_SOLUTION) is True
+    assert lenient.evaluate(problem, fenced.replace("```python", "```py")) is True
+    assert lenient.evaluate(problem, wrong) is False
+    # A prompt's helper function is not in nanochat's program, its imports are.
+    helper_problem = {"messages": [{"role": "user", "content": HELPER_PROMPT}], "entry_point": "double_all",
+                      "test": "def check(candidate):\n    assert candidate([1, 4]) == [2, 8]\n"}
+    uses_helper = "```python\ndef double_all(xs):\n    return [twice(x) for x in xs]\n```"
+    uses_import = "```python\ndef double_all(xs):\n    return [int(math.fsum([x, x])) for x in xs]\n```"
+    assert task.evaluate(helper_problem, uses_helper) is False
+    assert task.evaluate(helper_problem, uses_import) is True
+    assert lenient.evaluate(helper_problem, uses_helper) is True
+    with pytest.raises(ValueError, match="harness='loose': choose one of nanochat, lenient"):
+        get_task("humaneval", "test", base_url=hub.base_url, harness="loose")
     # require_sandbox: the answer runs only where every kernel layer of the sandbox holds.
     strict = get_task("humaneval", "test", base_url=hub.base_url, require_sandbox=True)
     missing = execute_code("pass").missing_layers
     if missing:
         with pytest.raises(SandboxUnavailableError, match=missing[0]):
-            strict.evaluate(problem, HUMANEVAL_SOLUTION)
+            strict.evaluate(problem, fenced)
     else:
-        assert strict.evaluate(problem, HUMANEVAL_SOLUTION) is True
+        assert strict.evaluate(problem, fenced) is True

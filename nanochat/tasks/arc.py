@@ -9,12 +9,13 @@ Source: the parquet files of the Hugging Face dataset allenai/ai2_arc,
 with the columns id (string), question (string), choices (struct of 'text' and 'label', two lists
 of strings) and answerKey (string, one of the labels).
 
-Most questions are labelled A-D, a few 1-4. We present every question with the letters A, B, C...
-in the given order and map the answer key to its letter, so that an evaluator always restricts
-the model to letters and a model never has to answer with a digit.
+Most questions are labelled A-D, a few 1-4 (and a few have 3 or 5 choices). As in nanochat, every
+question keeps its own labels: they are the letters the prompt shows after each choice
+(nanochat.tasks.common.render_multiple_choice), the answer is the answer key, and the evaluator
+restricts the model to them, so a question labelled 1-4 is answered with a digit.
 """
 
-from nanochat.tasks.common import CHOICE_LETTERS, HFParquetTask, MultipleChoiceTask, render_multiple_choice
+from nanochat.tasks.common import HFParquetTask, MultipleChoiceTask, render_multiple_choice
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -36,14 +37,13 @@ class ARC(HFParquetTask, MultipleChoiceTask):
 
     def conversation_from_row(self, row: dict) -> dict:
         labels, texts = row["choices"]["label"], row["choices"]["text"]
-        if row["answerKey"] not in labels or len(labels) > len(CHOICE_LETTERS):
+        if row["answerKey"] not in labels or len(set(labels)) != len(labels):
             raise ValueError(f"ARC question {row['id']} has answer key {row['answerKey']!r} and labels "
                              f"{labels}: the cached file is damaged; delete it to download it again")
-        letters = list(CHOICE_LETTERS[:len(labels)])
         return {
             "messages": [
-                {"role": "user", "content": render_multiple_choice(row["question"], letters, texts)},
-                {"role": "assistant", "content": letters[labels.index(row["answerKey"])]},
+                {"role": "user", "content": render_multiple_choice(row["question"], labels, texts)},
+                {"role": "assistant", "content": row["answerKey"]},
             ],
-            "letters": letters,
+            "letters": list(labels),
         }

@@ -10,6 +10,9 @@ annotation, and ends with the answer line:
     Maya now has 23+24 = <<23+24=47>>47 stamps.
     #### 47
 
+The tool output in an annotation is what the calculator answers (nanochat's format: a division
+gives a float, <<48/2=24.0>>24), so the model sees in training the output it gets at run time.
+
 The solution text then goes through the GSM8K conversion (nanochat.tasks.gsm8k), so the
 annotations become python tool calls exactly as for the real set, and scoring is GSM8K's.
 
@@ -24,6 +27,7 @@ import hashlib
 import itertools
 import random
 
+from nanochat.calculator import use_calculator
 from nanochat.tasks.common import FinalAnswerTask
 from nanochat.tasks.gsm8k import conversation_from_problem
 
@@ -41,8 +45,10 @@ EXPENSES = ("rent", "groceries", "a new bike", "books", "a concert ticket", "gif
 
 
 def _step(expression: str, value: int) -> str:
-    """One calculator step in GSM8K's notation: expression = <<expression=value>>value."""
-    return f"{expression} = <<{expression}={value}>>{value}"
+    """One calculator step in GSM8K's notation, expression = <<expression=output>>value, where the
+    output is the calculator's, as the engine forces it in at run time ("24.0" for 48/2, whose
+    value the text then writes as 24)."""
+    return f"{expression} = <<{expression}={use_calculator(expression)}>>{value}"
 
 
 def _packs(rng):

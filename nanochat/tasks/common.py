@@ -181,18 +181,23 @@ CHOICE_LETTERS = "ABCDEFGHIJ"
 
 
 def render_multiple_choice(question: str, letters, choices) -> str:
-    """The user message of a multiple-choice question.
+    """The user message of a multiple-choice question, in nanochat's layout (its render_mc):
 
-    Each choice starts its own line with its letter, so the letter is a token of its own, the same
-    token the assistant answers with (the tokenizer's pre-split keeps a letter at the start of a
-    line apart from what follows it, while " A" after a space would be a different token).
+        Multiple Choice question: <question>
+        - <choice>=<letter>
+        - <choice>=<letter>
+
+        Respond only with the letter of the correct answer.
+
+    The letter comes after its choice, and right after the "=" with no space, so that it is the
+    same token as the assistant's answer ("A", not " A"). The question and the choices are written
+    as the dataset has them, spaces included.
     """
     if len(letters) != len(choices):
         raise ValueError(f"{len(letters)} letters for {len(choices)} choices")
-    lines = [question.strip(), ""]
-    lines += [f"{letter}. {str(choice).strip()}" for letter, choice in zip(letters, choices)]
-    lines += ["", f"Answer with the letter of the correct choice ({', '.join(letters)})."]
-    return "\n".join(lines)
+    lines = [f"Multiple Choice question: {question}"]
+    lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices)]
+    return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
 
 
 class MultipleChoiceTask(Task):

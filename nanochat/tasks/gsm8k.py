@@ -14,7 +14,8 @@ Each solution marks its arithmetic with calculator annotations and ends with the
 We turn every <<expression=result>> into a python tool call and its output, the assistant parts
 the tokenizer renders as <|python_start|>48/2<|python_end|><|output_start|>24<|output_end|>. The
 model is trained to write the call (the calculator evaluates it at run time) and learns nothing
-from the output tokens, which the tool supplies. An answer is right when the text after its
+from the output tokens, which the tool supplies. The output is the annotation's, as in nanochat,
+so it can differ from what the calculator forces in at run time ("24" here, "24.0" there). An answer is right when the text after its
 "#### " equals the reference's, commas aside, as nanochat compares them ("#### 42.0" is wrong
 when the reference says 42); `answer_matching="lenient"` compares the numbers instead
 (nanochat.tasks.common.ANSWER_MATCHING). The RL reward uses the same rule.
