@@ -181,7 +181,7 @@ def _val_loss(model, val_batches, device: torch.device) -> float:
 def warm_start_optimizer(optimizer, state: dict) -> None:
     """Load a base run's optimizer state (its momentum buffers and Adam moments) into the SFT
     optimizer, keeping the SFT optimizer's own hyperparameters: the base run's learning rates have
-    decayed to almost nothing by its last step, and its momentum and weight decay are its own."""
+    decayed by its last step, and its momentum and weight decay are its own."""
     hyperparameters = [{key: value for key, value in group.items() if key != "params"}
                        for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
@@ -220,7 +220,8 @@ def train_loop_per_worker(config: dict) -> None:
     del base_state
     lrs = {name: cfg["lrs"][name] * args.init_lr_frac for name in INHERITED_LRS}
     optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
-    if base_optimizer_state is not None:
+    warm_started = base_optimizer_state is not None
+    if warm_started:
         warm_start_optimizer(optimizer, base_optimizer_state)
         del base_optimizer_state
     meta = restore_from_checkpoint(model, optimizer, device, cfg)
@@ -256,6 +257,8 @@ def train_loop_per_worker(config: dict) -> None:
         eval_now = step == 0 or last_step or (args.eval_every > 0 and step % args.eval_every == 0)
         save_now = last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0)
         record = {"step": step}
+        if step == 0:  # the run's first record says where its optimizer state came from
+            record["optimizer_from_base"] = warm_started
         if eval_now:
             model.eval()
             val_loss = _val_loss(model, val_batches, device)

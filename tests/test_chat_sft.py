@@ -1,8 +1,9 @@
 """Tests of supervised fine-tuning (ray_jobs/chat_sft.py) on a tiny base checkpoint.
 
-tests.tiny's random depth-2 GPT is saved as a base checkpoint whose meta records the base run's
-batch and learning rates, as base_train writes them; chat_sft trains it on the offline mixture
-through the session's local Ray:
+tests.tiny's random depth-2 GPT, after one optimizer step, is saved as a base checkpoint whose
+meta records the base run's batch and learning rates and which keeps its (1-rank) optimizer
+shard, as base_train writes them; chat_sft trains it on the offline mixture through the
+session's local Ray, its optimizer starting from that shard:
 
     straight   6 steps, checkpoints at steps 3 and 6
     resumed    the same run, but its worker dies at step 4 with no restarts allowed, so the run
@@ -54,39 +55,27 @@ BASE_META = {"user_config": {"device_batch_size": 2, "embedding_lr": 2.0, "unemb
              "horizon": {"total_batch_size": 2 * SEQ_LEN}}
 FLAGS = ["--model-tag", MODEL_TAG, "--mixture", "offline", "--num-iterations", str(STEPS), "--eval-every", "-1",
          "--eval-tokens", str(4 * SEQ_LEN), "--save-every", "3", "--compile", "off"]
-# The same base model with a one-rank optimizer shard, as base_train's export now keeps it.
-WARM_TAG = "sft_test_d2_optim"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    _, tokenizer = save_tiny_checkpoint("base", MODEL_TAG, str(tmp_path_factory.mktemp("sft_tok")),
-                                        sequence_len=SEQ_LEN, meta=BASE_META)
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def warm_base(tokenizer):
-    """WARM_TAG: the tiny base model with the optimizer state of one step, as a 1-rank shard."""
-    model_state, _, meta = load_checkpoint(checkpoint_dir("base", MODEL_TAG), 0, "cpu")
-    model = random_gpt(tokenizer.get_vocab_size(), sequence_len=SEQ_LEN)
-    model.load_state_dict(model_state)
-    optimizer = _stepped_optimizer(model)
-    base_dir = checkpoint_dir("base", WARM_TAG)
-    save_checkpoint(base_dir, 0, model.state_dict(), {k: meta[k] for k in ("model_config", *BASE_META)},
-                    optimizer_state=optimizer.state_dict(), tokenizer_dir=os.path.join(checkpoint_dir("base", MODEL_TAG),
-                                                                                       "tokenizer"))
-    return base_dir, optimizer
-
-
-def _stepped_optimizer(model):
-    """The model's MuonAdamW after one step on a random batch (so it holds momentum and moments)."""
-    optimizer = model.setup_optimizer(matrix_lr=0.01)
+def base(tmp_path_factory):
+    """(tokenizer, optimizer) of the base checkpoint: the tiny model after one step on a random
+    batch, saved with that step's optimizer state (momentum buffers and Adam moments)."""
+    tokenizer_dir = str(tmp_path_factory.mktemp("sft_tok"))
+    model, tokenizer = save_tiny_checkpoint("base", MODEL_TAG, tokenizer_dir, sequence_len=SEQ_LEN, meta=BASE_META)
+    optimizer = model.setup_optimizer(matrix_lr=0.01, embedding_lr=0.01, unembedding_lr=0.001, scalar_lr=0.01)
     x = torch.randint(0, model.config.vocab_size, (2, 16))
     model(x, x).backward()
     optimizer.step()
-    model.zero_grad(set_to_none=True)
-    return optimizer
+    save_checkpoint(checkpoint_dir("base", MODEL_TAG), 0, model.state_dict(),
+                    {"model_config": dataclasses.asdict(model.config), **BASE_META},
+                    optimizer_state=optimizer.state_dict(), tokenizer_dir=tokenizer_dir)
+    return tokenizer, optimizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base):
+    return base[0]
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +124,11 @@ def test_learning_rates_are_the_base_runs_flags_whatever_the_batch(tokenizer):
         assert "lr_batch_scale" not in cfg
 
 
-def test_sft_starts_from_the_base_optimizer_state_with_its_own_hyperparameters(warm_base, tokenizer):
-    base_dir, base_optimizer = warm_base
-    cfg, _ = resolve_config(parse_args([*FLAGS[2:], "--model-tag", WARM_TAG, "--use-gpu", "off"]))
-    assert cfg["warm_start_optimizer"]
-    assert not resolve_config(parse_args(FLAGS + ["--use-gpu", "off"]))[0]["warm_start_optimizer"]  # no shards
+def test_sft_starts_from_the_base_optimizer_state_with_its_own_hyperparameters(base, tokenizer):
+    _, base_optimizer = base
+    assert resolve_config(parse_args(FLAGS + ["--use-gpu", "off"]))[0]["warm_start_optimizer"]
+    assert not resolve_config(parse_args(FLAGS + ["--use-gpu", "off", "--load-optimizer", "0"]))[0][
+        "warm_start_optimizer"]
 
     model = random_gpt(tokenizer.get_vocab_size(), sequence_len=SEQ_LEN)
     optimizer = model.setup_optimizer(matrix_lr=0.3, embedding_lr=0.7)
@@ -147,7 +136,7 @@ def test_sft_starts_from_the_base_optimizer_state_with_its_own_hyperparameters(w
         if group["kind"] == "muon":
             group["momentum"] = 0.85
     fresh = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    warm_start_optimizer(optimizer, load_optimizer_shard(base_dir, 0, 0, "cpu"))
+    warm_start_optimizer(optimizer, load_optimizer_shard(checkpoint_dir("base", MODEL_TAG), 0, 0, "cpu"))
     assert [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups] == fresh
     saved = list(base_optimizer.state.values())
     loaded = list(optimizer.state.values())
@@ -217,6 +206,7 @@ def test_training_rows_target_only_assistant_tokens(tokenizer):
 def test_a_few_steps_lower_the_masked_loss_and_the_export_loads(straight, tokenizer):
     history = straight["history"]
     assert [r["step"] for r in history if "loss" in r] == list(range(1, STEPS + 1))
+    assert straight["config"]["warm_start_optimizer"] and history[0]["optimizer_from_base"]  # the worker loaded it
     # Muon's momentum rises from 0.85 by 0.1 / 300 a step (nanochat's SFT ramp)
     assert [r["muon_momentum"] for r in history if "loss" in r] == pytest.approx(
         [0.85 + 0.1 * step / 300 for step in range(STEPS)])
