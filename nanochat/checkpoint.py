@@ -476,21 +476,29 @@ def load_checkpoint(ckpt_dir: str, step: int, device: torch.device | str, load_o
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
         raise CheckpointError(f"{model_path} does not hold a state dict of tensors: it is not a nanochat "
                               "model checkpoint")
-    optimizer_state = None
-    if load_optimizer:
-        optim_path = _optim_path(ckpt_dir, step, rank)
-        if not os.path.isfile(optim_path):
-            raise CheckpointError(f"optimizer shard {optim_path} is missing: rank {rank} did not finish "
-                                  "saving this step (or the run used fewer ranks); resume from an earlier "
-                                  "step, with the same number of ranks, or without the optimizer state")
-        _verify_optimizer_shard(ckpt_dir, step, rank, meta)
-        try:
-            optimizer_state = torch.load(optim_path, map_location=device, weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(f"{optim_path} could not be loaded by torch.load ({exc}): the file is "
-                                  "corrupted; resume from an earlier step or without the optimizer "
-                                  "state") from exc
+    optimizer_state = _load_optimizer_shard(ckpt_dir, step, rank, device, meta) if load_optimizer else None
     return model_state, optimizer_state, meta
+
+
+def load_optimizer_shard(ckpt_dir: str, step: int, rank: int, device: torch.device | str) -> dict:
+    """Rank `rank`'s optimizer shard of one step, checked against its record, without the model."""
+    step = _check_step(step)
+    return _load_optimizer_shard(ckpt_dir, step, rank, device, _read_meta(ckpt_dir, step))
+
+
+def _load_optimizer_shard(ckpt_dir: str, step: int, rank: int, device: torch.device | str, meta: dict) -> dict:
+    optim_path = _optim_path(ckpt_dir, step, rank)
+    if not os.path.isfile(optim_path):
+        raise CheckpointError(f"optimizer shard {optim_path} is missing: rank {rank} did not finish "
+                              "saving this step (or the run used fewer ranks); resume from an earlier "
+                              "step, with the same number of ranks, or without the optimizer state")
+    _verify_optimizer_shard(ckpt_dir, step, rank, meta)
+    try:
+        return torch.load(optim_path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{optim_path} could not be loaded by torch.load ({exc}): the file is "
+                              "corrupted; resume from an earlier step or without the optimizer "
+                              "state") from exc
 
 
 def build_model(ckpt_dir: str, step: int, device: torch.device | str,

@@ -2,7 +2,7 @@
 group of completions, group-mean advantages, the batch the learner trains on, the policy-gradient
 loss and pass@k. ray_jobs.chat_rl runs them on rollout actors and Ray Train workers.
 
-The recipe is the seed's on-policy, REINFORCE-like "GRPO":
+The recipe is nanochat's on-policy, REINFORCE-like "GRPO":
 
 - a prompt's `num_samples` completions form a group; the advantage of a completion is its reward
   minus the mean reward of its group (no division by the standard deviation). A group whose
@@ -10,8 +10,15 @@ The recipe is the seed's on-policy, REINFORCE-like "GRPO":
 - the objective is sum over sampled tokens of advantage * log p(token), with no KL term, no PPO
   ratio and no clipping: every rollout comes from the current weights, so there is no old policy
   to stay close to;
-- token-level normalisation: the sum is divided by the number of sampled tokens of the whole step
-  (all groups, all ranks), so every token weighs the same however long its completion is.
+- nanochat's normalisation, token-level within a pass: a group's completions are taken
+  `samples_per_pass` at a time (nanochat's device batch of 8, one forward/backward there), each
+  pass's sum is divided by that pass's sampled tokens, and the step's objective is the mean over
+  all passes of all prompts (divided by passes per group x prompts per step). So a token weighs
+  more in a pass of short completions than in one of long ones, and every prompt weighs the same.
+  (The seed divided the step's whole sum by all its sampled tokens instead, which weighs every
+  token alike and a prompt by how long its completions are.) The weight of each completion,
+  advantage / (its pass's tokens x passes x prompts), is computed up front, so the learner may
+  batch completions across passes and groups and leave out those with advantage 0.
 
 Only tokens the model chose count: the prompt and the python tool's forced output have mask 0
 (nanochat.engine) and get target -1, which the model's cross-entropy ignores.
@@ -50,27 +57,41 @@ def group_advantages(rewards: list[float]) -> list[float]:
     return [reward - mean for reward in rewards]
 
 
-def trained_tokens(groups: list[dict]) -> int:
-    """How many tokens of these groups the loss counts: the sampled ones that are predicted (every
-    masked-in position but the first of a sequence, which nothing predicts)."""
-    return sum(sum(mask[1:]) for group in groups for mask in group["masks"])
+def trained_tokens(masks: list[list[int]]) -> int:
+    """How many tokens of these completions the loss counts: the sampled ones that are predicted
+    (every masked-in position but the first of a sequence, which nothing predicts)."""
+    return sum(sum(mask[1:]) for mask in masks)
 
 
-def rollout_rows(groups: list[dict], skip_zero_advantage: bool = True) -> list[tuple[list[int], list[int], float]]:
-    """(tokens, mask, advantage) per completion of `groups`. Rows whose advantage is exactly 0 add
-    nothing to the gradient; with skip_zero_advantage they are left out (a group that all failed or
-    all passed costs no forward pass)."""
+def rollout_rows(groups: list[dict], samples_per_pass: int, prompts_per_rank: float,
+                 skip_zero_advantage: bool = True) -> list[tuple[list[int], list[int], float]]:
+    """(tokens, mask, weight) per completion of `groups`: weight = advantage / (trained tokens of
+    its pass, at least 1, x passes per group x `prompts_per_rank`), a pass being `samples_per_pass`
+    consecutive completions of a group (the module docstring). `prompts_per_rank` is the step's
+    prompts over the world size, since the optimizer averages the ranks' gradients. Rows whose
+    advantage is exactly 0 add nothing to the gradient; with skip_zero_advantage they are left out
+    (a group that all failed or all passed costs no forward pass), but their tokens still count in
+    their pass."""
+    if samples_per_pass < 1 or prompts_per_rank <= 0:
+        raise ValueError(f"samples_per_pass ({samples_per_pass}) and prompts_per_rank ({prompts_per_rank}) "
+                         "must be positive")
     rows = []
     for group in groups:
-        for sequence, mask, advantage in zip(group["sequences"], group["masks"], group_advantages(group["rewards"])):
-            if advantage != 0.0 or not skip_zero_advantage:
-                rows.append((sequence, mask, advantage))
+        advantages = group_advantages(group["rewards"])
+        num_passes = -(-len(advantages) // samples_per_pass)
+        for start in range(0, len(advantages), samples_per_pass):
+            window = slice(start, start + samples_per_pass)
+            scale = max(trained_tokens(group["masks"][window]), 1) * num_passes * prompts_per_rank
+            for sequence, mask, advantage in zip(group["sequences"][window], group["masks"][window],
+                                                 advantages[window]):
+                if advantage != 0.0 or not skip_zero_advantage:
+                    rows.append((sequence, mask, advantage / scale))
     return rows
 
 
 def rows_to_batch(rows: list[tuple[list[int], list[int], float]], pad_id: int,
                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(inputs, targets, advantages) of rows padded to the longest: inputs = tokens[:-1],
+    """(inputs, targets, weights) of rows padded to the longest: inputs = tokens[:-1],
     targets = tokens[1:] with -1 wherever the mask is 0 (prompt, tool output, padding)."""
     if not rows:
         raise ValueError("rows_to_batch needs at least one row")
@@ -84,19 +105,16 @@ def rows_to_batch(rows: list[tuple[list[int], list[int], float]], pad_id: int,
         mask[i, :len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
     inputs = ids[:, :-1]
     targets = ids[:, 1:].masked_fill(~mask[:, 1:], -1)
-    advantages = torch.tensor([advantage for _, _, advantage in rows], dtype=torch.float32)
-    return inputs.to(device), targets.to(device), advantages.to(device)
+    weights = torch.tensor([weight for _, _, weight in rows], dtype=torch.float32)
+    return inputs.to(device), targets.to(device), weights.to(device)
 
 
-def policy_gradient_loss(model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
-                         normalizer: float) -> torch.Tensor:
-    """-sum(advantage * log p(target)) over the counted tokens, divided by `normalizer` (the
-    step's token count, times the world size when the optimizer averages gradients over ranks)."""
-    if normalizer <= 0:
-        raise ValueError(f"normalizer={normalizer} must be positive (the number of trained tokens)")
+def policy_gradient_loss(model, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """-sum(weight * log p(target)) over the counted tokens, a row's weight being its normalised
+    advantage (rollout_rows)."""
     # The model's cross-entropy is -log p, and 0 at ignored targets (-1).
     logp = -model(inputs, targets, loss_reduction="none").view_as(inputs)
-    return -(logp * advantages.unsqueeze(-1)).sum() / normalizer
+    return -(logp * weights.unsqueeze(-1)).sum()
 
 
 def pass_at_k(groups: list[dict]) -> dict:

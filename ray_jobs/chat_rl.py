@@ -2,8 +2,10 @@
 
     ray job submit --working-dir . -- python -m ray_jobs.chat_rl --model-tag d20 --task gsm8k
 
-The recipe (nanochat.rl) is the seed's on-policy "GRPO": rewards minus the group mean as
-advantages, no KL, no ratio, no clip, token-level normalisation. The way it runs:
+The recipe (nanochat.rl) is nanochat's on-policy "GRPO": rewards minus the group mean as
+advantages, no KL, no ratio, no clip, and nanochat's normalisation: each pass of
+--device-batch-size completions of a prompt is divided by its own sampled tokens, then by passes
+x prompts. The way it runs:
 
     learner rank 0 --publish(weights, version)--> object store --load--> RolloutWorker actors
                    (or, --weight-sync collective)--> broadcast over a group of their own (NCCL / gloo)
@@ -73,8 +75,7 @@ from nanochat.common import get_base_dir, print0
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import Report
-from nanochat.rl import (group_seed, pass_at_k, policy_gradient_loss, rollout_rows, rows_to_batch, sample_group,
-                         trained_tokens)
+from nanochat.rl import group_seed, pass_at_k, policy_gradient_loss, rollout_rows, rows_to_batch, sample_group
 from nanochat.tasks import get_task
 from nanochat.tasks.common import DatasetDownloadError
 from nanochat.tokenizer import Tokenizer
@@ -581,24 +582,22 @@ def train_loop_per_worker(config: dict) -> None:
                          "rollout_tokens_per_second": generated / rollout_s,
                          "version_lag": max(fleet.version - group["version"] for group in groups),
                          **{key: fleet.stats[key] - before[key] for key in ("stale_rejected", "replaced")}}
-                payload = [{"shares": [groups[r::world] for r in range(world)], "tokens": trained_tokens(groups),
-                            "stats": stats}]
+                payload = [{"shares": [groups[r::world] for r in range(world)], "stats": stats}]
             if world > 1:
                 dist.broadcast_object_list(payload, src=0, group=share_group)
-            my_groups, total_tokens, stats = payload[0]["shares"][rank], payload[0]["tokens"], payload[0]["stats"]
+            my_groups, stats = payload[0]["shares"][rank], payload[0]["stats"]
 
             # --- the policy-gradient step
             t0 = time.perf_counter()
             lrm = 1.0 - step / num_steps
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
-            rows = rollout_rows(my_groups)
+            # nanochat's passes of --device-batch-size completions; the optimizer averages over ranks
+            rows = rollout_rows(my_groups, args.device_batch_size, args.examples_per_step / world)
             loss_sum = 0.0
-            # The optimizer averages gradients over ranks, so each rank scales its sum by the world size.
-            normalizer = max(total_tokens, 1) / world
             for start in range(0, len(rows), args.device_batch_size):
-                inputs, targets, advantages = rows_to_batch(rows[start:start + args.device_batch_size], pad_id, device)
-                loss = policy_gradient_loss(model, inputs, targets, advantages, normalizer)
+                inputs, targets, weights = rows_to_batch(rows[start:start + args.device_batch_size], pad_id, device)
+                loss = policy_gradient_loss(model, inputs, targets, weights)
                 loss.backward()
                 loss_sum += float(loss.detach())
             optimizer.step()
@@ -649,7 +648,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50, help="0 = the whole vocabulary")
-    p.add_argument("--device-batch-size", type=int, default=8, help="completions per forward/backward of the learner")
+    p.add_argument("--device-batch-size", type=int, default=8,
+                   help="completions per forward/backward of the learner, and nanochat's pass: the loss divides each "
+                        "pass of this many completions of a prompt by its own sampled tokens")
     p.add_argument("--embedding-lr", type=float, default=0.2)
     p.add_argument("--unembedding-lr", type=float, default=0.004)
     p.add_argument("--matrix-lr", type=float, default=0.02)

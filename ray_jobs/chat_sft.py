@@ -5,17 +5,24 @@
 Each worker loads the base weights, renders its share of a task mixture into (ids, mask) with
 the checkpoint's tokenizer (mask 1 only on what the assistant writes), packs the conversations
 into rows best-fit without cropping (padding masked out: nanochat.chat_packing), and trains with
-the distributed MuonAdamW. Batch size and learning rates default to the base run's (so a tiny
-base model is fine-tuned at the rates it was trained at), the rates start at --init-lr-frac of
-them and decay to zero over the last --warmdown-ratio of the steps. It shares base_train's
+the distributed MuonAdamW. The recipe is nanochat's: batch size and learning rates default to
+the base run's flags (its base rates, without base_train's sqrt(batch / 2**19) scaling: a tiny
+base model is fine-tuned at the rates it was given), the rates start at --init-lr-frac of them
+and decay to zero over the last --warmdown-ratio of the steps, Muon's momentum rises from 0.85 to
+0.95 over the first 300 steps, and the optimizer starts from the base run's state (momentum
+buffers and Adam moments; --load-optimizer) when the base checkpoint has its shards for this
+many workers, else fresh with a line that says why. It shares base_train's
 machinery (ray_jobs.train_common): checkpoints through ray.train.report, --resume, failure
 restarts, metrics gauges and the one-line-per-step progress. Validation loss (mean cross-entropy
 per assistant token of the mixture's validation split, packed once on the driver) is measured
 every --eval-every steps. The final model goes to <base>/chatsft_checkpoints/<model_tag>/ and the
 stage is recorded in the report card.
 
-`--mixture real` is the seed's mixture (SmolTalk, MMLU auxiliary train, GSM8K, SpellingBee,
-identity); `--mixture offline` needs no network (arithmetic word problems, SpellingBee, identity).
+`--mixture real` is nanochat's (SmolTalk, the MMLU auxiliary train set 3 times, GSM8K 4 times;
+validated on SmolTalk's test split, the first 5200 MMLU test questions and the first 420 GSM8K
+test problems); `--mixture seed` is the seed's own (SmolTalk, MMLU once, GSM8K twice, 80K
+SpellingBee words, identity twice), which also teaches spelling and who the model is;
+`--mixture offline` needs no network (arithmetic word problems, SpellingBee, identity).
 A resumed or restarted run replays the (deterministic) stream of its rank up to the checkpoint's
 step, so it sees the same batches an uninterrupted run would.
 """
@@ -38,7 +45,7 @@ from nanochat.common import get_base_dir, print0
 from nanochat.report import Report
 from nanochat.tasks import TaskMixture, get_task
 from nanochat.tokenizer import Tokenizer
-from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier
+from nanochat.training import lr_multiplier, muon_momentum
 from ray_jobs.gpus import resolve_use_gpu
 from ray_jobs.train_common import (Checkpointer, ProgressLine, Stopwatch, TrainMetrics, add_run_flags, all_reduce,
                                    build_model, device_peak_flops, export_final_model, fit_trainer,
@@ -53,6 +60,10 @@ MIXTURES = {
         "val": [("arithmetic", "test", {"size": 200}, 1), ("spellingbee", "test", {"size": 200}, 1)],
     },
     "real": {
+        "train": [("smoltalk", "train", {}, 1), ("mmlu", "train", {}, 3), ("gsm8k", "train", {}, 4)],
+        "val": [("smoltalk", "test", {}, 1), ("mmlu", "test", {"stop": 5200}, 1), ("gsm8k", "test", {"stop": 420}, 1)],
+    },
+    "seed": {
         "train": [("smoltalk", "train", {}, 1), ("mmlu", "train", {}, 1), ("gsm8k", "train", {}, 2),
                   ("spellingbee", "train", {"size": 80000}, 1), ("identity", "train", {}, 2)],
         "val": [("smoltalk", "test", {}, 1), ("mmlu", "test", {"stop": 2000}, 1), ("gsm8k", "test", {"stop": 500}, 1)],
@@ -60,6 +71,9 @@ MIXTURES = {
 }
 # The learning rates a flag left at None takes from the base run (its meta's user_config).
 INHERITED_LRS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
+# Muon's momentum during SFT: from 0.85 (training.muon_momentum's start) to this over these steps.
+SFT_MUON_MOMENTUM = 0.95
+SFT_MUON_MOMENTUM_WARMUP_STEPS = 300
 
 
 def build_mixture(name: str, split: str) -> TaskMixture:
@@ -83,14 +97,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=-1, help="rows per worker per micro-step; -1 = base run's")
     p.add_argument("--total-batch-size", type=int, default=-1,
                    help="tokens per step (a multiple of rows x row length x workers); -1 = base run's")
-    # optimisation (None = the base run's value; like base_train, the rates are scaled by
-    # sqrt(total batch / 2**19), and the AdamW ones by 1/sqrt(width / 768) in setup_optimizer)
+    # optimisation (None = the base run's flag, unscaled by the batch as in nanochat; the AdamW
+    # rates are scaled by 1/sqrt(width / 768) in setup_optimizer)
     p.add_argument("--embedding-lr", type=float, default=None)
     p.add_argument("--unembedding-lr", type=float, default=None)
     p.add_argument("--matrix-lr", type=float, default=None)
     p.add_argument("--scalar-lr", type=float, default=None)
     p.add_argument("--init-lr-frac", type=float, default=0.8, help="start at this fraction of the learning rates")
     p.add_argument("--warmdown-ratio", type=float, default=0.5, help="share of the steps that decay the LR to 0")
+    p.add_argument("--load-optimizer", type=int, choices=[0, 1], default=1,
+                   help="1: start from the base checkpoint's optimizer state (momentum buffers, Adam moments) "
+                        "when it has one for this many workers; 0: a fresh optimizer")
     p.add_argument("--seed", type=int, default=42)
     # evaluation
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1 = only at the end)")
@@ -161,6 +178,35 @@ def _val_loss(model, val_batches, device: torch.device) -> float:
     return float(total[0] / total[1].clamp(min=1))
 
 
+def warm_start_optimizer(optimizer, state: dict) -> None:
+    """Load a base run's optimizer state (its momentum buffers and Adam moments) into the SFT
+    optimizer, keeping the SFT optimizer's own hyperparameters: the base run's learning rates have
+    decayed by its last step, and its momentum and weight decay are its own."""
+    hyperparameters = [{key: value for key, value in group.items() if key != "params"}
+                       for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, hyperparameters):
+        group.update(own)
+
+
+def optimizer_warm_start(base_meta: dict, load_optimizer: bool, num_workers: int) -> tuple[bool, str]:
+    """(whether the workers load the base checkpoint's optimizer shards, the line that says so).
+    The shards fit only as many workers as saved them (DistMuonAdamW shards its state per rank)."""
+    shards = base_meta.get("optimizer_shards", 0)
+    if not load_optimizer:
+        return False, "optimizer: fresh (--load-optimizer 0)"
+    if shards == 0:
+        return False, ("WARNING optimizer: fresh, because the base checkpoint has no optimizer shards (a model "
+                       "imported without them, or exported before base_train kept them); nanochat finds SFT "
+                       "slightly worse that way")
+    if shards != num_workers:
+        return False, (f"WARNING optimizer: fresh, because the base checkpoint's optimizer state is sharded over "
+                       f"{shards} rank(s) and this run has {num_workers} worker(s); run with --num-workers "
+                       f"{shards} to start from it")
+    return True, (f"optimizer: starts from the base checkpoint's state ({shards} shard(s): momentum buffers and "
+                  "Adam moments), with SFT's learning rates, momentum and weight decay")
+
+
 def train_loop_per_worker(config: dict) -> None:
     cfg, refs = config["cfg"], config["refs"]
     args = argparse.Namespace(**cfg["args"])
@@ -168,11 +214,16 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_float32_matmul_precision("high")
 
     model = build_model(cfg["model_config"], device, seed=args.seed)
-    base_state, _, _ = load_checkpoint(cfg["base_checkpoint_dir"], cfg["base_step"], device)
+    base_state, base_optimizer_state, _ = load_checkpoint(cfg["base_checkpoint_dir"], cfg["base_step"], device,
+                                                          load_optimizer=cfg["warm_start_optimizer"], rank=rank)
     model.load_state_dict(base_state)
     del base_state
-    lrs = {name: cfg["lrs"][name] * cfg["lr_batch_scale"] * args.init_lr_frac for name in INHERITED_LRS}
+    lrs = {name: cfg["lrs"][name] * args.init_lr_frac for name in INHERITED_LRS}
     optimizer = model.setup_optimizer(**lrs, weight_decay=0.0)
+    warm_started = base_optimizer_state is not None
+    if warm_started:
+        warm_start_optimizer(optimizer, base_optimizer_state)
+        del base_optimizer_state
     meta = restore_from_checkpoint(model, optimizer, device, cfg)
     start_step = meta["step"] if meta else 0
     history = meta["history"] if meta else []  # every record of the run so far (rank 0 keeps it)
@@ -206,6 +257,8 @@ def train_loop_per_worker(config: dict) -> None:
         eval_now = step == 0 or last_step or (args.eval_every > 0 and step % args.eval_every == 0)
         save_now = last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0)
         record = {"step": step}
+        if step == 0:  # the run's first record says where its optimizer state came from
+            record["optimizer_from_base"] = warm_started
         if eval_now:
             model.eval()
             val_loss = _val_loss(model, val_batches, device)
@@ -229,8 +282,11 @@ def train_loop_per_worker(config: dict) -> None:
             checkpointer.crash_after_stored(cfg, rank, world)
         t0 = time.perf_counter()
         lrm = lr_multiplier(step, num_steps, 0.0, args.warmdown_ratio, 0.0)
+        momentum = muon_momentum(step, warmup_steps=SFT_MUON_MOMENTUM_WARMUP_STEPS, peak=SFT_MUON_MOMENTUM)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = momentum
         loss_sum = torch.zeros((), device=device)
         tokens = 0
         for _ in range(grad_accum):
@@ -247,7 +303,8 @@ def train_loop_per_worker(config: dict) -> None:
         tokens_per_second = cfg["total_batch_size"] / dt
         waited = data_wait.take()
         mfu = flops_per_token * tokens_per_second / (peak * world) if peak > 0 else None
-        record = {"step": step + 1, "loss": train_loss, "lr_multiplier": lrm, "tokens_per_second": tokens_per_second,
+        record = {"step": step + 1, "loss": train_loss, "lr_multiplier": lrm, "muon_momentum": momentum,
+                  "tokens_per_second": tokens_per_second,
                   "assistant_tokens": tokens, "step_seconds": dt, "data_wait_seconds": waited, "time": time.time()}
         if mfu is not None:
             record["mfu"] = mfu
@@ -281,6 +338,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise ValueError(f"--total-batch-size {total_batch_size} is not a multiple of {device_batch_size} rows x "
                          f"{seq_len} tokens x {args.num_workers} workers = {rows_per_micro_step * seq_len}")
     grad_accum_steps = total_batch_size // (rows_per_micro_step * seq_len)
+    warm_start, warm_start_note = optimizer_warm_start(meta, bool(args.load_optimizer), args.num_workers)
+    print0(warm_start_note)
     lrs = {name: getattr(args, name) if getattr(args, name) is not None else base_args.get(name)
            for name in INHERITED_LRS}
     missing = [name for name, value in lrs.items() if value is None]
@@ -316,8 +375,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
            "model_config": model_config, "tokenizer_dir": tokenizer_dir, "row_len": row_len,
            "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
            "grad_accum_steps": grad_accum_steps, "num_iterations": num_iterations, "lrs": lrs,
-           "lr_batch_scale": math.sqrt(total_batch_size / REFERENCE_BATCH_TOKENS), "val_batches": val_batches,
-           "use_gpu": use_gpu}
+           "warm_start_optimizer": warm_start, "val_batches": val_batches, "use_gpu": use_gpu}
     return cfg, val_rows
 
 

@@ -51,7 +51,13 @@ TINY_BASE_TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "
                    "--num-iterations", "300", "--matrix-lr", "0.2", "--embedding-lr", "2", "--unembedding-lr", "0.04",
                    "--scalar-lr", "5", "--eval-every", "50", "--eval-tokens", "32768", "--sample-every", "-1",
                    "--source", "sample", "--num-workers", "2"]
-TINY_CHAT_SFT = ["--mixture", "offline", "--total-batch-size", "2048", "--eval-every", "100", "--eval-tokens", "32768"]
+# SFT's learning rates default to the base run's flags as given (nanochat's rule). The tiny base
+# run's flags are far above 2**19-token rates (base_train scales them by sqrt(4096 / 2**19)), so
+# the tiny SFT passes the rates it was tuned with: the flags x sqrt(2048 / 2**19) = 1/16. It runs
+# on base_train's 2 workers (4 rows each) so that its optimizer starts from the base run's shards.
+TINY_CHAT_SFT = ["--mixture", "offline", "--total-batch-size", "2048", "--eval-every", "100", "--eval-tokens", "32768",
+                 "--matrix-lr", "0.0125", "--embedding-lr", "0.125", "--unembedding-lr", "0.0025", "--scalar-lr", "0.3125",
+                 "--num-workers", "2", "--device-batch-size", "4"]
 TINY_CHAT_EVAL = ["--tasks", "arithmetic,spellingbee", "--max-problems", "100", "--max-new-tokens", "256"]
 TINY_CHAT_RL = ["--task", "arithmetic", "--num-steps", "20", "--examples-per-step", "8", "--num-samples", "16",
                 "--max-new-tokens", "128", "--eval-every", "10", "--eval-examples", "64", "--eval-k", "4",

@@ -39,8 +39,8 @@ from ray.train.torch import TorchTrainer
 from ray.util import metrics as ray_metrics
 
 from nanochat.checkpoint import (RESERVED_META_KEYS, CheckpointError, check_step_files, checkpoint_dir,
-                                 find_last_step, load_checkpoint, optimizer_shard_rank, save_checkpoint,
-                                 verify_model_file)
+                                 find_last_step, load_checkpoint, load_optimizer_shard, optimizer_shard_rank,
+                                 save_checkpoint, verify_model_file)
 from nanochat.common import peak_flops, print0
 from nanochat.gpt import GPT, GPTConfig
 from ray_jobs.gpus import GPUsUnavailableError, add_gpu_flags, reserve_gpus
@@ -494,13 +494,23 @@ def node_checkpoint_folder(filesystem: pyarrow.fs.FileSystem, storage_dir: str, 
 def export_final_model(result: ray.train.Result, cfg: dict) -> str:
     """Copy a run's final checkpoint into <base>/<phase dir>/<model_tag>/ (nanochat.checkpoint's
     layout, phase cfg['phase'], 'base' by default), where the later stages look for it; returns
-    that folder. The optimizer shards stay in the run's storage: later stages start their own."""
+    that folder. A base model keeps every rank's optimizer shard, as nanochat's base_train does:
+    chat_sft warm-starts its optimizer from them (--load-optimizer). SFT and RL models leave
+    theirs in the run's storage, since no later stage reads them."""
+    phase = cfg.get("phase", "base")
+    target = checkpoint_dir(phase, cfg["model_tag"])
     with result.checkpoint.as_directory() as folder:
         step = find_last_step(folder)
         model_state, _, meta = load_checkpoint(folder, step, "cpu")
-    target = checkpoint_dir(cfg.get("phase", "base"), cfg["model_tag"])
-    keep = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS}
-    save_checkpoint(target, step, model_state, keep, tokenizer_dir=cfg["tokenizer_dir"])
+        keep = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS}
+        shards = meta.get("optimizer_shards", 0) if phase == "base" else 0
+        # Rank 0 last: its save writes the meta, which makes the step visible with all its shards.
+        for rank in reversed(range(shards)):
+            save_checkpoint(target, step, model_state if rank == 0 else None, keep if rank == 0 else None,
+                            optimizer_state=load_optimizer_shard(folder, step, rank, "cpu"), rank=rank,
+                            tokenizer_dir=cfg["tokenizer_dir"], world_size=shards)
+    if not shards:
+        save_checkpoint(target, step, model_state, keep, tokenizer_dir=cfg["tokenizer_dir"])
     return target
 
 

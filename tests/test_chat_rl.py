@@ -2,8 +2,10 @@
 whole job (ray_jobs/chat_rl.py) with a tiny model.
 
 - pure: advantages are rewards minus the group mean; the batch masks the prompt, the tool output
-  and the padding with -1; the loss is the token-normalised policy gradient, and a step on it makes
-  a rewarded completion likelier; a fixed test policy (answers scripted per sample) is scored by
+  and the padding with -1; each completion's weight is nanochat's normalisation (advantage over
+  its pass's tokens x passes x prompts), checked against a hand-computed example on which the
+  seed's whole-step token normalisation gives other weights; the loss is the weighted policy
+  gradient, and a step on it makes a rewarded completion likelier; a fixed test policy (answers scripted per sample) is scored by
   the arithmetic task's reward, right and wrong answers as they should be.
 - cluster: `ray.cluster_utils.Cluster` with three 1-CPU nodes on this machine. The cluster needs a
   driver of its own and this process may already be connected to the session's `ray_local`, so
@@ -102,31 +104,56 @@ def test_batch_masks_prompt_tool_output_and_padding_and_skips_groups_that_teach_
     # prompt [5, 6]; the first completion has a forced tool output token (8, mask 0) in the middle
     groups = [{"sequences": [[5, 6, 7, 8, 9], [5, 6, 9]], "masks": [[0, 0, 1, 0, 1], [0, 0, 1]], "rewards": [1.0, 0.0]},
               {"sequences": [[5, 1, 2]], "masks": [[0, 1, 0]], "rewards": [1.0]}]  # one sample: advantage 0
-    rows = rollout_rows(groups)
-    assert [advantage for _, _, advantage in rows] == [0.5, -0.5]
-    assert len(rollout_rows(groups, skip_zero_advantage=False)) == 3
-    inputs, targets, advantages = rows_to_batch(rows, pad_id=99)
+    rows = rollout_rows(groups, samples_per_pass=8, prompts_per_rank=1)
+    # one pass per group: advantage / (the pass's 3 trained tokens x 1 pass x 1 prompt)
+    assert [weight for _, _, weight in rows] == [0.5 / 3, -0.5 / 3]
+    assert len(rollout_rows(groups, 8, 1, skip_zero_advantage=False)) == 3
+    inputs, targets, weights = rows_to_batch(rows, pad_id=99)
     assert inputs.tolist() == [[5, 6, 7, 8], [5, 6, 9, 99]]
     # target t is token t+1, kept only where that token was sampled; the short row's padding is -1
     assert targets.tolist() == [[-1, 7, -1, 9], [-1, 9, -1, -1]]
-    assert advantages.tolist() == [0.5, -0.5]
-    # the step's token count covers every group, also those whose rows are skipped
-    assert trained_tokens(groups) == 2 + 1 + 1
+    assert weights.tolist() == pytest.approx([0.5 / 3, -0.5 / 3])
+    assert trained_tokens(groups[0]["masks"]) == 2 + 1
+
+
+def _completion(trained: int) -> tuple[list[int], list[int]]:
+    """A prompt of 2 tokens and `trained` sampled ones: (tokens, mask)."""
+    return [1, 2] + [3] * trained, [0, 0] + [1] * trained
+
+
+def test_each_pass_is_normalised_by_its_own_tokens_then_by_passes_and_prompts():
+    # One prompt, 4 completions of 1, 3, 6 and 2 sampled tokens, rewards 1, 0, 0, 1 (advantages
+    # +-0.5), 2 completions per pass, and a second prompt whose completions all failed.
+    sequences, masks = zip(*(_completion(n) for n in (1, 3, 6, 2)))
+    group = {"sequences": list(sequences), "masks": list(masks), "rewards": [1.0, 0.0, 0.0, 1.0]}
+    failed = {"sequences": list(sequences), "masks": list(masks), "rewards": [0.0] * 4}
+    rows = rollout_rows([group, failed], samples_per_pass=2, prompts_per_rank=2)
+    # pass 1 has 1 + 3 = 4 tokens, pass 2 has 6 + 2 = 8; 2 passes per prompt, 2 prompts:
+    # weights 0.5 / (4 * 2 * 2) = 1/32 and 0.5 / (8 * 2 * 2) = 1/64
+    assert [weight for _, _, weight in rows] == [1 / 32, -1 / 32, -1 / 64, 1 / 64]
+    # The seed's rule, the step's sum over all its 2 x 12 sampled tokens, would weigh them all alike:
+    # 0.5 / 24 = 1/48. Here the short pass's tokens weigh twice the long pass's.
+    assert 1 / 48 not in [abs(weight) for _, _, weight in rows]
+    # Two ranks, each with one of the prompts (prompts_per_rank 1), sum after the optimizer's
+    # average over ranks to the same gradient: each rank's weights are twice the single rank's.
+    assert [w for _, _, w in rollout_rows([group], 2, 1)] == [2 * w for _, _, w in rows]
+    # a pass is at most samples_per_pass completions: with 4 per pass, one pass of 12 tokens
+    assert [w for _, _, w in rollout_rows([group], 4, 1)] == [0.5 / 12, -0.5 / 12, -0.5 / 12, 0.5 / 12]
 
 
 def test_loss_is_the_token_normalised_policy_gradient_and_a_step_favours_the_rewarded_completion():
     model = random_gpt(64, sequence_len=16, seed=1).train()
-    rows = [([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], 1.0), ([1, 2, 6, 7], [0, 0, 1, 1], -1.0)]
-    inputs, targets, advantages = rows_to_batch(rows, pad_id=0)
-    loss = policy_gradient_loss(model, inputs, targets, advantages, normalizer=5.0)
+    rows = [([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], 0.2), ([1, 2, 6, 7], [0, 0, 1, 1], -0.2)]
+    inputs, targets, weights = rows_to_batch(rows, pad_id=0)
+    loss = policy_gradient_loss(model, inputs, targets, weights)
     with torch.no_grad():
         logp = torch.log_softmax(model(inputs), dim=-1)
         expected = 0.0
-        for row, (tokens, mask, advantage) in enumerate(rows):
+        for row, (tokens, mask, weight) in enumerate(rows):
             for t in range(1, len(tokens)):
                 if mask[t]:
-                    expected -= advantage * float(logp[row, t - 1, tokens[t]])
-    assert math.isclose(float(loss.detach()), expected / 5.0, rel_tol=1e-5)
+                    expected -= weight * float(logp[row, t - 1, tokens[t]])
+    assert math.isclose(float(loss.detach()), expected, rel_tol=1e-5)
 
     def logprob_of(row):
         with torch.no_grad():
