@@ -133,6 +133,12 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`, without an op when it already is: a no-op .to() still costs a dispatch,
+    which a decoding step on a CPU pays per call."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class Linear(nn.Linear):
     """A bias-free linear layer whose fp32 master weight is cast to the activation dtype. With
     `fp8` set (nanochat.fp8.enable_fp8) its matmuls run in fp8 while the model trains."""
@@ -145,8 +151,7 @@ class Linear(nn.Linear):
         weight = self.weight
         if self.fp8 and self.training:
             return fp8_linear(x, weight)
-        # Checked here rather than left to .to(): a no-op cast still costs a dispatch per layer per token.
-        return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+        return F.linear(x, cast(weight, x.dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -232,6 +237,9 @@ class GPT(nn.Module):
             str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
             for i in range(config.n_layer) if config.value_embeds and has_value_embedding(i, config.n_layer)
         })
+        # The same modules by layer index (None where a layer has none), for the forward pass.
+        self.value_embed_of_layer = [self.value_embeds[str(i)] if str(i) in self.value_embeds else None
+                                     for i in range(config.n_layer)]
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         self.smear_gate_channels = min(SMEAR_GATE_CHANNELS, config.n_embd)
@@ -242,8 +250,10 @@ class GPT(nn.Module):
         self.window_sizes = self._window_sizes(config)
         self.rotary_len = config.sequence_len * ROTARY_HEADROOM
         # Derived tables, not state: recomputed by init_buffers(), never saved in checkpoints.
-        self.register_buffer("rotary_cos", torch.empty(self.rotary_len, head_dim // 2), persistent=False)
-        self.register_buffer("rotary_sin", torch.empty(self.rotary_len, head_dim // 2), persistent=False)
+        # Shaped (1, positions, 1, head_dim / 2) as attention broadcasts them: a decode step slices
+        # them with one op instead of four.
+        self.register_buffer("rotary_cos", torch.empty(1, self.rotary_len, 1, head_dim // 2), persistent=False)
+        self.register_buffer("rotary_sin", torch.empty(1, self.rotary_len, 1, head_dim // 2), persistent=False)
 
     @staticmethod
     def _window_sizes(config: GPTConfig) -> list[tuple[int, int]]:
@@ -272,8 +282,8 @@ class GPT(nn.Module):
         channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / self.config.rope_base ** (channels / head_dim)
         angles = torch.outer(torch.arange(self.rotary_len, dtype=torch.float32, device=device), inv_freq)
-        self.rotary_cos = angles.cos().to(COMPUTE_DTYPE)
-        self.rotary_sin = angles.sin().to(COMPUTE_DTYPE)
+        self.rotary_cos = angles.cos().to(COMPUTE_DTYPE)[None, :, None, :]
+        self.rotary_sin = angles.sin().to(COMPUTE_DTYPE)[None, :, None, :]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -401,14 +411,14 @@ class GPT(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """The normalized token embeddings that enter the first block (and that a KV cache carries
         for the smear: the prefix cache recomputes a row's from its last cached token)."""
-        return norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        return norm(cast(self.transformer.wte(idx), COMPUTE_DTYPE))
 
     def _smear(self, x: torch.Tensor, kv_cache, lengths: list[int] | None) -> torch.Tensor:
         """x (B, T, C) with every position's previous-token embedding mixed in through the smear
         gate. Position 0 of a sequence has none. With a KV cache the first new token of a row
         takes the embedding its row's cache carries (when the row already holds tokens), and the
         cache then carries this pass's last embedding."""
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate_channels]))
+        gate = cast(self.smear_lambda, x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate_channels]))
         first = x[:, :1]
         if kv_cache is not None and max(lengths) > 0:
             previous = kv_cache.prev_embedding
@@ -437,8 +447,7 @@ class GPT(nn.Module):
         if kv_cache is None:
             if T > self.rotary_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rotary_len})")
-            cos = self.rotary_cos[None, :T, None, :]
-            sin = self.rotary_sin[None, :T, None, :]
+            cos, sin = self.rotary_cos[:, :T], self.rotary_sin[:, :T]
         else:
             # One read of the row lengths serves every check and every layer of this pass.
             lengths = kv_cache.cache_seqlens.tolist()
@@ -452,36 +461,38 @@ class GPT(nn.Module):
                 # Every row at the same position (one prompt, or samples of one prompt): a slice of
                 # the rotary tables, and attention told one int, which lets it skip the mask.
                 cache_seqlens = start
-                cos = self.rotary_cos[None, start:longest, None, :]
-                sin = self.rotary_sin[None, start:longest, None, :]
+                cos, sin = self.rotary_cos[:, start:longest], self.rotary_sin[:, start:longest]
             else:
                 cache_seqlens = kv_cache.cache_seqlens
                 positions = kv_cache.positions(T)
-                cos = self.rotary_cos[positions][:, :, None, :]
-                sin = self.rotary_sin[positions][:, :, None, :]
+                cos, sin = self.rotary_cos[0, positions], self.rotary_sin[0, positions]
 
         x = self.embed(idx)
         if self.smear_gate is not None:
             x = self._smear(x, kv_cache, lengths)
         x0 = x
         # Cast and split the per-layer scalars once per pass, not once per layer.
-        resid_lambdas = self.resid_lambdas.to(x.dtype).unbind()
-        x0_lambdas = self.x0_lambdas.to(x.dtype).unbind()
+        resid_lambdas = cast(self.resid_lambdas, x.dtype).unbind()
+        x0_lambdas = cast(self.x0_lambdas, x.dtype).unbind()
         for i, block in enumerate(self.transformer.h):
             x = resid_lambdas[i] * x + x0_lambdas[i] * x0
-            value_embedding = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            value_embed = self.value_embed_of_layer[i]
+            value_embedding = cast(value_embed(idx), x.dtype) if value_embed is not None else None
             x = block(x, value_embedding, cos, sin, self.window_sizes[i], kv_cache, cache_seqlens)
             if i == self.backout_layer and self.backout_lambda is not None:
                 x_backout = x
         if self.backout_lambda is not None:
-            x = x - self.backout_lambda.to(x.dtype) * x_backout
+            x = x - cast(self.backout_lambda, x.dtype) * x_backout
         if kv_cache is not None:
             kv_cache.advance(T)
         if last_only:
             x = x[:, -1:]
         x = norm(x)
 
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = self.lm_head(x)
+        if self.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]
+        logits = cast(logits, torch.float32)
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits
