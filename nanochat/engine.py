@@ -18,6 +18,7 @@ Rows that finish early leave the batch: live rows are kept packed into the first
 cache, and the model runs on that prefix only.
 """
 
+import random
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,26 +51,44 @@ def check_prompt(tokens, vocab_size: int) -> list[int]:
     return [int(t) for t in tokens]
 
 
-def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float,
+def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: float,
                       top_k: int | None) -> torch.Tensor:
     """One token id per row of `logits` (rows, vocab): the argmax at temperature 0, else a draw
-    from softmax(logits / temperature), restricted to the top_k largest logits when top_k is set."""
+    from softmax(logits / temperature), restricted to the top_k largest logits when top_k is set,
+    with one number per row from `rng`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return draw_tokens(logits, uniform_numbers(rng, logits.size(0), logits.device), temperature, top_k)
+
+
+def uniform_numbers(rngs, count: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Numbers in [0, 1), float64: `count` from one random.Random, or one from each of a list of
+    them. A stream of draws (an Engine call, a scheduler request) owns its random.Random, seeded
+    once: its draws depend on its seed alone, never on the global RNG or on the rows batched with
+    it, and a number costs no torch op (a torch.Generator per row cost five ops per row and step)."""
+    numbers = [rngs.random() for _ in range(count)] if count is not None else [rng.random() for rng in rngs]
+    return torch.tensor(numbers, dtype=torch.float64, device=device)
+
+
+def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float | torch.Tensor,
+                top_k: int | None) -> torch.Tensor:
+    """One token id per row of `logits` (rows, vocab), drawn from softmax(logits / temperature)
+    (restricted to the top_k largest logits when top_k is set) by inverting the row's cumulative
+    distribution at its number of `uniforms` (rows,). `temperature` is a float or a (rows, 1)
+    tensor, so rows with different temperatures draw in one go. In float64, so that the last
+    cumulative sum is exact enough that no number lands past it."""
     if top_k is not None and top_k < logits.size(-1):
         values, indices = torch.topk(logits, top_k, dim=-1)
-        return draw_from_top_k(values, indices, generator, temperature)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        return indices.gather(-1, _invert_cdf(values, uniforms, temperature)).squeeze(-1)
+    return _invert_cdf(logits, uniforms, temperature).squeeze(-1)
 
 
-def draw_from_top_k(values: torch.Tensor, indices: torch.Tensor, generator: torch.Generator,
-                    temperature: float) -> torch.Tensor:
-    """The sampling step after torch.topk: one token id per row of (values, indices), drawn from
-    softmax(values / temperature). Apart so that the scheduler can run one topk for many rows."""
-    probs = torch.softmax(values / temperature, dim=-1)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)
-    return indices.gather(-1, choice).squeeze(-1)
+def _invert_cdf(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """(rows, 1) indices into the last dim of logits: the first whose cumulative probability
+    exceeds the row's number (searchsorted right=True never picks a zero-probability entry)."""
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(dim=-1)
+    chosen = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True)
+    return chosen.clamp_max_(logits.size(-1) - 1)
 
 
 @dataclass(frozen=True)
@@ -172,9 +191,7 @@ class Engine:
         check_sampling_settings(temperature, top_k, seed)
         budget = self._token_budget(len(tokens), max_tokens)
         device = model.get_device()
-        # A generator of our own: the output depends on the seed only, never on the global RNG.
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
+        rng = random.Random(seed)  # the output depends on the seed only (uniform_numbers)
 
         prefill_cache = KVCache.for_model(model, batch_size=1, max_seq_len=len(tokens))
         prompt = torch.tensor([tokens], dtype=torch.long, device=device)
@@ -188,7 +205,7 @@ class Engine:
         rows = [RowState(self.tool_use) for _ in range(num_samples)]
         slot_owner = list(range(num_samples))  # slot_owner[s] = the sample whose sequence is in cache row s
         for step in range(budget):
-            sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
+            sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
             # Finished rows keep their last token, with mask 0; the live ones are overwritten.
             token_column = [row.last_token for row in rows]
             mask_column = [0] * num_samples

@@ -31,6 +31,7 @@ loop). A request's tokens can be consumed with a plain `for` loop from a thread 
 
 import asyncio
 import itertools
+import random
 import logging
 import threading
 import time
@@ -39,8 +40,7 @@ from collections.abc import Callable
 
 import torch
 
-from nanochat.engine import (RowState, ToolUse, check_prompt, check_sampling_settings, draw_from_top_k,
-                             sample_next_token)
+from nanochat.engine import RowState, ToolUse, check_prompt, check_sampling_settings, draw_tokens, uniform_numbers
 from nanochat.kv_cache import KVCache
 from nanochat.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 
@@ -78,7 +78,7 @@ class GenerationRequest:
     """
 
     def __init__(self, request_id: int, prompt_tokens: list[int], max_tokens: int, temperature: float,
-                 top_k: int | None, seed: int, tool_use: ToolUse, device: torch.device):
+                 top_k: int | None, seed: int, tool_use: ToolUse):
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
@@ -95,8 +95,7 @@ class GenerationRequest:
         self._cancel_requested = False
         # Decoding state, touched by the scheduler's thread only.
         self._row = RowState(tool_use)
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(seed)
+        self._rng = random.Random(seed)  # its draws (engine.uniform_numbers)
         self._prefix_blocks: list[int] = []  # the prefix cache's blocks this request holds
 
     @property
@@ -283,7 +282,7 @@ class Scheduler:
             if self._stopping:
                 raise RuntimeError("the scheduler has been shut down; create a new one")
             request = GenerationRequest(next(self._request_ids), prompt_tokens, max_tokens, temperature, top_k,
-                                        seed, self.tool_use, self.device)
+                                        seed, self.tool_use)
             self._waiting.append(request)
             self._lock.notify_all()
         return request
@@ -464,25 +463,22 @@ class Scheduler:
     def _sample_and_publish(self, logits: torch.Tensor) -> int:
         """Choose every row's next token, stream it, and retire the rows that are done; returns
         the number of tokens generated (a final <|assistant_end|> counts, though it is not streamed)."""
-        # One argmax for all rows; only rows that sample at a temperature need their own draw.
-        greedy = logits.argmax(dim=-1).tolist()
-        # Likewise one topk per top_k in use, over all rows; each row then draws with its own generator.
-        vocab_size = logits.size(-1)
-        top = {k: torch.topk(logits, k, dim=-1) for k in {request.top_k for request in self._active
-                                                           if request.temperature != 0 and request.top_k is not None
-                                                           and request.top_k < vocab_size}}
+        # One argmax for all rows, and one draw per top_k in use for the rows that sample at a
+        # temperature, each row with its own numbers and temperature.
+        sampling = [slot for slot, request in enumerate(self._active) if request.temperature != 0]
+        greedy = logits.argmax(dim=-1).tolist() if len(sampling) < len(self._active) else None
+        drawn = {}
+        for top_k in {self._active[slot].top_k for slot in sampling}:
+            slots = [slot for slot in sampling if self._active[slot].top_k == top_k]
+            requests = [self._active[slot] for slot in slots]
+            rows = logits if len(slots) == len(self._active) else logits[slots]
+            temperatures = torch.tensor([[request.temperature] for request in requests], dtype=torch.float64,
+                                        device=logits.device)
+            uniforms = uniform_numbers([request._rng for request in requests], device=logits.device)
+            drawn.update(zip(slots, draw_tokens(rows, uniforms, temperatures, top_k).tolist()))
         finished = []
         for slot, request in enumerate(self._active):
-            if request.temperature == 0:
-                sampled = greedy[slot]
-            elif request.top_k in top:
-                values, indices = top[request.top_k]
-                sampled = int(draw_from_top_k(values[slot:slot + 1], indices[slot:slot + 1], request._generator,
-                                              request.temperature))
-            else:
-                sampled = int(sample_next_token(logits[slot:slot + 1], request._generator,
-                                                request.temperature, request.top_k))
-            token, mask = request._row.advance(sampled)
+            token, mask = request._row.advance(drawn[slot] if slot in drawn else greedy[slot])
             if request._row.finished:
                 finished.append((slot, FINISH_STOP))
                 continue

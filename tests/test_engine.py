@@ -9,13 +9,15 @@ exactly what the stream must hold.
 """
 
 
+import math
+import random
 import re
 
 import pytest
 import torch
 
 from nanochat.calculator import use_calculator
-from nanochat.engine import Engine, greedy_decode_without_cache, sample_next_token
+from nanochat.engine import Engine, draw_tokens, greedy_decode_without_cache, sample_next_token, uniform_numbers
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
@@ -102,11 +104,29 @@ def test_same_seed_reproduces_and_other_seeds_differ(tokenizer):
 
 def test_temperature_zero_is_argmax_and_top_k_limits_the_choice():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
-    generator = torch.Generator().manual_seed(0)
-    assert sample_next_token(logits, generator, 0.0, None).tolist() == [1, 0]
-    draws = {tuple(sample_next_token(logits, generator, 5.0, 2).tolist()) for _ in range(200)}
+    rng = random.Random(0)
+    assert sample_next_token(logits, rng, 0.0, None).tolist() == [1, 0]
+    draws = {tuple(sample_next_token(logits, rng, 5.0, 2).tolist()) for _ in range(200)}
     assert {row[0] for row in draws} == {1, 3}  # only the two largest logits of row 0 ever come out
     assert {row[1] for row in draws} <= {0, 1, 2, 3} and len({row[1] for row in draws}) == 2
+
+
+def test_draws_follow_the_softmax_of_each_rows_temperature():
+    # Row 0: probabilities 1/4, 3/4 at temperature 1; row 1 the same logits at temperature 2
+    # (sqrt(3) : 1 against 1, so 0.366 / 0.634); row 2 has a zero-probability entry.
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)], [-math.inf, 0.0]])
+    temperatures = torch.tensor([[1.0], [2.0], [1.0]], dtype=torch.float64)
+    rng = random.Random(3)
+    counts = torch.zeros(3, 2)
+    for _ in range(4000):
+        drawn = draw_tokens(logits, uniform_numbers([rng] * 3), temperatures, None)
+        counts[torch.arange(3), drawn] += 1
+    shares = counts[:, 1] / 4000
+    assert abs(shares[0] - 0.75) < 0.03 and abs(shares[1] - 1 / (1 + 3 ** -0.5)) < 0.03
+    assert shares[2] == 1.0
+    # The edges of [0, 1) never pick the zero-probability entry.
+    edges = torch.tensor([0.0, 1.0 - 2 ** -53], dtype=torch.float64)
+    assert draw_tokens(logits[2:].expand(2, -1), edges, 1.0, None).tolist() == [1, 1]
 
 
 def test_tool_call_forces_the_calculator_output_with_mask_zero(tokenizer):
