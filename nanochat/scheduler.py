@@ -232,6 +232,9 @@ class Scheduler:
         self.max_cache_tokens = max_cache_tokens
         self.device = model.get_device()
         self.cache = KVCache.for_model(model, batch_size=max_batch_size, max_seq_len=max_seq_len)
+        # The caches over the first n rows that decoding steps run on, made once: a view costs four
+        # slicing ops, which a decoding step on a CPU would pay every time.
+        self._leading_rows = [None] + [self.cache.rows(0, n) for n in range(1, max_batch_size + 1)]
         prefix_cache_tokens = max_cache_tokens if prefix_cache_tokens is None else prefix_cache_tokens
         if isinstance(prefix_cache_tokens, bool) or not isinstance(prefix_cache_tokens, int) or not (
                 prefix_cache_tokens == 0 or prefix_cache_tokens >= prefix_block_size):
@@ -253,8 +256,10 @@ class Scheduler:
         self._requests_finished = 0
         self._peak_active = 0  # the most requests one step has decoded
         self._recent_steps: deque[tuple[float, float, int]] = deque()  # (end time, duration, tokens)
-        # The prefix cache's counts as of the last step (the cache itself belongs to the loop's thread).
+        # The prefix cache's counts as of the last step that changed it (the cache itself belongs
+        # to the loop's thread, and only prefills, releases and failures change it).
         self._prefix_stats = self._read_prefix_stats()
+        self._prefix_changed = False
 
     # ---------------------------------------------------------------- any thread
 
@@ -398,7 +403,8 @@ class Scheduler:
         except BaseException as error:
             self._fail(self._active, error)
             raise
-        prefix_stats = self._read_prefix_stats()
+        prefix_stats = self._read_prefix_stats() if self._prefix_changed else self._prefix_stats
+        self._prefix_changed = False
         with self._lock:
             self._prefix_stats = prefix_stats
             self._peak_active = max(self._peak_active, generated)
@@ -430,7 +436,7 @@ class Scheduler:
         if running:
             newest = torch.tensor([[request._row.last_token] for request in self._active],
                                   dtype=torch.long, device=self.device)
-            parts.append(self.model(newest, kv_cache=self.cache.rows(0, running))[:, -1])
+            parts.append(self.model(newest, kv_cache=self._leading_rows[running])[:, -1])
         for offset, request in enumerate(admitted):
             parts.append(self._prefill(request, running + offset))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -440,6 +446,7 @@ class Scheduler:
         forward pass; the prompt's blocks are then cached. Returns the last position's logits (1, vocab)."""
         prompt = request.prompt_tokens
         self.cache.cache_seqlens[row] = 0
+        self._prefix_changed = True
         if self.prefix_cache is not None:
             request._prefix_blocks = self.prefix_cache.acquire_prefix(prompt)
             hit = self.prefix_cache.copy_into(request._prefix_blocks, self.cache, row)
@@ -494,6 +501,7 @@ class Scheduler:
         """Finish the request in `slot` (caching the blocks of what its row holds) and fill the gap
         with the last running row."""
         request = self._active[slot]
+        self._prefix_changed = True
         if self.prefix_cache is not None:
             # The row holds the prompt and every token fed back since; the newest one never was.
             written = (request.prompt_tokens + request._tokens)[:int(self.cache.cache_seqlens[slot])]
@@ -512,6 +520,7 @@ class Scheduler:
 
     def _fail(self, requests: list[GenerationRequest], error: BaseException) -> None:
         """After a failed forward pass no row of the cache can be trusted: fail its requests, empty it."""
+        self._prefix_changed = True
         with self._lock:
             for request in requests:
                 self._reserved_tokens -= request.reserved_tokens
