@@ -6,7 +6,7 @@ live request is a row of one shared KV cache and each `step()` advances all of t
 forward pass. Requests come and go between steps: a new one is prefilled into a free row and
 joins the batch at once; a finished or cancelled one leaves and its row is reused.
 
-Each request keeps its own sampling settings, its own seeded generator and its own token budget,
+Each request keeps its own sampling settings, its own seeded random numbers and its own token budget,
 and runs the python tool exactly as nanochat.engine does (the per-row logic is shared), so a
 greedy request produces the same tokens as running it alone with `Engine.generate`.
 
