@@ -58,16 +58,15 @@ def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: flo
     with one number per row from `rng`."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    return draw_tokens(logits, uniform_numbers(rng, logits.size(0), logits.device), temperature, top_k)
+    return draw_tokens(logits, uniform_numbers([rng] * logits.size(0), logits.device), temperature, top_k)
 
 
-def uniform_numbers(rngs, count: int | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Numbers in [0, 1), float64: `count` from one random.Random, or one from each of a list of
-    them. A stream of draws (an Engine call, a scheduler request) owns its random.Random, seeded
-    once: its draws depend on its seed alone, never on the global RNG or on the rows batched with
-    it, and a number costs no torch op (a torch.Generator per row cost five ops per row and step)."""
-    numbers = [rngs.random() for _ in range(count)] if count is not None else [rng.random() for rng in rngs]
-    return torch.tensor(numbers, dtype=torch.float64, device=device)
+def uniform_numbers(rngs: list[random.Random], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One number in [0, 1) from each random.Random of `rngs`, in order, as a float64 tensor. A
+    stream of draws (an Engine call, a scheduler request) owns its random.Random, seeded once: its
+    draws depend on its seed alone, never on the global RNG or on the rows batched with it, and a
+    number costs no torch op (a torch.Generator per row cost five ops per row and step)."""
+    return torch.tensor([rng.random() for rng in rngs], dtype=torch.float64, device=device)
 
 
 def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float | torch.Tensor,

@@ -303,35 +303,26 @@ class Report:
         return [(label, values[key]) for label, key in TABLE_METRICS if key in values]
 
     @staticmethod
-    def answer_matching_lines(sections: list[dict]) -> list[str]:
+    def protocol_lines(sections: list[dict]) -> list[str]:
         """The protocol lines under the metrics table: for each way of matching "####" answers that
-        a stage's config records (chat_eval's --answer-matching, chat_rl's reward), which one it is
-        and which stages used it."""
-        stages_by_matching: dict[str, list[str]] = {}
-        for section in sections:
-            matching = (section.get("config") or {}).get("answer_matching")
-            if matching is not None:
-                name = section["stage"] + (f" ({section['source']})" if section["source"] else "")
-                stages_by_matching.setdefault(matching, []).append(name)
-        return [line for matching, stages in stages_by_matching.items()
-                for line in ("", f"GSM8K answers: {ANSWER_MATCHING.get(matching, matching)}; "
-                                 f"used by {', '.join(stages)}. SpellingBee and Arithmetic follow the same rule.")]
-
-    @staticmethod
-    def humaneval_harness_lines(sections: list[dict]) -> list[str]:
-        """The protocol lines for HumanEval: for each harness that an eval which ran HumanEval
-        records in its config (chat_eval's --humaneval-harness), which one it is and which stages
-        used it."""
-        stages_by_harness: dict[str, list[str]] = {}
+        a stage's config records (chat_eval's --answer-matching, chat_rl's reward), and for each
+        HumanEval harness that an eval which ran HumanEval records (--humaneval-harness), which one
+        it is and which stages used it."""
+        stages_by_line: dict[tuple[str, str], list[str]] = {}
         for section in sections:
             config = section.get("config") or {}
+            name = section["stage"] + (f" ({section['source']})" if section["source"] else "")
+            matching = config.get("answer_matching")
+            if matching is not None:
+                stages_by_line.setdefault(("GSM8K answers", ANSWER_MATCHING.get(matching, matching)), []).append(name)
             harness = config.get("humaneval_harness")
             if harness is not None and "humaneval" in (config.get("tasks") or []):
-                name = section["stage"] + (f" ({section['source']})" if section["source"] else "")
-                stages_by_harness.setdefault(harness, []).append(name)
-        return [line for harness, stages in stages_by_harness.items()
-                for line in ("", f"HumanEval harness: {HUMANEVAL_HARNESSES.get(harness, harness)}; "
-                                 f"used by {', '.join(stages)}.")]
+                stages_by_line.setdefault(("HumanEval harness", HUMANEVAL_HARNESSES.get(harness, harness)),
+                                          []).append(name)
+        notes = {"GSM8K answers": " SpellingBee and Arithmetic follow the same rule."}
+        in_order = sorted(stages_by_line.items(), key=lambda item: item[0][0] != "GSM8K answers")  # answers first
+        return [line for (what, rule), stages in in_order
+                for line in ("", f"{what}: {rule}; used by {', '.join(stages)}.{notes.get(what, '')}")]
 
     # ------------------------------------------------------------------ writing
 
@@ -402,7 +393,7 @@ class Report:
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         else:
             lines.append("No evaluation metrics were recorded.")
-        lines += self.answer_matching_lines(sections) + self.humaneval_harness_lines(sections)
+        lines += self.protocol_lines(sections)
         walls = [(s["stage"] + (f" ({s['source']})" if s["source"] else ""), s["timings"]["wall_s"])
                  for s in sections if "wall_s" in s["timings"]]
         if walls:

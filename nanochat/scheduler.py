@@ -31,8 +31,8 @@ loop). A request's tokens can be consumed with a plain `for` loop from a thread 
 
 import asyncio
 import itertools
-import random
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -481,7 +481,7 @@ class Scheduler:
             rows = logits if len(slots) == len(self._active) else logits[slots]
             temperatures = torch.tensor([[request.temperature] for request in requests], dtype=torch.float64,
                                         device=logits.device)
-            uniforms = uniform_numbers([request._rng for request in requests], device=logits.device)
+            uniforms = uniform_numbers([request._rng for request in requests], logits.device)
             drawn.update(zip(slots, draw_tokens(rows, uniforms, temperatures, top_k).tolist()))
         finished = []
         for slot, request in enumerate(self._active):

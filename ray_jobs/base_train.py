@@ -314,12 +314,13 @@ def fp8_setup(model: GPT, device: torch.device) -> dict:
     say what happened (printed, and returned for the run's history): the layers in fp8, or why
     the run trains without fp8, as nanochat ignores --fp8 off CUDA."""
     reason = fp8_unavailable_reason(device)
+    compute_dtype = str(COMPUTE_DTYPE).removeprefix("torch.")
     if reason is not None:
-        print0(f"--fp8 ignored: {reason}; the linear layers train in {str(COMPUTE_DTYPE).removeprefix('torch.')}")
+        print0(f"--fp8 ignored: {reason}; the linear layers train in {compute_dtype}")
         return {"fp8_layers": 0, "fp8_unavailable": reason}
     layers = enable_fp8(model)
     print0(f"fp8 training (tensorwise scaling) in {len(layers)} linear layers; the narrower ones stay in "
-           f"{str(COMPUTE_DTYPE).removeprefix('torch.')}, and evaluation runs without fp8")
+           f"{compute_dtype}, and evaluation runs without fp8")
     return {"fp8_layers": len(layers)}
 
 

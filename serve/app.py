@@ -32,8 +32,8 @@ Text is made in the replica (it has the tokenizer): the stream between the two d
 carries small dict events, `start` (prompt size) or `rejected` (the prompt does not fit the
 context), then `text` pieces (each the text of every token ready when the replica looked, so a
 busy replica sends fewer, larger pieces; with many requests decoding, each waits for a few tokens
-so that the replica makes about STREAM_EVENTS_PER_STEP events per decode step) and `tool` events (a tool call's readable text and its
-fields, serve.api.ReplyReader), then `end` (finish reason and token count). Both APIs put a tool
+so that the replica makes about STREAM_EVENTS_PER_STEP events per decode step) and `tool` events
+(a tool call's readable text and its fields, serve.api.ReplyReader), then `end` (finish reason and token count). Both APIs put a tool
 call's readable text into the reply; the seed's SSE event also carries it as `tool_call`.
 
 With an API key (NANOCHAT_API_KEY where the app is built, or the key's SHA-256 digest as
