@@ -22,7 +22,8 @@ stage is recorded in the report card.
 validated on SmolTalk's test split, the first 5200 MMLU test questions and the first 420 GSM8K
 test problems); `--mixture seed` is the seed's own (SmolTalk, MMLU once, GSM8K twice, 80K
 SpellingBee words, identity twice), which also teaches spelling and who the model is;
-`--mixture offline` needs no network (arithmetic word problems, SpellingBee, identity).
+`--mixture offline` needs no network (arithmetic word problems, SpellingBee, identity, and
+conversations of several of those in a row, so that the model holds a chat of many turns).
 A resumed or restarted run replays the (deterministic) stream of its rank up to the checkpoint's
 step, so it sees the same batches an uninterrupted run would.
 """
@@ -56,8 +57,9 @@ from ray_jobs.train_common import (Checkpointer, ProgressLine, Stopwatch, TrainM
 MIXTURES = {
     "offline": {
         "train": [("arithmetic", "train", {"size": 4000}, 1), ("spellingbee", "train", {"size": 2000}, 1),
-                  ("identity", "train", {}, 4)],
-        "val": [("arithmetic", "test", {"size": 200}, 1), ("spellingbee", "test", {"size": 200}, 1)],
+                  ("identity", "train", {}, 4), ("multiturn", "train", {"size": 1000}, 1)],
+        "val": [("arithmetic", "test", {"size": 200}, 1), ("spellingbee", "test", {"size": 200}, 1),
+                ("multiturn", "test", {"size": 50}, 1)],
     },
     "real": {
         "train": [("smoltalk", "train", {}, 1), ("mmlu", "train", {}, 3), ("gsm8k", "train", {}, 4)],

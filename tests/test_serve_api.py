@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from serve import conversation_check
 from serve.api import MAX_MESSAGE_CHARS, MAX_MESSAGES, TextStream
 from serve.app import ChatAppArgs, build_app
 from tests.serve_helpers import (EventStream, engine_reply, request, save_tiny_chat_checkpoint, serve_port,
@@ -285,6 +286,22 @@ def test_each_turn_resent_with_its_history_is_prefilled_from_the_prefix_cache(ch
     assert first_prompt > 16 and after["prefix_hit_tokens"] - before["prefix_hit_tokens"] >= first_prompt // 16 * 16
     assert after["prefix_prompt_tokens"] > before["prefix_prompt_tokens"] and after["prefix_cached_blocks"] > 0
     assert after["per_replica"][0]["prefix_cache_blocks"] == 4 * CONTEXT // 16
+
+
+def test_the_scripted_conversation_check_runs_its_turns_or_stops_at_the_refusal(chat_app, capsys):
+    port, *_ = chat_app
+    url = f"http://127.0.0.1:{port}/v1"
+    assert conversation_check.main(["--base-url", url, "--max-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant (") == len(conversation_check.SCRIPT) and "[turn 10] user: Thanks!" in out
+    assert f"of a {CONTEXT}-token context" in out
+    assert out.splitlines()[-1] == "RESULT conversation_turns 10.000 target >= 10 PASS"
+    # Answers that fill the context: the second turn's max_tokens no longer fits, and the check
+    # stops there with the service's reason.
+    assert conversation_check.main(["--base-url", url, "--max-tokens", "600", "--turns", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "turn 2 refused: Error code: 400" in out and "max_tokens=600 does not fit" in out
+    assert "1 of 3 turns answered" in out and out.splitlines()[-1].endswith("target >= 3 FAIL")
 
 
 def test_the_uis_second_turn_is_prefilled_from_the_prefix_cache(chat_app, browser):

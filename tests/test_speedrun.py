@@ -124,10 +124,13 @@ def test_a_full_run_starts_a_fresh_report_and_writes_it_also_after_a_failure(mon
     assert "pipeline finished; report: " + report_md in capsys.readouterr().out
 
 
-def test_the_tiny_preset_trains_the_depth_2_recipe_and_d26_the_seed_settings():
+def test_the_tiny_preset_trains_a_1024_token_context_and_d26_the_seed_settings():
     tiny = {s.name: s for s in speedrun.preset_stages("tiny", with_rl=False)}
     flags = tiny["base_train"].flags
-    assert flags[flags.index("--depth") + 1] == "2" and flags[flags.index("--source") + 1] == "sample"
+    assert flags[flags.index("--depth") + 1] == "4" and flags[flags.index("--source") + 1] == "sample"
+    # The demo model holds a chat of ten short turns: base and SFT (which keeps the base context) at 1024.
+    assert int(flags[flags.index("--max-seq-len") + 1]) >= 1024 and "--max-seq-len" not in tiny["chat_sft"].flags
+    assert tiny["chat_sft"].flags[tiny["chat_sft"].flags.index("--mixture") + 1] == "offline"
     assert all(s.flags[s.flags.index("--model-tag") + 1] == "tiny" for s in tiny.values() if "--model-tag" in s.flags)
     d26 = {s.name: s for s in speedrun.preset_stages("d26", with_rl=False)}
     assert d26["data"].flags == ["--source", "fineweb-edu", "-n", "450"]

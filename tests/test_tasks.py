@@ -1,6 +1,6 @@
 """Tasks that need no download: slicing, mixtures and sequences, the GSM8K annotation conversion,
-the offline generators (arithmetic, SpellingBee, identity), CustomJSON's line-numbered errors,
-the task registry, and the final-answer rule."""
+the offline generators (arithmetic, SpellingBee, identity, and MultiTurn's chains of them),
+CustomJSON's line-numbered errors, the task registry, and the final-answer rule."""
 
 import json
 import re
@@ -14,7 +14,8 @@ from nanochat.tasks.common import (FinalAnswerTask, Task, TaskMixture, TaskSeque
                                    extract_final_answer)
 from nanochat.tasks.customjson import CustomJSON, CustomJSONError
 from nanochat.tasks.gsm8k import assistant_parts_from_solution, conversation_from_problem
-from nanochat.tasks.identity import TOPICS, Identity
+from nanochat.tasks.identity import GREETINGS, THANKS, TOPICS, Identity
+from nanochat.tasks.multiturn import MultiTurn
 from nanochat.tasks.spellingbee import SpellingBee, count_letter_conversation, documentation_words, is_test_word
 from nanochat.tokenizer import Tokenizer
 
@@ -355,6 +356,42 @@ def test_identity_conversations_are_valid_deterministic_and_about_this_project()
         Identity("test")
 
 
+def test_multiturn_chains_offline_exchanges_with_small_talk_only_at_the_ends():
+    tokenizer = Tokenizer.train_from_iterator(iter(["nanochat on Ray"]), vocab_size=270)
+    task = MultiTurn("train", size=60, max_parts=5)
+    conversations = list(task)
+    assert conversations == list(MultiTurn("train", size=60, max_parts=5))
+    assert conversations != list(MultiTurn("train", size=60, max_parts=5, seed=1))
+    kinds = set()
+    for conversation in conversations:
+        messages = conversation["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        middle = users[1:-1]
+        assert not any(u in GREETINGS or u in THANKS for u in middle)
+        chained = [u for u in users if u not in GREETINGS and u not in THANKS]
+        assert 2 <= len(chained) <= 3 * 5  # an identity member brings up to 3 questions of its own
+        kinds.add("small talk" if len(chained) < len(users) else "none")
+        kinds.update("tool call" if isinstance(m["content"], list) else "plain answer"
+                     for m in messages if m["role"] == "assistant")
+        tokenizer.render_conversation(conversation)  # raises on a malformed conversation
+    assert kinds == {"small talk", "none", "tool call", "plain answer"}
+    assert max(len(c["messages"]) for c in conversations) >= 10
+
+
+def test_multiturn_test_split_holds_only_test_problems(monkeypatch):
+    monkeypatch.setattr("nanochat.tasks.multiturn.MEMBER_POOL", 50)  # small enough to list every member question
+    test_questions = {c["messages"][0]["content"] for task in (Arithmetic("test", size=50), SpellingBee("test", size=50))
+                      for c in task}
+    chained = {m["content"] for c in MultiTurn("test", size=40) for m in c["messages"]
+               if m["role"] == "user" and m["content"] not in GREETINGS and m["content"] not in THANKS}
+    assert len(chained) > 40 and chained <= test_questions
+    with pytest.raises(ValueError, match="max_parts=1"):
+        MultiTurn(max_parts=1)
+    with pytest.raises(ValueError, match="split 'dev' does not exist"):
+        MultiTurn("dev")
+
+
 def test_customjson_reads_both_line_forms(tmp_path):
     path = tmp_path / "conversations.jsonl"
     lines = [
@@ -399,7 +436,7 @@ def test_customjson_reports_every_bad_line_with_its_number(tmp_path):
 
 def test_registry_builds_offline_tasks_by_name(tmp_path):
     assert set(TASKS) == {"smoltalk", "mmlu", "arc-easy", "arc-challenge", "gsm8k", "humaneval",
-                          "spellingbee", "arithmetic", "identity", "customjson"}
+                          "spellingbee", "arithmetic", "identity", "multiturn", "customjson"}
     assert len(get_task("arithmetic", "test", size=7)) == 7
     assert get_task("spellingbee", "train", size=4, stop=2).eval_type == "generative"
     assert len(get_task("identity", "train", size=12, start=2)) == 10

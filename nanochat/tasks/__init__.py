@@ -13,6 +13,7 @@ so that a command line can list tasks as plain strings:
     spellingbee    SpellingBee(split, size=)       train | test              offline
     arithmetic     Arithmetic(split, size=)        train | test              offline
     identity       Identity(split, size=)          train                     offline
+    multiturn      MultiTurn(split, size=)         train | test              offline, chains the three above
     customjson     CustomJSON(filepath=)           train                     a local JSONL file
 
 Extra keyword arguments go to the task: start/stop/step for every task, base_url for the
@@ -29,6 +30,7 @@ from nanochat.tasks.gsm8k import GSM8K
 from nanochat.tasks.humaneval import HumanEval
 from nanochat.tasks.identity import Identity
 from nanochat.tasks.mmlu import MMLU
+from nanochat.tasks.multiturn import MultiTurn
 from nanochat.tasks.smoltalk import SmolTalk
 from nanochat.tasks.spellingbee import SpellingBee
 
@@ -51,6 +53,7 @@ TASKS = {
     "spellingbee": SpellingBee,
     "arithmetic": Arithmetic,
     "identity": Identity,
+    "multiturn": MultiTurn,
     "customjson": _custom_json,
 }
 
@@ -62,5 +65,5 @@ def get_task(name: str, split: str, **kwargs) -> Task:
     return TASKS[name](split=split, **kwargs)
 
 
-__all__ = ["ARC", "Arithmetic", "CustomJSON", "GSM8K", "HumanEval", "Identity", "MMLU", "SmolTalk",
+__all__ = ["ARC", "Arithmetic", "CustomJSON", "GSM8K", "HumanEval", "Identity", "MMLU", "MultiTurn", "SmolTalk",
            "SpellingBee", "TASKS", "Task", "TaskMixture", "TaskSequence", "get_task"]

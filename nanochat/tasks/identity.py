@@ -125,6 +125,13 @@ THANKS = ("Thanks!", "Great, thank you.", "ok cool", "Got it, thanks.")
 THANKS_REPLIES = ("You're welcome!", "Happy to help.", "Anytime. Ask if anything else comes up.")
 
 
+def small_talk(rng: random.Random, questions: tuple[str, ...], replies: tuple[str, ...], chance: float) -> list[dict]:
+    """A greeting or thank-you exchange (user, assistant) with probability `chance`, else nothing."""
+    if rng.random() >= chance:
+        return []
+    return [{"role": "user", "content": rng.choice(questions)}, {"role": "assistant", "content": rng.choice(replies)}]
+
+
 class Identity(Task):
     """`size` identity conversations, made from their index and `seed`; training data only."""
 
@@ -142,10 +149,7 @@ class Identity(Task):
     def get_example(self, index: int) -> dict:
         # A string seed goes through SHA-512 in random.seed, so it does not depend on PYTHONHASHSEED.
         rng = random.Random(f"identity/{self.seed}/{index}")
-        messages = []
-        if rng.random() < 0.3:
-            messages += [{"role": "user", "content": rng.choice(GREETINGS)},
-                         {"role": "assistant", "content": rng.choice(GREETING_REPLIES)}]
+        messages = small_talk(rng, GREETINGS, GREETING_REPLIES, 0.3)
         # The first topic and its phrasing cycle through all of them, so that a few dozen
         # conversations cover every topic and most phrasings; the rest is drawn at random.
         topics = sorted(TOPICS)
@@ -158,7 +162,5 @@ class Identity(Task):
             questions, answers = TOPICS[topic]
             messages += [{"role": "user", "content": rng.choice(questions)},
                          {"role": "assistant", "content": rng.choice(answers)}]
-        if rng.random() < 0.25:
-            messages += [{"role": "user", "content": rng.choice(THANKS)},
-                         {"role": "assistant", "content": rng.choice(THANKS_REPLIES)}]
+        messages += small_talk(rng, THANKS, THANKS_REPLIES, 0.25)
         return {"messages": messages}
