@@ -1,6 +1,6 @@
 """The whole pipeline, stage after stage, each stage its own Ray job.
 
-    python -m ray_jobs.speedrun --preset tiny            # offline, a few minutes on 2 CPUs
+    python -m ray_jobs.speedrun --preset tiny            # offline, about 10 minutes on 2 CPUs
     python -m ray_jobs.speedrun --preset gpt2 --rl       # nanochat's speedrun today, on a cluster
     python -m ray_jobs.speedrun --preset d20 --rl        # the seed's older GPU run
 
@@ -49,7 +49,7 @@ from ray_jobs.ray_auth import use_token_auth
 # same val bpb (1.694 after 400 steps, 1.696 after 560); depth 4 keeps more room for the SFT skills.
 # One train worker with both cores steps faster than two of one core each, so both training stages
 # run on one worker (the SFT optimizer warm-starts from that worker's shard). SFT on the offline
-# mixture (with MultiTurn's chains of exchanges) reaches 100% on arithmetic and about 58% on
+# mixture (with MultiTurn's chains of exchanges) reaches 100% on arithmetic and 58-61% on
 # SpellingBee (100 problems each, nanochat's calculator protocol).
 TINY_BASE_TRAIN = ["--depth", "4", "--aspect-ratio", "32", "--head-dim", "64", "--max-seq-len", "1024",
                    "--window-pattern", "L", "--device-batch-size", "4", "--total-batch-size", "4096",
