@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_conversation(args: argparse.Namespace) -> dict:
-    """Ask the scripted questions in one conversation; a summary of how far it got and why it stopped."""
+    """Ask the scripted questions in one conversation; a summary of how far it got."""
     try:
         import openai
     except ImportError:
@@ -64,15 +64,15 @@ def run_conversation(args: argparse.Namespace) -> dict:
                            max_retries=0, timeout=args.timeout)
     card = client.models.list().data[0]  # the service's one model; its card carries context_length
     model, context = card.id, (card.model_extra or {}).get("context_length")
-    messages, turns_done, ended_by_model, prompt_tokens, error = [], 0, 0, 0, None
+    messages, turns_done, ended_by_model, prompt_tokens = [], 0, 0, 0
     for turn, question in enumerate(SCRIPT[:args.turns], start=1):
         messages.append({"role": "user", "content": question})
         try:
             answer = client.chat.completions.create(model=model, messages=messages, temperature=args.temperature,
                                                     max_tokens=args.max_tokens, seed=args.seed + turn - 1)
         except openai.APIError as failure:
-            error = f"turn {turn} refused: {getattr(failure, 'message', failure)}"
-            print(f"[turn {turn}] user: {question}\n  {error}", flush=True)
+            print(f"[turn {turn}] user: {question}\n  turn {turn} refused: {getattr(failure, 'message', failure)}",
+                  flush=True)
             break
         choice = answer.choices[0]
         text = choice.message.content or ""
@@ -83,7 +83,7 @@ def run_conversation(args: argparse.Namespace) -> dict:
         print(f"[turn {turn}] user: {question}\n  assistant ({choice.finish_reason}, prompt {prompt_tokens} + "
               f"answer {answer.usage.completion_tokens} tokens): {text!r}", flush=True)
     return {"turns": turns_done, "asked": args.turns, "ended_by_model": ended_by_model,
-            "last_prompt_tokens": prompt_tokens, "context_length": context, "error": error}
+            "last_prompt_tokens": prompt_tokens, "context_length": context}
 
 
 def main(argv=None) -> int:

@@ -352,6 +352,11 @@ def test_identity_conversations_are_valid_deterministic_and_about_this_project()
         tokenizer.render_conversation(conversation)  # raises on a malformed conversation
     text = json.dumps(conversations)
     assert "nanochat on Ray" in text and "Ray" in text
+    # Without small talk: the same questions about the model, the greetings and thanks left out.
+    small_talk = set(GREETINGS) | set(THANKS)
+    assert list(Identity(size=40, with_small_talk=False)) == [
+        {"messages": [m for pair in zip(c["messages"][::2], c["messages"][1::2]) if pair[0]["content"] not in small_talk
+                      for m in pair]} for c in conversations]
     with pytest.raises(ValueError, match="only split is 'train'"):
         Identity("test")
 

@@ -133,15 +133,17 @@ def small_talk(rng: random.Random, questions: tuple[str, ...], replies: tuple[st
 
 
 class Identity(Task):
-    """`size` identity conversations, made from their index and `seed`; training data only."""
+    """`size` identity conversations, made from their index and `seed`; training data only. With
+    `with_small_talk` False they keep only their questions about the model, without the greeting
+    and thank-you that may open and close them (MultiTurn puts those at its own ends)."""
 
-    def __init__(self, split: str = "train", size: int = 48, seed: int = 0, **view):
+    def __init__(self, split: str = "train", size: int = 48, seed: int = 0, with_small_talk: bool = True, **view):
         super().__init__(**view)
         if split != "train":
             raise ValueError(f"Identity conversations are training data: the only split is 'train', not {split!r}")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size={size!r} must be a positive int (the number of conversations)")
-        self.split, self.size, self.seed = split, size, seed
+        self.split, self.size, self.seed, self.with_small_talk = split, size, seed, with_small_talk
 
     def num_examples(self) -> int:
         return self.size
@@ -149,18 +151,21 @@ class Identity(Task):
     def get_example(self, index: int) -> dict:
         # A string seed goes through SHA-512 in random.seed, so it does not depend on PYTHONHASHSEED.
         rng = random.Random(f"identity/{self.seed}/{index}")
-        messages = small_talk(rng, GREETINGS, GREETING_REPLIES, 0.3)
+        # The small talk is drawn either way, so that the questions are the same with or without it.
+        greeting = small_talk(rng, GREETINGS, GREETING_REPLIES, 0.3)
         # The first topic and its phrasing cycle through all of them, so that a few dozen
         # conversations cover every topic and most phrasings; the rest is drawn at random.
         topics = sorted(TOPICS)
         first = topics[index % len(topics)]
         questions, answers = TOPICS[first]
-        messages += [{"role": "user", "content": questions[index // len(topics) % len(questions)]},
+        messages = [{"role": "user", "content": questions[index // len(topics) % len(questions)]},
                      {"role": "assistant", "content": rng.choice(answers)}]
         others = [t for t in topics if t != first]
         for topic in rng.sample(others, rng.choice((0, 0, 1, 2))):
             questions, answers = TOPICS[topic]
             messages += [{"role": "user", "content": rng.choice(questions)},
                          {"role": "assistant", "content": rng.choice(answers)}]
-        messages += small_talk(rng, THANKS, THANKS_REPLIES, 0.25)
+        thanks = small_talk(rng, THANKS, THANKS_REPLIES, 0.25)
+        if self.with_small_talk:
+            messages = greeting + messages + thanks
         return {"messages": messages}

@@ -5,7 +5,8 @@ exchange) is one to four messages long, so a model fine-tuned on them alone has 
 the fifth question of a chat: it has not learned to read past the earlier turns and their tool
 calls, to answer only the newest question, and to end its answer there. A MultiTurn conversation
 is 2 to `max_parts` such conversations one after the other, sometimes opened by a greeting and
-closed by a thank-you, as a user of the chat UI writes them.
+closed by a thank-you, as a user of the chat UI writes them (the identity exchanges come without
+the small talk of their own, which belongs at a chat's ends, not in its middle).
 
 Conversation `index` is drawn by a generator seeded by (split, seed, index): the same arguments
 always give the same conversations, with no file or download. The train split chains train
@@ -39,7 +40,7 @@ class MultiTurn(Task):
         self.members = [Arithmetic(split, size=MEMBER_POOL, seed=seed),
                         SpellingBee(split, size=MEMBER_POOL, seed=seed)]
         if split == "train":
-            self.members.append(Identity("train", size=MEMBER_POOL, seed=seed))
+            self.members.append(Identity("train", size=MEMBER_POOL, seed=seed, with_small_talk=False))
 
     def num_examples(self) -> int:
         return self.size
@@ -50,16 +51,7 @@ class MultiTurn(Task):
         messages = small_talk(rng, GREETINGS, GREETING_REPLIES, 0.3)
         for _ in range(rng.randint(2, self.max_parts)):
             member = rng.choice(self.members)
-            messages += _without_small_talk(member.get_example(rng.randrange(member.num_examples()))["messages"])
+            messages += member.get_example(rng.randrange(member.num_examples()))["messages"]
         messages += small_talk(rng, THANKS, THANKS_REPLIES, 0.3)
         return {"messages": messages}
 
-
-def _without_small_talk(messages: list[dict]) -> list[dict]:
-    """A member conversation without its greeting and thank-you exchanges (identity has them), which
-    belong at a chat's ends, not in its middle."""
-    kept = []
-    for user, assistant in zip(messages[::2], messages[1::2]):
-        if user["content"] not in GREETINGS and user["content"] not in THANKS:
-            kept += [user, assistant]
-    return kept
