@@ -104,12 +104,16 @@ def _select_backend(requested: str) -> tuple[str, object]:
     return "sdpa", None
 
 
-# Kept out of torch.compile's trace: loading kernels is I/O, not tensor math. The hot path reads
-# the resolved global first, so after the first call no graph break remains.
-@torch.compiler.disable
 def _resolve_backend() -> tuple[str, object]:
+    """The chosen backend, chosen now if need be. Loading kernels is I/O, not tensor math: a choice
+    made under torch.compile's trace runs outside it, through torch.compiler.disable. The disable is
+    applied only then, when torch._dynamo is loaded anyway: importing it costs a second, which every
+    process that builds a model would pay. The hot path reads the resolved global first, so after
+    the first call no graph break remains."""
     global _backend
     if _backend is None:
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(_resolve_backend)()
         _backend = _select_backend(os.environ.get("NANOCHAT_ATTENTION", "auto"))
     return _backend
 
