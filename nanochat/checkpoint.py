@@ -1,7 +1,7 @@
 """Saving and loading checkpoints: model weights, per-rank optimizer shards, a JSON meta record
 and a copy of the tokenizer, laid out so that any node that sees the folder can rebuild the model.
 
-Layout, under the base dir (nanochat.common.get_base_dir()):
+Layout, under the base dir (nanochat.files.get_base_dir()):
 
     <phase dir>/<model_tag>/model_<step:06d>.pt             model state dict (rank 0)
                             meta_<step:06d>.json            config, step, integrity record (rank 0)
@@ -35,7 +35,8 @@ import re
 import pyarrow.fs
 import torch
 
-from nanochat.common import atomic_torch_save, atomic_write_bytes, get_base_dir
+from nanochat.common import atomic_torch_save
+from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}

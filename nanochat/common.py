@@ -1,5 +1,6 @@
-"""Small shared pieces of the nanochat library: device and dtype choice, the base directory,
-rank-aware printing and the distributed helpers that every stage uses.
+"""Small shared pieces of the nanochat library: device and dtype choice, rank-aware printing, the
+distributed helpers that every stage uses and a crash-safe torch.save (the base directory and
+torch-free writes are in nanochat.files).
 
 The compute dtype is decided once, at import time, so that every module agrees on it:
 bf16 on CUDA GPUs of compute capability 8.0 and newer, fp32 everywhere else (CPU, MPS,
@@ -41,16 +42,6 @@ def _choose_compute_dtype() -> torch.dtype:
 COMPUTE_DTYPE: torch.dtype = _choose_compute_dtype()
 
 
-def get_base_dir() -> str:
-    """Where data, tokenizers, checkpoints and reports live: $NANOCHAT_BASE_DIR or ~/.cache/nanochat.
-
-    On a cluster, point NANOCHAT_BASE_DIR at a path every node sees (an NFS mount).
-    """
-    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    os.makedirs(base, exist_ok=True)
-    return base
-
-
 def get_dist_info() -> tuple[bool, int, int, int]:
     """(is_distributed, rank, local_rank, world_size) of this process."""
     if dist.is_available() and dist.is_initialized():
@@ -68,17 +59,6 @@ def print0(*args, **kwargs) -> None:
     if is_rank0():
         kwargs.setdefault("flush", True)
         print(*args, **kwargs)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that a crash never leaves a partial file under that name."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_torch_save(obj, path: str) -> None:

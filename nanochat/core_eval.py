@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 from nanochat.download import DownloadError, DownloadNotFoundError, download_file
 
 EVAL_BUNDLE_BASE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com"

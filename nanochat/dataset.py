@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.download import DownloadError, DownloadNotFoundError, download_file
 
 TEXT_COLUMN = "text"

@@ -154,6 +154,13 @@ class Linear(nn.Linear):
         return F.linear(x, cast(weight, x.dtype))
 
 
+def uninitialised_embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding without its default N(0, 1) init: GPT's weights come from init_weights() or
+    a state dict, so that init would be thrown away, and on the meta device PyTorch runs it through
+    a Python reference kernel that imports torch._dynamo, a second of every model process's start."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -229,12 +236,12 @@ class GPT(nn.Module):
         head_dim = config.n_embd // config.n_head
         kv_dim = config.n_kv_head * head_dim
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd),
+            "wte": uninitialised_embedding(self.padded_vocab_size, config.n_embd),
             "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         })
         self.lm_head = Linear(config.n_embd, self.padded_vocab_size)
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(self.padded_vocab_size, kv_dim)
+            str(i): uninitialised_embedding(self.padded_vocab_size, kv_dim)
             for i in range(config.n_layer) if config.value_embeds and has_value_embedding(i, config.n_layer)
         })
         # The same modules by layer index (None where a layer has none), for the forward pass.

@@ -52,7 +52,7 @@ import time
 import psutil
 import torch
 
-from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.tasks.common import ANSWER_MATCHING
 from nanochat.tasks.humaneval import HUMANEVAL_HARNESSES
 

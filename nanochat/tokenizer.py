@@ -14,17 +14,23 @@ checkpoint's tokenizer folder serves both projects unchanged. It is read through
 that admits only that one class (and builds the Encoding itself from the plain pieces), so a
 tokenizer.pkl from elsewhere cannot run code; the older format of this project, a pickled dict of
 the same pieces, is read as well.
+
+PyTorch is imported only by the three functions of token_bytes.pt: the Ray Data workers that
+tokenize pretraining text import this module, and torch's import would be a second of their start.
 """
 
 import copy
 import os
 import pickle
+from typing import TYPE_CHECKING
 
 import rustbpe
 import tiktoken
-import torch
 
-from nanochat.common import atomic_torch_save, atomic_write_bytes, get_base_dir
+from nanochat.files import atomic_write_bytes, get_base_dir
+
+if TYPE_CHECKING:
+    import torch
 
 # The special tokens come after the BPE vocabulary, in this order, so their ids are
 # len(mergeable_ranks) + index. Only <|bos|> appears in pretraining (it starts every document);
@@ -334,13 +340,15 @@ def get_tokenizer() -> Tokenizer:
     return Tokenizer.from_directory(tokenizer_dir)
 
 
-def compute_token_bytes(tokenizer: Tokenizer) -> torch.Tensor:
+def compute_token_bytes(tokenizer: Tokenizer) -> "torch.Tensor":
     """int32 tensor: the UTF-8 byte length of every token id, 0 for the special tokens.
 
     Summing it over the targets turns a loss in nats per token into bits per byte, a number that
     does not depend on the vocabulary and so compares models with different tokenizers.
     Lengths come from the token's raw bytes, so tokens that split a multi-byte character count right.
     """
+    import torch
+
     encoding = tokenizer.encoding
     special_ids = set(encoding._special_tokens.values())
     lengths = [0 if token_id in special_ids else len(encoding.decode_single_token_bytes(token_id))
@@ -348,15 +356,19 @@ def compute_token_bytes(tokenizer: Tokenizer) -> torch.Tensor:
     return torch.tensor(lengths, dtype=torch.int32)
 
 
-def save_token_bytes(token_bytes: torch.Tensor, tokenizer_dir: str) -> str:
+def save_token_bytes(token_bytes: "torch.Tensor", tokenizer_dir: str) -> str:
     """Write token_bytes.pt into `tokenizer_dir` atomically; returns the file's path."""
+    from nanochat.common import atomic_torch_save
+
     path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)
     atomic_torch_save(token_bytes, path)
     return path
 
 
-def get_token_bytes(device="cpu") -> torch.Tensor:
+def get_token_bytes(device="cpu") -> "torch.Tensor":
     """The token_bytes.pt that tok_train saved under <base>/tokenizer, on `device`."""
+    import torch
+
     path = os.path.join(get_tokenizer_dir(), TOKEN_BYTES_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no token byte lengths at {path}: run python -m ray_jobs.tok_train first")

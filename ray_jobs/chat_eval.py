@@ -42,7 +42,7 @@ import torch
 from ray.util import ActorPool
 
 from nanochat.checkpoint import PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model, find_last_step
-from nanochat.common import atomic_write_bytes, get_base_dir
+from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.execution import SandboxUnavailableError
 from nanochat.chat_eval import CHATCORE_TASKS, ModelAnswerer, Sampling, chatcore, score_problems, summarize
 from nanochat.report import Report

@@ -42,7 +42,8 @@ import torch
 
 from nanochat.chat_packing import pack_conversations
 from nanochat.checkpoint import CheckpointError, checkpoint_dir, find_largest_model, find_last_step, load_checkpoint
-from nanochat.common import get_base_dir, print0
+from nanochat.common import print0
+from nanochat.files import get_base_dir
 from nanochat.report import Report
 from nanochat.tasks import TaskMixture, get_task
 from nanochat.tokenizer import Tokenizer

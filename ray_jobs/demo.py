@@ -30,7 +30,7 @@ import urllib.request
 
 import psutil
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 from nanochat.report import Report
 from ray_jobs.ray_auth import use_token_auth
 from ray_jobs.speedrun import Stage, run_as_job

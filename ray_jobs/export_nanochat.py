@@ -24,7 +24,8 @@ import tempfile
 import torch
 
 from nanochat.checkpoint import PHASE_DIRS, TOKENIZER_SUBDIR, CheckpointError, find_largest_model, load_model
-from nanochat.common import get_base_dir, print0
+from nanochat.common import print0
+from nanochat.files import get_base_dir
 from nanochat.interop import reference_generation, reference_meta
 from nanochat.tokenizer import TOKEN_BYTES_FILE, compute_token_bytes
 

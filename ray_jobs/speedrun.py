@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 from nanochat.report import Report, git_commit
 from ray_jobs.ray_auth import use_token_auth
 

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from pydantic import ValidationError
 
     from nanochat.checkpoint import CheckpointError
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
 
     try:
         model_tag, step = resolve_checkpoint(args.source, args.model_tag, args.step)

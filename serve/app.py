@@ -99,7 +99,7 @@ def resolve_checkpoint(source: str, model_tag: str | None, step: int | None) -> 
     CheckpointNotFoundError, whose message names the command that makes a checkpoint."""
     # nanochat is imported here, not at the top, so that the ingress process never loads torch.
     from nanochat.checkpoint import PHASE_DIRS, checkpoint_dir, find_largest_model, find_last_step
-    from nanochat.common import get_base_dir
+    from nanochat.files import get_base_dir
 
     if source not in PHASE_DIRS:
         raise ValueError(f"unknown checkpoint source {source!r}: use one of {sorted(PHASE_DIRS)}")

@@ -14,7 +14,7 @@ tests.stand_in_speedrun.stand_in_stage makes the speedrun Stage that runs it.
 import argparse
 import os
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 
 RUN_LOG = "stages_run.txt"
 

@@ -37,7 +37,7 @@ from nanochat import tasks
 from nanochat.chat_packing import pack_conversations
 from nanochat.checkpoint import (checkpoint_dir, find_last_step, load_checkpoint, load_model, load_optimizer_shard,
                                  save_checkpoint)
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 from nanochat.report import Report
 from nanochat.tasks import Task
 from ray_jobs.chat_sft import (_train_batches, build_mixture, main, optimizer_warm_start, parse_args, resolve_config,

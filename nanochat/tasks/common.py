@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir
+from nanochat.files import get_base_dir
 from nanochat.download import DownloadError, DownloadGaveUpError, DownloadNotFoundError, download_file
 
 EVAL_TYPES = ("generative", "categorical")
