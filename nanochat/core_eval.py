@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from nanochat.files import get_base_dir
 from nanochat.download import DownloadError, DownloadNotFoundError, download_file
+from nanochat.files import get_base_dir
 
 EVAL_BUNDLE_BASE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com"
 EVAL_BUNDLE_FILE = "eval_bundle.zip"

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.download import DownloadError, DownloadNotFoundError, download_file
+from nanochat.files import atomic_write_bytes, get_base_dir
 
 TEXT_COLUMN = "text"
 SHARD_SUFFIX = ".parquet"

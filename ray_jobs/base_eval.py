@@ -35,10 +35,10 @@ from ray.util import ActorPool
 
 from nanochat.checkpoint import (PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model,
                                  find_last_step, load_model)
-from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.core_eval import CoreTask, core_score, download_eval_bundle, judge_examples, load_core_tasks
 from nanochat.dataset import SOURCES, iter_text, list_parquet_files
 from nanochat.engine import Engine
+from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.packing import BestFitPacker

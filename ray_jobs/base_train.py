@@ -40,8 +40,8 @@ import ray.train
 import torch
 
 from nanochat.common import COMPUTE_DTYPE, print0
-from nanochat.files import get_base_dir
 from nanochat.dataset import SOURCES, resolve_source
+from nanochat.files import get_base_dir
 from nanochat.fp8 import enable_fp8, fp8_unavailable_reason
 from nanochat.gpt import EMBEDDING_DTYPES, GPT, config_from_depth
 from nanochat.core_eval import core_score, count_correct

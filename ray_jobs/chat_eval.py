@@ -42,9 +42,9 @@ import torch
 from ray.util import ActorPool
 
 from nanochat.checkpoint import PHASE_DIRS, CheckpointNotFoundError, checkpoint_dir, find_largest_model, find_last_step
-from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.execution import SandboxUnavailableError
 from nanochat.chat_eval import CHATCORE_TASKS, ModelAnswerer, Sampling, chatcore, score_problems, summarize
+from nanochat.files import atomic_write_bytes, get_base_dir
 from nanochat.report import Report
 from nanochat.tasks import TASKS, Task, get_task
 from nanochat.tasks.common import ANSWER_MATCHING, FinalAnswerTask

@@ -72,8 +72,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from nanochat.checkpoint import (PHASE_DIRS, CheckpointError, checkpoint_dir, find_largest_model, find_last_step,
                                  load_checkpoint)
 from nanochat.common import print0
-from nanochat.files import get_base_dir
 from nanochat.engine import Engine
+from nanochat.files import get_base_dir
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import Report
 from nanochat.rl import group_seed, pass_at_k, policy_gradient_loss, rollout_rows, rows_to_batch, sample_group

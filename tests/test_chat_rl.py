@@ -44,8 +44,8 @@ import pytest
 import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, save_checkpoint
-from nanochat.files import get_base_dir
 from nanochat.engine import Engine
+from nanochat.files import get_base_dir
 from nanochat.rl import (group_advantages, group_seed, pass_at_k, policy_gradient_loss, rollout_rows, rows_to_batch,
                          sample_group, trained_tokens)
 from nanochat.tasks import Arithmetic, Task

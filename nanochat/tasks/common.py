@@ -37,8 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.files import get_base_dir
 from nanochat.download import DownloadError, DownloadGaveUpError, DownloadNotFoundError, download_file
+from nanochat.files import get_base_dir
 
 EVAL_TYPES = ("generative", "categorical")
 
