@@ -198,9 +198,13 @@ BASE_FLAGS = ["--num-iterations", str(BASE_STEPS), "--eval-every", str(BASE_STEP
               "--model-tag", BASE_TAG, *WORKER_CPUS]
 SFT_FLAGS = ["--model-tag", SFT_TAG, "--mixture", "offline", "--num-iterations", str(SFT_STEPS), "--eval-every",
              "-1", "--eval-tokens", str(4 * SEQ_LEN), "--compile", "off", *WORKER_CPUS]
-# chat_rl: two steps on the offline arithmetic task, pass@1 at the end.
-RL_FLAGS = ["--model-tag", RL_TAG, "--task", "arithmetic", "--num-steps", "2", "--examples-per-step", "2",
-            "--num-samples", "2", "--max-new-tokens", "8", "--eval-every", "-1", "--eval-examples", "2", "--eval-k",
+# chat_rl: 12 steps on the offline arithmetic task, pass@1 every 4 and at the end. A gauge reaches the
+# export endpoint only at its worker's next metrics report (every second here), and these steps take
+# about 0.1-0.2 s: two steps with pass@1 at the end were once all over between two reports, and
+# Prometheus never saw an RL series. 12 steps publish for more than a report interval.
+RL_STEPS = 12
+RL_FLAGS = ["--model-tag", RL_TAG, "--task", "arithmetic", "--num-steps", str(RL_STEPS), "--examples-per-step", "2",
+            "--num-samples", "2", "--max-new-tokens", "8", "--eval-every", "4", "--eval-examples", "2", "--eval-k",
             "2", "--num-rollout-workers", "1", "--rollout-cpus", "0.25", *WORKER_CPUS]
 # Series whose values may honestly all be 0 or below. Between requests nothing decodes or waits,
 # so the idle gauges read 0; a random model solves no arithmetic problem; CORE is centred on the
@@ -385,7 +389,7 @@ def test_prometheus_on_rays_generated_config_has_the_training_runs_and_the_chat_
     recorded_steps = {phase: [record["step"] for record in histories[phase] if key in record]
                       for phase, key in (("base", "loss"), ("sft", "loss"), ("rl", "mean_reward"))}
     assert recorded_steps == {"base": list(range(1, BASE_STEPS + 1)), "sft": list(range(1, SFT_STEPS + 1)),
-                              "rl": [0, 1]}
+                              "rl": list(range(RL_STEPS))}
     gauges = {expr: TRAINER_GAUGE.fullmatch(expr).groups() for expr in queries if TRAINER_GAUGE.fullmatch(expr)}
     assert len(gauges) >= 12
     for expr, (phase, key) in gauges.items():
