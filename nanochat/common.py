@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from nanochat.files import atomic_write
+
 logger = logging.getLogger("nanochat")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -62,14 +64,8 @@ def print0(*args, **kwargs) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary name in the same folder, fsync, then rename into place."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to `path` atomically (nanochat.files.atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def peak_flops(device: torch.device | str) -> float:

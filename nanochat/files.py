@@ -3,6 +3,8 @@ read, tokenize or route (Ray Data workers, the tokenizer, the Serve ingress) imp
 paying for torch's import, a second of every process's start."""
 
 import os
+from collections.abc import Callable
+from typing import BinaryIO
 
 
 def get_base_dir() -> str:
@@ -15,12 +17,18 @@ def get_base_dir() -> str:
     return base
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that a crash never leaves a partial file under that name."""
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """Call `write` on a temporary file beside `path`, fsync it, then rename it into place, so
+    that a crash never leaves a partial file under that name."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
-        f.write(data)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(data))
