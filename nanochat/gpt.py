@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from nanochat.common import COMPUTE_DTYPE, get_dist_info, print0
 from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
 from nanochat.fp8 import fp8_linear
+from nanochat.lm_loss import chunked_softcap_cross_entropy
 
 LOGIT_SOFTCAP = 15.0
 VOCAB_PAD_MULTIPLE = 64
@@ -496,6 +497,10 @@ class GPT(nn.Module):
             x = x[:, -1:]
         x = norm(x)
 
+        if targets is not None and loss_reduction != "none" and not (self.lm_head.fp8 and self.training):
+            weight = cast(self.lm_head.weight[:self.config.vocab_size], x.dtype)
+            return chunked_softcap_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1),
+                                                 LOGIT_SOFTCAP, loss_reduction)
         logits = self.lm_head(x)
         if self.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]

@@ -21,6 +21,9 @@ Every group also gets `initial_lr` (the lr it was built with), because the train
 `group['lr'] = group['initial_lr'] * schedule(step)` and, for muon groups, `group['momentum']`
 and `group['weight_decay']` before each step; `step()` reads them afresh every time.
 
+`compile_step()` runs the update math through torch.compile (the trainers call it when they
+compile the model).
+
 Inside a muon group the matrices are bucketed by shape, so that all same-shaped matrices
 (e.g. every layer's c_q) are stacked and orthogonalized in one batched matmul chain.
 
@@ -54,6 +57,7 @@ POLAR_EXPRESS_SAFETY = 1.01  # the input is divided by 1.01 x its norm: the coef
 ADAMW_DEFAULTS = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
 MUON_DEFAULTS = {"momentum": 0.95, "ns_steps": 5, "beta2": 0.9, "weight_decay": 0.0}
 GROUP_DEFAULTS = {"adamw": ADAMW_DEFAULTS, "muon": MUON_DEFAULTS}
+COMPILED_ADAMW_MIN_NUMEL = 1 << 16  # MuonAdamW.compile_step compiles the AdamW update of params this large
 
 # Older torch names the single-tensor collectives reduce_scatter_tensor / all_gather_into_tensor;
 # torch 2.13 renames them *_single and warns on the old names. Gloo implements both, async
@@ -131,63 +135,63 @@ def _normuon_(update: Tensor, second_moments: Tensor, beta2: float) -> Tensor:
     return normalized * norm_ratio
 
 
-def _muon_update_(params: list[Tensor], grads: list[Tensor], buffers: list[tuple[Tensor, Tensor]],
-                  group: dict) -> None:
-    """One Muon step, in place, for same-shaped matrices `params` with (averaged) `grads`;
-    `buffers` holds each matrix's (momentum, second moment) state."""
-    momentum, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-    momentum_buffers = [m for m, _ in buffers]
+def _muon_update_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                  second_moments: list[Tensor], momentum, lr, weight_decay, beta2, ns_steps: int) -> None:
+    """One Muon step, in place, for same-shaped matrices `params` with (averaged) `grads` and each
+    matrix's momentum and second-moment state. The hyper-parameters are floats, or 0-D fp32 tensors
+    when the step is compiled (a float would be a constant of the compiled code, recompiled at
+    every new learning rate)."""
     # Nesterov momentum in lerp form: buf <- m*buf + (1-m)*g, then step along (1-m)*g + m*buf.
     torch._foreach_lerp_(momentum_buffers, grads, 1.0 - momentum)
     nesterov = torch._foreach_lerp(grads, momentum_buffers, momentum)
-    update = orthogonalize(equilibrate_rows(torch.stack(nesterov)), group["ns_steps"]).float()
+    update = orthogonalize(equilibrate_rows(torch.stack(nesterov)), ns_steps).float()
     rows, cols = params[0].shape
     # Reset the norm to sqrt(min(rows, cols)), an exactly semi-orthogonal matrix's, which the
     # iteration only approaches.
     update = update * (min(rows, cols) ** 0.5 / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6))
-    second_moments = torch.stack([v for _, v in buffers]).float()
-    update = _normuon_(update, second_moments, group["beta2"])
-    torch._foreach_copy_([v for _, v in buffers], list(second_moments.unbind(0)))
+    stacked_moments = torch.stack(second_moments).float()
+    update = _normuon_(update, stacked_moments, beta2)
+    torch._foreach_copy_(second_moments, list(stacked_moments.unbind(0)))
     # An orthogonalized (rows, cols) update has RMS entry 1/sqrt(max(rows, cols)); the factor
     # keeps the per-entry step size of tall matrices comparable to that of wide ones. It scales
     # the weight decay too.
     step = lr * max(1.0, rows / cols) ** 0.5
     weights = torch.stack(params).float()
     # Cautious weight decay: only where the update and the weight agree in sign.
-    decay = weights * ((update * weights) >= 0) if wd != 0.0 else 0.0
-    weights.sub_(step * update + step * wd * decay)
+    decay = weights * ((update * weights) >= 0)
+    weights.sub_(step * update + step * weight_decay * decay)
     torch._foreach_copy_(params, list(weights.unbind(0)))
 
 
-def _adamw_update_(param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
-    """One bias-corrected AdamW step, in place, with decoupled weight decay.
+def _adamw_update_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr, beta1, beta2, eps,
+                   weight_decay, bias_correction1, bias_correction2) -> None:
+    """One bias-corrected AdamW step, in place, with decoupled weight decay; the hyper-parameters
+    are floats or 0-D fp32 tensors, as for _muon_update_.
 
     The math runs in fp32 even for bf16 params (1 - beta2 is not representable in bf16);
     the state is kept in the param's dtype so that load_state_dict, which casts state to the
     param's dtype, gives back exactly what was saved.
     """
-    if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param)
-        state["exp_avg_sq"] = torch.zeros_like(param)
-    state["step"] += 1
-    step = state["step"]
-    beta1, beta2 = group["betas"]
-    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     # .float() is a no-op on fp32 tensors, so in the common case the ops below are in place.
-    param32, exp_avg, exp_avg_sq = param.float(), state["exp_avg"].float(), state["exp_avg_sq"].float()
+    param32, exp_avg32, exp_avg_sq32 = param.float(), exp_avg.float(), exp_avg_sq.float()
     grad32 = grad.float()
-    if wd != 0.0:
-        param32.mul_(1.0 - lr * wd)
-    exp_avg.lerp_(grad32, 1.0 - beta1)
-    exp_avg_sq.lerp_(grad32.square(), 1.0 - beta2)
-    bias_correction1 = 1.0 - beta1 ** step
-    bias_correction2 = 1.0 - beta2 ** step
-    denom = (exp_avg_sq / bias_correction2).sqrt_().add_(eps)
-    param32.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-    for target, result in ((param, param32), (state["exp_avg"], exp_avg), (state["exp_avg_sq"], exp_avg_sq)):
+    param32.mul_(1.0 - lr * weight_decay)
+    exp_avg32.lerp_(grad32, 1.0 - beta1)
+    exp_avg_sq32.lerp_(grad32.square(), 1.0 - beta2)
+    denom = (exp_avg_sq32 / bias_correction2).sqrt_().add_(eps)
+    if isinstance(lr, Tensor):
+        param32.sub_(exp_avg32 / denom * (lr / bias_correction1))
+    else:
+        param32.addcdiv_(exp_avg32, denom, value=-lr / bias_correction1)
+    for target, result in ((param, param32), (exp_avg, exp_avg32), (exp_avg_sq, exp_avg_sq32)):
         if target is not result:
             target.copy_(result)
+
+
+def _hyper_tensor(value: float) -> Tensor:
+    """A hyper-parameter as the compiled update takes it: a 0-D fp32 tensor on the CPU (which
+    mixes with tensors of any device as a scalar does)."""
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def _check_muon_group(group: dict) -> None:
@@ -229,6 +233,17 @@ class MuonAdamW(torch.optim.Optimizer):
                              "[{'kind': 'muon', 'params': matrices, 'lr': 0.02}, "
                              "{'kind': 'adamw', 'params': others, 'lr': 0.004}]")
         super().__init__(param_groups, defaults={})
+        self._compiled_muon = self._compiled_adamw = None
+
+    def compile_step(self) -> None:
+        """Run the update math through torch.compile from the next step on: the elementwise passes
+        of each Muon bucket and of each AdamW param of at least COMPILED_ADAMW_MIN_NUMEL entries
+        are fused. The hyper-parameters then go in as 0-D tensors, so that a new learning rate or
+        momentum does not recompile. Every shape is one compiled graph; the small AdamW params
+        (the per-layer scalars, the smear gate) stay eager, which keeps the count under dynamo's
+        recompile limit and costs nothing measurable."""
+        self._compiled_muon = torch.compile(_muon_update_, dynamic=False, fullgraph=True)
+        self._compiled_adamw = torch.compile(_adamw_update_, dynamic=False, fullgraph=True)
 
     def add_param_group(self, param_group: dict) -> None:
         """Validate a group, fill in the defaults of its kind and record its initial_lr."""
@@ -255,10 +270,9 @@ class MuonAdamW(torch.optim.Optimizer):
         group["initial_lr"] = group["lr"]
         super().add_param_group(group)
 
-    def _muon_buffers(self, params: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-        """Each matrix's (momentum, second moment) Muon state, created as zeros on first use; the
-        second moment is one value per row, or per column for a wide matrix."""
-        buffers = []
+    def _muon_update(self, params: list[Tensor], grads: list[Tensor], group: dict) -> None:
+        """One Muon step of same-shaped matrices, creating their state as zeros on first use: a
+        momentum buffer, and a second moment per row (per column for a wide matrix)."""
         for p in params:
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -266,8 +280,27 @@ class MuonAdamW(torch.optim.Optimizer):
             if "second_momentum_buffer" not in state:
                 rows, cols = p.shape
                 state["second_momentum_buffer"] = p.new_zeros((rows, 1) if rows >= cols else (1, cols))
-            buffers.append((state["momentum_buffer"], state["second_momentum_buffer"]))
-        return buffers
+        kernel, hyper = (self._compiled_muon, _hyper_tensor) if self._compiled_muon is not None else (_muon_update_, float)
+        kernel(params, grads, [self.state[p]["momentum_buffer"] for p in params],
+               [self.state[p]["second_momentum_buffer"] for p in params], hyper(group["momentum"]), hyper(group["lr"]),
+               hyper(group["weight_decay"]), hyper(group["beta2"]), group["ns_steps"])
+
+    def _adamw_update(self, param: Tensor, grad: Tensor, group: dict, update: Tensor | None = None) -> None:
+        """One AdamW step of `param`, or of `update`, a slice of it whose state `param`'s holds
+        (created as zeros of the slice's shape on first use)."""
+        state = self.state[param]
+        update = param if update is None else update
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(update)
+            state["exp_avg_sq"] = torch.zeros_like(update)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        compiled = self._compiled_adamw is not None and update.numel() >= COMPILED_ADAMW_MIN_NUMEL
+        kernel, hyper = (self._compiled_adamw, _hyper_tensor) if compiled else (_adamw_update_, float)
+        kernel(update, grad, state["exp_avg"], state["exp_avg_sq"], hyper(group["lr"]), hyper(beta1), hyper(beta2),
+               hyper(group["eps"]), hyper(group["weight_decay"]), hyper(1.0 - beta1 ** state["step"]),
+               hyper(1.0 - beta2 ** state["step"]))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -279,10 +312,10 @@ class MuonAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if group["kind"] == "adamw":
                 for p in params:
-                    _adamw_update_(p, p.grad, self.state[p], group)
+                    self._adamw_update(p, p.grad, group)
             else:
                 for bucket in _bucket_by_shape(params):
-                    _muon_update_(bucket, [p.grad for p in bucket], self._muon_buffers(bucket), group)
+                    self._muon_update(bucket, [p.grad for p in bucket], group)
         return loss
 
 
@@ -365,10 +398,10 @@ class DistMuonAdamW(MuonAdamW):
             reduction.wait()
             grad_slice.div_(world_size)
             if not sharded:
-                _adamw_update_(param, grad_slice, self.state[param], group)
+                self._adamw_update(param, grad_slice, group)
                 return lambda: None
             param_slice = param[rank * slice_rows:(rank + 1) * slice_rows]
-            _adamw_update_(param_slice, grad_slice, self.state[param], group)
+            self._adamw_update(param, grad_slice, group, update=param_slice)
             # Gathering from a slice of the output itself is the in-place form NCCL documents
             # (and gloo handles), so no extra buffer is needed.
             gather = _all_gather_single(param, param_slice, async_op=True)
@@ -392,7 +425,7 @@ class DistMuonAdamW(MuonAdamW):
             reduction.wait()
             if owned:
                 owned_grads = list(grad_chunk[:len(owned)].div_(world_size).unbind(0))
-                _muon_update_(owned, owned_grads, self._muon_buffers(owned), group)
+                self._muon_update(owned, owned_grads, group)
                 # The reduced gradients are used up: reuse their buffer to send the updated matrices.
                 grad_chunk[:len(owned)].copy_(torch.stack(owned))
             # The stacked gradients are used up too: reuse them to receive every rank's matrices.

@@ -385,7 +385,7 @@ def train_loop_per_worker(config: dict) -> None:
         history[-1].update(restored_from_checkpoint=True, model_verifications=meta["model_verifications"])
     if args.fp8:
         history[-1].update(fp8_setup(model, device))
-    train_model = maybe_compile(model, args.compile, device)
+    train_model = maybe_compile(model, optimizer, args.compile, device)
 
     num_steps = horizon["num_iterations"]
     grad_accum = horizon["grad_accum_steps"]

@@ -121,7 +121,10 @@ def plain_loop(args, tokenizer: Tokenizer, train_files: list[str], variants: tup
         optimizer = model.setup_optimizer(unembedding_lr=recipe.unembedding_lr * scale,
                                           embedding_lr=recipe.embedding_lr * scale, matrix_lr=recipe.matrix_lr * scale,
                                           scalar_lr=recipe.scalar_lr * scale, weight_decay=recipe.weight_decay)
-        forward = torch.compile(model, dynamic=False) if variant == "compiled" else model
+        forward = model
+        if variant == "compiled":  # as train_common.maybe_compile does
+            optimizer.compile_step()
+            forward = torch.compile(model, dynamic=False)
         runs[variant] = {"model": model, "optimizer": optimizer, "forward": forward, "steps": [], "waits": []}
     batches = itertools.chain.from_iterable(
         packed_batches(path, tokenizer, args.device_batch_size, args.max_seq_len) for path in itertools.cycle(train_files))

@@ -232,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
     history = meta["history"] if meta else []  # every record of the run so far (rank 0 keeps it)
     if meta:
         history.append({"step": start_step, "restored_from_checkpoint": True, "time": time.time()})
-    train_model = maybe_compile(model, args.compile, device)
+    train_model = maybe_compile(model, optimizer, args.compile, device)
 
     num_steps, grad_accum = cfg["num_iterations"], cfg["grad_accum_steps"]
     tokenizer = Tokenizer.from_directory(cfg["tokenizer_dir"])

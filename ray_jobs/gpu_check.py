@@ -26,7 +26,12 @@ on synthetic tokens, and checks and measures, one section each:
   capability below 8.9) the section passes with the reason, as base_train falls back to bf16; the
   CPU smoke runs it through PyTorch's CPU _scaled_mm, eagerly.
 
-They run in the order precision, attention, kv_greedy, decode, fp8, compile (with train_d12), train_d20.
+- lm_loss: the chunked training loss (nanochat.lm_loss, what GPT trains with) against the plain
+  one through the whole logits tensor, on d20's lm_head over 8 rows of 2048 tokens: loss and
+  gradients, time and peak memory of each.
+
+They run in the order precision, attention, kv_greedy, decode, fp8, lm_loss, compile (with train_d12),
+train_d20.
 
 Each section has a time budget; a global deadline (`--deadline-s`) skips the sections whose budget
 no longer fits and says so. The run prints a table, writes one JSON file (`--out`) with every
@@ -36,7 +41,7 @@ check's pass/fail, figures and tolerances, and ends with one `RESULT <name> <val
 
 Precision is switched the way the library decides it, through the compute dtype that nanochat.gpt
 and nanochat.kv_cache read (nanochat.common.COMPUTE_DTYPE, bf16 on the GPU): `compute_dtype`
-sets it for one pass and a hook on the lm_head confirms the activations really had that dtype.
+sets it for one pass and a hook on the last block confirms the activations really had that dtype.
 """
 
 import argparse
@@ -56,6 +61,7 @@ from nanochat.engine import Engine, greedy_decode_without_cache
 from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
 from nanochat.fp8 import enable_fp8, fp8_linear, fp8_unavailable_reason
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.lm_loss import chunked_softcap_cross_entropy
 from ray_jobs import engine_timing
 from ray_jobs.bench_results import result_line
 
@@ -95,6 +101,10 @@ FP8_GRAD_REL_TOL = 0.12
 # A whole model's loss averages those errors over every token: a step in fp8 lands within a
 # fraction of a percent of bf16's; 2% is the bound.
 FP8_LOSS_REL_TOL = 2e-2
+# The chunked training loss against the plain one: the same bf16 matmuls and fp32 soft-cap and
+# softmax, summed in another order; the gradient of the logits is rounded to bf16 in both before
+# its two matmuls. They differ by rounding alone, well under 1%; a wrong term is off by O(1).
+LM_LOSS_REL_TOL = 1e-2
 
 # --- sizes ------------------------------------------------------------------------------------
 GPU_SIZES = {
@@ -116,7 +126,10 @@ GPU_SIZES = {
     "fp8": dict(tokens=8 * 2048, in_features=1536, out_features=6144, depth=4, batch=8, sequence_len=2048,
                 compile=True),
     # seconds each section may take; a section starts only when its budget fits before the deadline
-    "budgets": {"precision": 40, "attention": 20, "kv_greedy": 30, "decode": 50, "fp8": 60, "compile_and_train_d12": 150,
+    # d20's lm_head (width 1280, 32,768 tokens) over 8 rows of 2048 tokens: 2 GiB of fp32 logits
+    "lm_loss": dict(rows=8 * 2048, width=1280, vocab_size=32768),
+    "budgets": {"precision": 40, "attention": 20, "kv_greedy": 30, "decode": 50, "fp8": 60, "lm_loss": 20,
+                "compile_and_train_d12": 150,
                 "train_d20": 150},
 }
 CPU_SIZES = {
@@ -130,7 +143,9 @@ CPU_SIZES = {
     "decode": dict(depth=2, batches=(1, 8, 32), batch_ratio_target=2.0),
     # width 128 at depth 4 (aspect ratio 32): the smallest GPT whose block matrices take fp8
     "fp8": dict(tokens=256, in_features=128, out_features=512, depth=4, batch=2, sequence_len=64, compile=False),
-    "budgets": {"precision": 10, "attention": 5, "kv_greedy": 10, "decode": 20, "fp8": 10, "compile_and_train_d1": 60,
+    "lm_loss": dict(rows=2048, width=64, vocab_size=512),  # 2 chunks on a CPU
+    "budgets": {"precision": 10, "attention": 5, "kv_greedy": 10, "decode": 20, "fp8": 10, "lm_loss": 5,
+                "compile_and_train_d1": 60,
                 "train_d2": 40},
 }
 
@@ -190,12 +205,12 @@ class Run:
 @contextlib.contextmanager
 def compute_dtype(model: GPT, dtype: torch.dtype):
     """Run `model` with activations in `dtype` (its weights stay fp32): the switch NANOCHAT_DTYPE
-    makes for a whole process, for one pass. Yields the list of dtypes the lm_head saw."""
+    makes for a whole process, for one pass. Yields the list of dtypes the last block's input had."""
     previous = gpt_module.COMPUTE_DTYPE, kv_cache_module.COMPUTE_DTYPE
     gpt_module.COMPUTE_DTYPE = kv_cache_module.COMPUTE_DTYPE = dtype
     model.init_buffers()
     seen: list[torch.dtype] = []
-    hook = model.lm_head.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
+    hook = model.transformer.h[-1].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].dtype))
     try:
         yield seen
     finally:
@@ -410,7 +425,8 @@ def check_training(run: Run, spec: dict, compare_eager: bool) -> None:
     config = run.config(spec["depth"], spec["sequence_len"])
     model = run.model(config)
     optimizer = model.setup_optimizer()
-    compiled = torch.compile(model, dynamic=False)  # as train_common.maybe_compile does on CUDA
+    optimizer.compile_step()  # as train_common.maybe_compile does on CUDA
+    compiled = torch.compile(model, dynamic=False)
     batches = [run.tokens(spec["batch"], spec["sequence_len"], config.vocab_size, seed) for seed in range(2)]
     if compare_eager:
         x, y = batches[0]
@@ -547,13 +563,62 @@ def check_fp8(run: Run) -> None:
     run.result("fp8_loss_rel_error", figures["loss_rel_error"], "<=", FP8_LOSS_REL_TOL)
 
 
+def lm_loss_pass(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunked: bool):
+    """The training loss of an lm_head over hidden states x, and its gradients: chunked as GPT
+    trains (nanochat.lm_loss), or through the whole logits tensor (the plain way)."""
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    if chunked:
+        loss = chunked_softcap_cross_entropy(x, weight, targets, gpt_module.LOGIT_SOFTCAP)
+    else:
+        logits = (x @ weight.t()).float()
+        capped = gpt_module.LOGIT_SOFTCAP * torch.tanh(logits / gpt_module.LOGIT_SOFTCAP)
+        loss = torch.nn.functional.cross_entropy(capped, targets, ignore_index=-1)
+    loss.backward()
+    return loss.detach(), {"x": x.grad, "weight": weight.grad}
+
+
+def check_lm_loss(run: Run) -> None:
+    """The chunked training loss against the plain one on the same bf16 hidden states and lm_head,
+    d20's head over one device batch: loss, gradients, time and peak memory of each."""
+    size = run.sizes["lm_loss"]
+    generator = torch.Generator(device=run.device).manual_seed(run.seed + 11)
+    x = torch.randn(size["rows"], size["width"], generator=generator, device=run.device).to(COMPUTE_DTYPE)
+    weight = (torch.randn(size["vocab_size"], size["width"], generator=generator, device=run.device)
+              * size["width"] ** -0.5).to(COMPUTE_DTYPE)
+    targets = torch.randint(0, size["vocab_size"], (size["rows"],), generator=generator, device=run.device)
+    targets[::50] = -1
+    figures, outputs = {}, {}
+    for name, chunked in (("plain", False), ("chunked", True)):
+        lm_loss_pass(x, weight, targets, chunked)  # warm-up
+        run.sync()
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+            base = torch.cuda.memory_allocated(run.device)
+        started = time.perf_counter()
+        outputs[name] = lm_loss_pass(x, weight, targets, chunked)
+        run.sync()
+        figures[f"{name}_ms"] = 1000 * (time.perf_counter() - started)
+        if run.device.type == "cuda":
+            figures[f"{name}_peak_gib"] = (torch.cuda.max_memory_allocated(run.device) - base) / 2 ** 30
+    (plain_loss, plain_grads), (chunked_loss, chunked_grads) = outputs["plain"], outputs["chunked"]
+    figures.update(rows=size["rows"], vocab_size=size["vocab_size"], loss=float(plain_loss),
+                   loss_rel_error=abs(float(chunked_loss) - float(plain_loss)) / abs(float(plain_loss)),
+                   grad_x_rel_error=relative_error([chunked_grads["x"]], [plain_grads["x"]]),
+                   grad_weight_rel_error=relative_error([chunked_grads["weight"]], [plain_grads["weight"]]))
+    passed = (figures["loss_rel_error"] <= LM_LOSS_REL_TOL and figures["grad_x_rel_error"] <= LM_LOSS_REL_TOL
+              and figures["grad_weight_rel_error"] <= LM_LOSS_REL_TOL)
+    run.add("lm_loss", passed, figures, {"loss_rel_error": LM_LOSS_REL_TOL, "grad_rel_error": LM_LOSS_REL_TOL})
+    run.result("lm_loss_grad_rel_error", max(figures["grad_x_rel_error"], figures["grad_weight_rel_error"]), "<=",
+               LM_LOSS_REL_TOL)
+
+
 def sections(run: Run) -> list[tuple[str, object]]:
     """(budget key, callable) in the order they run: the quick sections first, the training ones (which
     compile) last, so that a deadline cuts the most expensive section first."""
     first, *rest = run.sizes["train"]
     plan = [("precision", lambda: check_precision(run)), ("attention", lambda: check_attention(run)),
             ("kv_greedy", lambda: check_kv_greedy(run)), ("decode", lambda: check_decode(run)),
-            ("fp8", lambda: check_fp8(run)),
+            ("fp8", lambda: check_fp8(run)), ("lm_loss", lambda: check_lm_loss(run)),
             (f"compile_and_train_{first['name']}", lambda: check_training(run, first, compare_eager=True))]
     return plan + [(f"train_{spec['name']}", lambda spec=spec: check_training(run, spec, compare_eager=False))
                    for spec in rest]

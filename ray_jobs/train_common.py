@@ -182,8 +182,10 @@ def build_model(model_config: dict, device: torch.device, seed: int) -> GPT:
     return model
 
 
-def maybe_compile(model: torch.nn.Module, mode: str, device: torch.device) -> torch.nn.Module:
-    """torch.compile per --compile ('on', 'off', or 'auto').
+def maybe_compile(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: str,
+                  device: torch.device) -> torch.nn.Module:
+    """torch.compile per --compile ('on', 'off', or 'auto'): the model returned, and the optimizer's
+    update math (MuonAdamW.compile_step) in place.
 
     'auto' compiles on CUDA, and on CPU when a C++ compiler is installed (Inductor generates C++
     there): bench_train measured the compiled d2 model 1.9x faster per step than eager on 2 CPUs,
@@ -191,6 +193,7 @@ def maybe_compile(model: torch.nn.Module, mode: str, device: torch.device) -> to
     so it pays from about 100 steps. Evaluation and sampling use the eager model (their shapes vary)."""
     compiler_found = any(shutil.which(name) for name in (os.environ.get("CXX", "g++"), "c++", "clang++"))
     if mode == "on" or (mode == "auto" and (device.type == "cuda" or compiler_found)):
+        optimizer.compile_step()
         return torch.compile(model, dynamic=False)  # GPT() has chosen its attention kernel already
     return model
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanochat.gpt import GPT, GPTConfig, config_from_depth, has_value_embedding
 from nanochat.kv_cache import KVCache
@@ -246,3 +247,40 @@ def test_smear_and_backout_are_config_flags_with_their_own_optimizer_group():
     plain = build(GPTConfig(**{**TINY.__dict__, "smear": False, "backout": False}))
     assert not {"smear_gate.weight", "smear_lambda", "backout_lambda"} & set(plain.state_dict())
     assert not any(g["lr"] == 0.2 and g["kind"] == "adamw" for g in plain.setup_optimizer().param_groups)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_training_loss_matches_the_logits_path_in_float64(monkeypatch, reduction):
+    """The training loss (lm_head, soft-cap and cross-entropy over chunks of rows, gradients from
+    the forward pass: nanochat.lm_loss) and its gradients against the whole model in float64, with
+    the logits, soft-cap and cross-entropy in float64 too."""
+    from nanochat import lm_loss
+
+    model = _trained_looking(build())
+    idx = torch.randint(0, TINY.vocab_size, (3, 32))
+    targets = torch.roll(idx, -1, dims=1)
+    targets[0, :5] = -1
+    targets[2, -1] = -1
+    monkeypatch.setitem(lm_loss.CHUNK_BYTES, "cpu", 4 * TINY.vocab_size * 10)  # 10 rows a chunk: 10 chunks
+    model.train()
+    loss = model(idx, targets=targets, loss_reduction=reduction)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    reference = build().double()
+    reference.load_state_dict(model.state_dict())
+    monkeypatch.setattr("nanochat.gpt.COMPUTE_DTYPE", torch.float64)
+    final_hidden = []
+    reference.lm_head.register_forward_hook(lambda module, inputs, output: final_hidden.append(inputs[0]))
+    reference(idx)  # the logits path, whose own logits the model returns in fp32
+    logits = final_hidden[0] @ reference.lm_head.weight[:TINY.vocab_size].t()
+    capped = 15.0 * torch.tanh(logits / 15.0)
+    expected = F.cross_entropy(capped.view(-1, TINY.vocab_size), targets.view(-1), ignore_index=-1, reduction=reduction)
+    expected_grads = torch.autograd.grad(expected, list(reference.parameters()))
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=1e-6)
+    # fp32 rounding, against the scale of the gradients (backout's is 0 here: the last layer's
+    # residual is backed out, and the final norm undoes a scale)
+    atol = 1e-5 * max(g.abs().max().item() for g in expected_grads)
+    for (name, _), grad, expected_grad in zip(model.named_parameters(), grads, expected_grads):
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=atol, msg=name)
+    with torch.no_grad():  # evaluation computes the loss alone, the same
+        torch.testing.assert_close(model(idx, targets=targets, loss_reduction=reduction), loss)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ray_jobs import gpu_check
 
-SECTIONS = ["precision", "attention", "kv_greedy", "decode", "fp8", "compile", "train_d1", "train_d2"]
+SECTIONS = ["precision", "attention", "kv_greedy", "decode", "fp8", "lm_loss", "compile", "train_d1", "train_d2"]
 
 
 def run_check(tmp_path, *args):
@@ -65,6 +65,8 @@ def test_cpu_smoke_passes_every_check_with_real_figures_and_never_imports_ray(tm
     assert 0 < fp8["out_rel_diff_vs_bf16"] <= gpu_check.FP8_OUT_REL_TOL
     assert 0 < fp8["grad_input_rel_diff_vs_bf16"] <= gpu_check.FP8_GRAD_REL_TOL
     assert fp8["fp8_layers"] == 6 * 4 + 1 and 0 < fp8["loss_rel_error"] <= gpu_check.FP8_LOSS_REL_TOL
+    lm_loss = figures["lm_loss"]  # 2 chunks against the whole logits tensor: fp32 rounding apart
+    assert lm_loss["loss_rel_error"] <= 1e-6 and 0 < lm_loss["grad_weight_rel_error"] <= 1e-5
     decode = figures["decode"]
     assert all(decode[f"tokens_per_second_batch_{batch}"] > 0 for batch in (1, 8, 32))
     assert decode["batch_32_over_batch_1"] >= 2.0
@@ -73,7 +75,7 @@ def test_cpu_smoke_passes_every_check_with_real_figures_and_never_imports_ray(tm
     header = next(i for i, line in enumerate(lines) if line.startswith("check "))
     assert [line.split()[:2] for line in lines[header + 1:header + 1 + len(SECTIONS)]] == [[n, "PASS"] for n in SECTIONS]
     results = [line for line in lines if line.startswith("RESULT ")]
-    assert results == report["results"] and len(results) == 10
+    assert results == report["results"] and len(results) == 11
     assert all(line.startswith("RESULT gpu_check_") and line.endswith(" PASS") for line in results)
 
 
@@ -82,5 +84,6 @@ def test_the_deadline_skips_sections_and_says_so(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert report["checks"] == [] and not report["complete"]
     skipped = [item["section"] for item in report["skipped"]]
-    assert skipped == ["precision", "attention", "kv_greedy", "decode", "fp8", "compile_and_train_d1", "train_d2"]
+    assert skipped == ["precision", "attention", "kv_greedy", "decode", "fp8", "lm_loss", "compile_and_train_d1",
+                       "train_d2"]
     assert sum(line.split()[1:2] == ["SKIP"] for line in proc.stdout.splitlines()) == len(skipped)

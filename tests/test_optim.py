@@ -370,3 +370,34 @@ def test_misspelled_key_missing_lr_and_bad_values_are_rejected():
         MuonAdamW([{"kind": "muon", "params": [p], "lr": 0.1, "beta2": 1.0}])
     with pytest.raises(ValueError, match="orthogonalize needs a matrix"):
         orthogonalize(torch.ones(3))
+
+
+def test_compiled_step_matches_eager_and_a_new_schedule_does_not_recompile():
+    """compile_step(): the same parameters and state as the eager step over steps whose lr,
+    momentum and weight decay change, with one compiled graph per shape, never more."""
+    from torch._dynamo.utils import counters
+
+    initial = _make_params()
+    initial["big"] = torch.randn(256, 256, generator=torch.Generator().manual_seed(5))  # a compiled AdamW param
+    runs = {}
+    for variant in ("eager", "compiled"):
+        params = {name: nn.Parameter(value.clone()) for name, value in initial.items()}
+        opt = _make_optimizer(MuonAdamW, params)
+        opt.add_param_group({"kind": "adamw", "params": [params["big"]], "lr": 0.01, "weight_decay": 0.1})
+        if variant == "compiled":
+            torch._dynamo.reset()
+            counters.clear()
+            opt.compile_step()
+        for step in range(STEPS):
+            _step(opt, params, step, rank=0)
+            if variant == "compiled" and step == 0:
+                graphs_after_first_step = counters["stats"]["unique_graphs"]
+        runs[variant] = (params, opt)
+    # 3 Muon bucket shapes (8x16, 12x4, 5x7) and the one AdamW param over COMPILED_ADAMW_MIN_NUMEL
+    assert graphs_after_first_step == 4
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_step
+    (eager, eager_opt), (compiled, compiled_opt) = runs["eager"], runs["compiled"]
+    for name in initial:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+        for key, value in eager_opt.state[eager[name]].items():
+            torch.testing.assert_close(compiled_opt.state[compiled[name]][key], value, rtol=1e-5, atol=1e-6)
