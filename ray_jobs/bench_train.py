@@ -9,7 +9,9 @@ One run measures, on the same model config and the same data (the `sample` sourc
 - (a) a plain single-process loop over the nanochat core: GPT + MuonAdamW + the trainer's default
   schedule, batches packed in the same process (base_eval.packed_batches), no Ray anywhere. It
   steps a torch.compile'd copy and an eager copy in turn, on the same batches, so both see the
-  same machine load; it runs before AND after the Ray runs, and the ratios use the mean;
+  same machine load; it runs before AND after the Ray runs (after shutting down the local Ray
+  cluster that bench_train started, so that neither pass shares the CPUs with Ray's idle
+  processes), and the ratios use the mean;
 - (b) ray_jobs.base_train through Ray Train with 1 worker, compiled (what users run) and eager:
   the Ray Data stream, the reports, gauges and the progress line included. Its step time is the
   wall time between the stamps of consecutive steps in the run's history, so everything between
@@ -303,13 +305,18 @@ def main(argv=None) -> dict:
     if args.reference:
         print(f"the reference's base_train ({_load()})", flush=True)
         reference = reference_loop(args, tokenizer, shards.train_files, shards.val_files)
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     on_ray = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as storage:
         for variant in variants:
             print(f"base_train on Ray Train, 1 worker, {variant} ({_load()})", flush=True)
             on_ray[variant] = ray_loop(args, storage, "on" if variant == "compiled" else "off")
+    if started_ray and not os.environ.get("RAY_ADDRESS"):
+        # The plain loop runs without Ray, as before the Ray runs: the local cluster's idle
+        # processes alone took 6% of a d4 step on 2 CPUs (measured), which belongs to the Ray path.
+        ray.shutdown()
     print(f"plain loop, after the Ray runs ({_load()})", flush=True)
     after = plain_loop(args, tokenizer, shards.train_files, variants)
     matmul_flops = (matmul_before + measure_matmul_flops(torch.device("cpu"), seconds=2.0)) / 2
