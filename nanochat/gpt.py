@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from nanochat.common import COMPUTE_DTYPE, get_dist_info, print0
 from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
 from nanochat.fp8 import fp8_linear
-from nanochat.lm_loss import chunked_softcap_cross_entropy
+from nanochat.lm_loss import chunked_softcap_cross_entropy, soft_cap
 
 LOGIT_SOFTCAP = 15.0
 VOCAB_PAD_MULTIPLE = 64
@@ -505,7 +505,7 @@ class GPT(nn.Module):
         if self.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]
         logits = cast(logits, torch.float32)
-        logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
+        logits = soft_cap(logits, LOGIT_SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

@@ -30,11 +30,19 @@ def chunk_rows(vocab_size: int, device: torch.device) -> int:
     return max(1, budget // (4 * vocab_size))
 
 
+def soft_cap(logits: Tensor, cap: float) -> Tensor:
+    """Logits squashed smoothly into (-cap, cap)."""
+    return cap * torch.tanh(logits / cap)
+
+
+def _row_chunks(num_rows: int, rows_per_chunk: int):
+    return (slice(start, start + rows_per_chunk) for start in range(0, num_rows, rows_per_chunk))
+
+
 def _chunk_loss(x: Tensor, weight: Tensor, targets: Tensor, softcap: float):
     """One chunk of rows: its summed loss, and what its gradient needs (the soft-capped logits,
     their log-normalizer, the target column of each row and which rows count)."""
-    logits = torch.mm(x, weight.t()).float()
-    capped = softcap * torch.tanh(logits / softcap)
+    capped = soft_cap(torch.mm(x, weight.t()).float(), softcap)
     log_normalizer = torch.logsumexp(capped, dim=1, keepdim=True)
     valid = (targets >= 0).unsqueeze(1)
     picked_targets = targets.clamp_min(0).unsqueeze(1)
@@ -61,8 +69,7 @@ class _ChunkedSoftcapCrossEntropySum(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        for start in range(0, x.size(0), rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
+        for rows in _row_chunks(x.size(0), rows_per_chunk):
             loss, grad_logits = _chunk_loss_and_logit_grad(x[rows], weight, targets[rows], softcap)
             total = total + loss
             torch.mm(grad_logits, weight, out=grad_x[rows])
@@ -90,8 +97,8 @@ def chunked_softcap_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, so
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         total = _ChunkedSoftcapCrossEntropySum.apply(x, weight, targets, softcap, rows_per_chunk)
     else:  # evaluation: the loss alone
-        total = sum(_chunk_loss(x[start:start + rows_per_chunk], weight, targets[start:start + rows_per_chunk],
-                                softcap)[0] for start in range(0, x.size(0), rows_per_chunk))
+        total = sum(_chunk_loss(x[rows], weight, targets[rows], softcap)[0]
+                    for rows in _row_chunks(x.size(0), rows_per_chunk))
     if reduction == "sum":
         return total
     return total / (targets >= 0).sum()

@@ -158,8 +158,9 @@ def _muon_update_(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
     step = lr * max(1.0, rows / cols) ** 0.5
     weights = torch.stack(params).float()
     # Cautious weight decay: only where the update and the weight agree in sign.
-    decay = weights * ((update * weights) >= 0)
-    weights.sub_(step * update + step * weight_decay * decay)
+    if isinstance(weight_decay, Tensor) or weight_decay != 0.0:
+        update = update + weight_decay * (weights * ((update * weights) >= 0))
+    weights.sub_(step * update)
     torch._foreach_copy_(params, list(weights.unbind(0)))
 
 

@@ -58,7 +58,7 @@ from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier, muon_moment
 from ray_jobs import base_train
 from ray_jobs.base_eval import packed_batches
 from ray_jobs.bench_results import result_line
-from ray_jobs.train_common import measure_matmul_flops
+from ray_jobs.train_common import maybe_compile, measure_matmul_flops
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,10 +123,7 @@ def plain_loop(args, tokenizer: Tokenizer, train_files: list[str], variants: tup
         optimizer = model.setup_optimizer(unembedding_lr=recipe.unembedding_lr * scale,
                                           embedding_lr=recipe.embedding_lr * scale, matrix_lr=recipe.matrix_lr * scale,
                                           scalar_lr=recipe.scalar_lr * scale, weight_decay=recipe.weight_decay)
-        forward = model
-        if variant == "compiled":  # as train_common.maybe_compile does
-            optimizer.compile_step()
-            forward = torch.compile(model, dynamic=False)
+        forward = maybe_compile(model, optimizer, "on" if variant == "compiled" else "off", torch.device("cpu"))
         runs[variant] = {"model": model, "optimizer": optimizer, "forward": forward, "steps": [], "waits": []}
     batches = itertools.chain.from_iterable(
         packed_batches(path, tokenizer, args.device_batch_size, args.max_seq_len) for path in itertools.cycle(train_files))

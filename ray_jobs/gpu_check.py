@@ -61,7 +61,7 @@ from nanochat.engine import Engine, greedy_decode_without_cache
 from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
 from nanochat.fp8 import enable_fp8, fp8_linear, fp8_unavailable_reason
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
-from nanochat.lm_loss import chunked_softcap_cross_entropy
+from nanochat.lm_loss import chunked_softcap_cross_entropy, soft_cap
 from ray_jobs import engine_timing
 from ray_jobs.bench_results import result_line
 
@@ -570,8 +570,7 @@ def lm_loss_pass(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, c
     if chunked:
         loss = chunked_softcap_cross_entropy(x, weight, targets, gpt_module.LOGIT_SOFTCAP)
     else:
-        logits = (x @ weight.t()).float()
-        capped = gpt_module.LOGIT_SOFTCAP * torch.tanh(logits / gpt_module.LOGIT_SOFTCAP)
+        capped = soft_cap((x @ weight.t()).float(), gpt_module.LOGIT_SOFTCAP)
         loss = torch.nn.functional.cross_entropy(capped, targets, ignore_index=-1)
     loss.backward()
     return loss.detach(), {"x": x.grad, "weight": weight.grad}
