@@ -256,28 +256,51 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens.to(q.device, torch.int32),
             causal=causal, window_size=window_size)
 
+    # One host read of the lengths serves every check and tells how much of the cache is worth reading.
+    lengths = cache_seqlens.tolist()
+    new_keys = query_len if k is not None else 0
+    longest = max(lengths) + new_keys
+    _check_cache_bounds(min(lengths), longest, query_len, k is not None, k_cache.size(1), lengths)
     start = cache_seqlens.to(q.device, torch.long)
-    key_lens = start + query_len if k is not None else start
-    # One host sync for all checks; it also tells how much of the cache is worth reading.
-    shortest_start, longest = torch.stack([start.min(), key_lens.max()]).tolist()
-    _check_cache_bounds(shortest_start, longest, query_len, k is not None, k_cache.size(1), cache_seqlens.tolist())
-
-    offsets = torch.arange(query_len, device=q.device)
     if k is not None:
-        rows = torch.arange(batch, device=q.device)[:, None]
-        slots = start[:, None] + offsets[None, :]  # (B, Tq): each row writes at its own position
-        k_cache[rows, slots] = k
-        v_cache[rows, slots] = v
+        _write_at_rows(k_cache, v_cache, k, v, start)
+    key_lens = start + new_keys if new_keys else start
 
     # Only the first `longest` positions can be visible to anyone: reading the rest of a long
     # cache would cost time on every decoded token for keys that are masked out anyway.
     key_positions = torch.arange(longest, device=q.device)
-    query_positions = key_lens[:, None] - query_len + offsets[None, :]  # (B, Tq)
-    mask = _visible(query_positions[:, :, None] - key_positions[None, None, :], causal, window_size)
-    mask &= key_positions[None, None, :] < key_lens[:, None, None]  # unfilled slots never count
+    if query_len == 1:
+        # A decoding step: each row's one query is its newest key, so it sees the row's filled keys
+        # that its left window reaches (nothing lies ahead of it).
+        mask = key_positions < key_lens[:, None]
+        if window_size[0] >= 0:
+            mask &= key_positions >= (key_lens - 1 - window_size[0])[:, None]
+        mask = mask[:, None, None, :]
+    else:
+        offsets = torch.arange(query_len, device=q.device)
+        query_positions = key_lens[:, None] - query_len + offsets[None, :]  # (B, Tq)
+        mask = _visible(query_positions[:, :, None] - key_positions[None, None, :], causal, window_size)
+        mask &= key_positions[None, None, :] < key_lens[:, None, None]  # unfilled slots never count
+        mask = mask[:, None]
     y = _sdpa(q.transpose(1, 2), k_cache[:, :longest].transpose(1, 2),
-              v_cache[:, :longest].transpose(1, 2), attn_mask=mask[:, None])
+              v_cache[:, :longest].transpose(1, 2), attn_mask=mask)
     return y.transpose(1, 2)
+
+
+def _write_at_rows(k_cache, v_cache, k, v, start: torch.Tensor) -> None:
+    """Write the new keys and values k, v (B, Tq, Hkv, D) of row b at positions start[b] ..
+    start[b] + Tq - 1 of the caches (B, Tmax, Hkv, D). A contiguous cache takes them with one
+    index_copy_ into its flattened (B * Tmax) positions, cheaper than indexing rows and positions."""
+    batch, query_len = k.shape[:2]
+    slots = start[:, None] + torch.arange(query_len, device=start.device)[None, :]  # (B, Tq)
+    if k_cache.is_contiguous() and v_cache.is_contiguous():
+        flat = (slots + torch.arange(batch, device=start.device)[:, None] * k_cache.size(1)).view(-1)
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, flat, k.reshape(-1, *k.shape[2:]))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, flat, v.reshape(-1, *v.shape[2:]))
+    else:
+        rows = torch.arange(batch, device=start.device)[:, None]
+        k_cache[rows, slots] = k
+        v_cache[rows, slots] = v
 
 
 def _check_cache_bounds(shortest_start: int, longest: int, query_len: int, new_keys: bool, cache_positions: int,

@@ -434,7 +434,8 @@ class GPT(nn.Module):
                 # Rows being prefilled from the start sit next to rows that continue.
                 previous = previous * (kv_cache.cache_seqlens > 0).to(x.dtype)[:, None]
             first = first + gate[:, :1] * previous[:, None]
-        smeared = torch.cat([first, x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+        # A decoding step (one new token per row) has no position after the first to smear.
+        smeared = torch.cat([first, x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1) if x.size(1) > 1 else first
         if kv_cache is not None:
             kv_cache.prev_embedding.copy_(x[:, -1])
         return smeared

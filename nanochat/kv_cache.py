@@ -52,8 +52,10 @@ class KVCache:
 
     def positions(self, num_new_tokens: int) -> torch.Tensor:
         """Absolute positions (batch, num_new_tokens) of the tokens about to be written."""
-        offsets = torch.arange(num_new_tokens, device=self.cache_seqlens.device, dtype=torch.int64)
-        return self.cache_seqlens.long()[:, None] + offsets[None, :]
+        starts = self.cache_seqlens.long()[:, None]
+        if num_new_tokens == 1:
+            return starts
+        return starts + torch.arange(num_new_tokens, device=self.cache_seqlens.device, dtype=torch.int64)[None, :]
 
     def advance(self, num_tokens: int) -> None:
         """Move every row forward after a forward pass wrote `num_tokens` tokens into it."""

@@ -479,10 +479,12 @@ class Scheduler:
             slots = [slot for slot in sampling if self._active[slot].top_k == top_k]
             requests = [self._active[slot] for slot in slots]
             rows = logits if len(slots) == len(self._active) else logits[slots]
-            temperatures = torch.tensor([[request.temperature] for request in requests], dtype=torch.float64,
-                                        device=logits.device)
+            temperatures = {request.temperature for request in requests}
+            # One temperature for all (the usual case) divides by a number: no tensor to build.
+            temperature = temperatures.pop() if len(temperatures) == 1 else torch.tensor(
+                [[request.temperature] for request in requests], dtype=torch.float64, device=logits.device)
             uniforms = uniform_numbers([request._rng for request in requests], logits.device)
-            drawn.update(zip(slots, draw_tokens(rows, uniforms, temperatures, top_k).tolist()))
+            drawn.update(zip(slots, draw_tokens(rows, uniforms, temperature, top_k).tolist()))
         finished = []
         for slot, request in enumerate(self._active):
             token, mask = request._row.advance(drawn[slot] if slot in drawn else greedy[slot])

@@ -182,12 +182,19 @@ def test_rows_at_different_positions_match_their_own_reference(query_len, causal
         torch.testing.assert_close(y[b].double(), expected, atol=FP32_TOL, rtol=FP32_TOL)
 
 
-def test_cache_write_lands_in_its_slots_only():
-    filled, query_len, cache_len = [0, 5, 2], 2, 10
+@pytest.mark.parametrize("query_len", [1, 2])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_cache_write_lands_in_its_slots_only(query_len, contiguous):
+    # A contiguous cache is written through its flattened positions, any other by (row, slot) indexing.
+    filled, cache_len = [0, 5, 2], 10
     q, k, v = random_qkv(3, query_len, 4, 2, seed=31)
     generator = torch.Generator().manual_seed(32)
-    k_cache = torch.randn(3, cache_len, 2, HEAD_DIM, generator=generator)
-    v_cache = torch.randn(3, cache_len, 2, HEAD_DIM, generator=generator)
+    k_cache = torch.randn(3, cache_len, 2, 2 * HEAD_DIM, generator=generator)
+    v_cache = torch.randn(3, cache_len, 2, 2 * HEAD_DIM, generator=generator)
+    k_cache, v_cache = (k_cache[..., :HEAD_DIM], v_cache[..., :HEAD_DIM])
+    if contiguous:
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
+    assert k_cache.is_contiguous() == contiguous
     k_before, v_before = k_cache.clone(), v_cache.clone()
     cache_seqlens = torch.tensor(filled, dtype=torch.int32)
 
@@ -225,13 +232,15 @@ def test_decode_reads_only_the_filled_prefix():
         torch.testing.assert_close(y[b].double(), expected, atol=FP32_TOL, rtol=FP32_TOL)
 
 
-def test_without_new_keys_the_cache_already_holds_the_queries():
-    q, k, v = random_qkv(2, 3, 4, 2, seed=51)
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_without_new_keys_the_cache_already_holds_the_queries(query_len):
+    q, k, v = random_qkv(2, query_len, 4, 2, seed=51)
     k_cache = torch.full((2, 8, 2, HEAD_DIM), STALE)
     v_cache = torch.full((2, 8, 2, HEAD_DIM), STALE)
     appended = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, torch.tensor([0, 2], dtype=torch.int32))
     # The same keys are now in the cache; cache_seqlens counts them, as Flash Attention expects.
-    reread = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+    reread = flash_attn_with_kvcache(q, k_cache, v_cache,
+                                     cache_seqlens=torch.tensor([query_len, 2 + query_len], dtype=torch.int32))
     torch.testing.assert_close(reread, appended, atol=FP32_TOL, rtol=FP32_TOL)
 
 
