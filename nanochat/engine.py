@@ -15,9 +15,11 @@ per-row logic (`RowState`) and the sampling (`sample_next_token`) are shared wit
 continuous-batching scheduler in nanochat.scheduler, so a request decodes the same way in both.
 
 Rows that finish early leave the batch: live rows are kept packed into the first rows of the
-cache, and the model runs on that prefix only.
+cache, and the model runs on that prefix only. Several samples on a CPU decode through transposed
+copies of the weights (GPT.transposed_weights), taken for the length of one generation.
 """
 
+import contextlib
 import random
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -203,6 +205,18 @@ class Engine:
 
         rows = [RowState(self.tool_use) for _ in range(num_samples)]
         slot_owner = list(range(num_samples))  # slot_owner[s] = the sample whose sequence is in cache row s
+        # Several rows on a CPU multiply much faster by transposed weights laid out in memory
+        # (GPT.transposed_weights); one row gains nothing, as it reads the weights once anyway.
+        transposed = getattr(model, "transposed_weights", None) if num_samples > 1 and device.type == "cpu" else None
+        with transposed() if transposed is not None else contextlib.nullcontext():
+            yield from self._decode(model, cache, logits, rows, slot_owner, budget, rng, temperature, top_k)
+
+    def _decode(self, model, cache: KVCache, logits: torch.Tensor, rows: list[RowState], slot_owner: list[int],
+                budget: int, rng: random.Random, temperature: float,
+                top_k: int | None) -> Iterator[tuple[list[int], list[int]]]:
+        """generate()'s decoding loop, from the prompt's next-token logits (one row per sample)."""
+        num_samples = len(rows)
+        device = logits.device
         for step in range(budget):
             sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
             # Finished rows keep their last token, with mask 0; the live ones are overwritten.

@@ -28,7 +28,9 @@ Weights are created on the meta device and materialised with `to_empty()` + `ini
 so building a large model never allocates memory twice.
 """
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -142,13 +144,19 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class Linear(nn.Linear):
     """A bias-free linear layer whose fp32 master weight is cast to the activation dtype. With
-    `fp8` set (nanochat.fp8.enable_fp8) its matmuls run in fp8 while the model trains."""
+    `fp8` set (nanochat.fp8.enable_fp8) its matmuls run in fp8 while the model trains. Inside
+    GPT.transposed_weights() it multiplies by a transposed copy of its weight, when no gradient
+    is wanted."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.fp8 = False
+        self.weight_t: torch.Tensor | None = None  # (in, out), contiguous: set by GPT.transposed_weights()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight_t = self.weight_t
+        if weight_t is not None and weight_t.dtype == x.dtype and not torch.is_grad_enabled():
+            return x @ weight_t
         weight = self.weight
         if self.fp8 and self.training:
             return fp8_linear(x, weight)
@@ -410,6 +418,28 @@ class GPT(nn.Module):
                                    weight_decay=0.0, **adamw))
         distributed = get_dist_info()[0]
         return (DistMuonAdamW if distributed else MuonAdamW)(groups)
+
+    @contextlib.contextmanager
+    def transposed_weights(self) -> Iterator[None]:
+        """While inside, every linear layer multiplies by a contiguous copy of its weight's transpose
+        (in the compute dtype), taken on entry, in passes without gradients.
+
+        For decoding several rows on a CPU: MKL multiplies a few rows by a row-major weight's
+        transpose (what F.linear asks of it) at a fraction of its speed with the transpose laid out
+        in memory (8 rows through a 256 -> 4096 head: 475 us against 202). The copies cost one more
+        copy of the matmul weights while they last, and they are not refreshed: the weights must not
+        change inside (a generation never changes them; the RL weight sync's broadcasts, which would
+        not even move the parameters' version counters, run between generations). Nested use keeps
+        the outer copies."""
+        linears = [module for module in self.modules() if isinstance(module, Linear) and module.weight_t is None]
+        try:
+            with torch.no_grad():
+                for linear in linears:
+                    linear.weight_t = cast(linear.weight, COMPUTE_DTYPE).t().contiguous()
+            yield
+        finally:
+            for linear in linears:
+                linear.weight_t = None
 
     def config_dict(self) -> dict:
         return asdict(self.config)

@@ -332,7 +332,7 @@ def test_the_job_gives_the_answers_of_this_process_and_writes_them(ray_local, ti
 
 def test_a_missing_checkpoint_says_how_to_make_one(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--source", "rl", "--tasks", "arithmetic"])
+        main(["--source", "rl", "--model-tag", "never-trained-with-rl", "--tasks", "arithmetic"])
     assert exit_info.value.code == 1
     assert "python -m ray_jobs.chat_rl" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:

@@ -73,6 +73,17 @@ def test_kv_cache_greedy_decoding_equals_full_recompute(tokenizer):
     assert len(set(generated)) > 3  # a model stuck on one token would prove little
 
 
+def test_every_greedy_sample_equals_full_recompute(tokenizer):
+    # Several samples decode on CPU through the transposed weights (GPT.transposed_weights): at
+    # temperature 0 every row must still be the full-recompute greedy continuation.
+    model = random_gpt(tokenizer.get_vocab_size(), seed=5)
+    prompt = prompt_tokens(tokenizer)
+    sequences, _ = Engine(model, tokenizer).generate_batch(prompt, num_samples=3, max_tokens=40, temperature=0.0)
+    expected = greedy_decode_without_cache(model, prompt, 40)
+    assert all(sequence[len(prompt):] == expected for sequence in sequences)
+    assert all(linear.weight_t is None for linear in model.modules() if hasattr(linear, "weight_t"))
+
+
 def test_cached_logits_match_full_forward_past_the_window(tokenizer):
     model = random_gpt(tokenizer.get_vocab_size())
     sequence = torch.randint(0, tokenizer.get_vocab_size(), (1, 30))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, config_from_depth, has_value_embedding
+from nanochat.gpt import GPT, GPTConfig, Linear, config_from_depth, has_value_embedding
 from nanochat.kv_cache import KVCache
 
 TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
@@ -284,3 +284,32 @@ def test_chunked_training_loss_matches_the_logits_path_in_float64(monkeypatch, r
         torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=atol, msg=name)
     with torch.no_grad():  # evaluation computes the loss alone, the same
         torch.testing.assert_close(model(idx, targets=targets, loss_reduction=reduction), loss)
+
+
+def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
+    model = build()
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    idx = torch.randint(0, TINY.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, TINY.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for linear in linears:  # the init zeroes the output projections: make every matmul count
+            linear.weight.normal_(0.0, 0.1)
+        plain_logits = model(idx)
+    model(idx, targets).backward()
+    plain_grads = [linear.weight.grad.clone() for linear in linears]
+    model.zero_grad()
+
+    with model.transposed_weights():
+        assert all(linear.weight_t is not None and linear.weight_t.is_contiguous()
+                   and torch.equal(linear.weight_t, linear.weight.t()) for linear in linears)
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx), plain_logits, atol=1e-5, rtol=1e-5)
+        # With gradients wanted the layers multiply by the weights themselves, so they get their gradients.
+        model(idx, targets).backward()
+        for linear, expected in zip(linears, plain_grads):
+            torch.testing.assert_close(linear.weight.grad, expected, atol=1e-6, rtol=1e-5)
+        outer_copies = [linear.weight_t for linear in linears]
+        with model.transposed_weights():
+            pass
+        assert all(linear.weight_t is copy for linear, copy in zip(linears, outer_copies))  # nested use keeps them
+    assert all(linear.weight_t is None for linear in linears)
