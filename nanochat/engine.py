@@ -15,7 +15,7 @@ per-row logic (`RowState`) and the sampling (`sample_next_token`) are shared wit
 continuous-batching scheduler in nanochat.scheduler, so a request decodes the same way in both.
 
 Rows that finish early leave the batch: live rows are kept packed into the first rows of the
-cache, and the model runs on that prefix only. Several samples on a CPU decode through transposed
+cache, and the model runs on that prefix only. A few samples on a CPU decode through transposed
 copies of the weights (GPT.transposed_weights), taken for the length of one generation.
 """
 
@@ -29,6 +29,7 @@ from numbers import Integral
 import torch
 
 from nanochat.calculator import use_calculator
+from nanochat.gpt import TRANSPOSED_ROWS
 from nanochat.kv_cache import KVCache
 
 
@@ -205,9 +206,11 @@ class Engine:
 
         rows = [RowState(self.tool_use) for _ in range(num_samples)]
         slot_owner = list(range(num_samples))  # slot_owner[s] = the sample whose sequence is in cache row s
-        # Several rows on a CPU multiply much faster by transposed weights laid out in memory
-        # (GPT.transposed_weights); one row gains nothing, as it reads the weights once anyway.
-        transposed = getattr(model, "transposed_weights", None) if num_samples > 1 and device.type == "cpu" else None
+        # A few rows on a CPU multiply much faster by transposed weights laid out in memory
+        # (GPT.transposed_weights, for TRANSPOSED_ROWS rows); one row gains nothing, as it reads the
+        # weights once anyway.
+        few_rows = num_samples >= TRANSPOSED_ROWS[0] and device.type == "cpu"
+        transposed = getattr(model, "transposed_weights", None) if few_rows else None
         with transposed() if transposed is not None else contextlib.nullcontext():
             yield from self._decode(model, cache, logits, rows, slot_owner, budget, rng, temperature, top_k)
 

@@ -289,8 +289,9 @@ def test_chunked_training_loss_matches_the_logits_path_in_float64(monkeypatch, r
 def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
     model = build()
     linears = [module for module in model.modules() if isinstance(module, Linear)]
-    idx = torch.randint(0, TINY.vocab_size, (3, 7), generator=torch.Generator().manual_seed(1))
-    targets = torch.randint(0, TINY.vocab_size, (3, 7), generator=torch.Generator().manual_seed(2))
+    # 6 rows: inside TRANSPOSED_ROWS, where the copies are used.
+    idx = torch.randint(0, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         for linear in linears:  # the init zeroes the output projections: make every matmul count
             linear.weight.normal_(0.0, 0.1)
@@ -304,6 +305,16 @@ def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
                    and torch.equal(linear.weight_t, linear.weight.t()) for linear in linears)
         with torch.no_grad():
             torch.testing.assert_close(model(idx), plain_logits, atol=1e-5, rtol=1e-5)
+            # The copies are what the layers multiply by (here 6 rows), not the weights.
+            model.lm_head.weight_t.mul_(2.0)
+            assert not torch.allclose(model(idx), plain_logits, atol=1e-3)
+            model.lm_head.weight_t.div_(2.0)
+            # Past TRANSPOSED_ROWS (a prefill) the layers use the weights themselves.
+            many_rows = torch.randint(0, TINY.vocab_size, (3, 7), generator=torch.Generator().manual_seed(3))
+            model.lm_head.weight_t.mul_(2.0)
+            expected = model(many_rows)
+            model.lm_head.weight_t.div_(2.0)
+            torch.testing.assert_close(model(many_rows), expected)
         # With gradients wanted the layers multiply by the weights themselves, so they get their gradients.
         model(idx, targets).backward()
         for linear, expected in zip(linears, plain_grads):
