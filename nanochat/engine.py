@@ -29,7 +29,6 @@ from numbers import Integral
 import torch
 
 from nanochat.calculator import use_calculator
-from nanochat.gpt import TRANSPOSED_ROWS
 from nanochat.kv_cache import KVCache
 
 
@@ -207,43 +206,33 @@ class Engine:
         rows = [RowState(self.tool_use) for _ in range(num_samples)]
         slot_owner = list(range(num_samples))  # slot_owner[s] = the sample whose sequence is in cache row s
         # A few rows on a CPU multiply much faster by transposed weights laid out in memory
-        # (GPT.transposed_weights, for TRANSPOSED_ROWS rows); one row gains nothing, as it reads the
-        # weights once anyway.
-        few_rows = num_samples >= TRANSPOSED_ROWS[0] and device.type == "cpu"
-        transposed = getattr(model, "transposed_weights", None) if few_rows else None
-        with transposed() if transposed is not None else contextlib.nullcontext():
-            yield from self._decode(model, cache, logits, rows, slot_owner, budget, rng, temperature, top_k)
-
-    def _decode(self, model, cache: KVCache, logits: torch.Tensor, rows: list[RowState], slot_owner: list[int],
-                budget: int, rng: random.Random, temperature: float,
-                top_k: int | None) -> Iterator[tuple[list[int], list[int]]]:
-        """generate()'s decoding loop, from the prompt's next-token logits (one row per sample)."""
-        num_samples = len(rows)
-        device = logits.device
-        for step in range(budget):
-            sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
-            # Finished rows keep their last token, with mask 0; the live ones are overwritten.
-            token_column = [row.last_token for row in rows]
-            mask_column = [0] * num_samples
-            for slot, sample in enumerate(slot_owner):
-                token_column[sample], mask_column[sample] = rows[sample].advance(sampled[slot])
-            yield token_column, mask_column
-            if step == budget - 1:
-                break
-            # Close the gaps of the rows that just finished, from the highest slot down, so that the
-            # row moved into a gap is always one that goes on.
-            for slot in reversed(range(len(slot_owner))):
-                if rows[slot_owner[slot]].finished:
-                    last = len(slot_owner) - 1
-                    cache.move_row(last, slot)
-                    slot_owner[slot] = slot_owner[last]
-                    slot_owner.pop()
-            if not slot_owner:
-                break
-            next_ids = torch.tensor([[rows[sample].last_token] for sample in slot_owner],
-                                    dtype=torch.long, device=device)
-            live = cache if len(slot_owner) == num_samples else cache.rows(0, len(slot_owner))
-            logits = model(next_ids, kv_cache=live)[:, -1]
+        # (GPT.transposed_weights decides whether they pay); a stand-in model without them decodes as it is.
+        transposed = getattr(model, "transposed_weights", None)
+        with transposed(num_samples) if transposed is not None else contextlib.nullcontext():
+            for step in range(budget):
+                sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
+                # Finished rows keep their last token, with mask 0; the live ones are overwritten.
+                token_column = [row.last_token for row in rows]
+                mask_column = [0] * num_samples
+                for slot, sample in enumerate(slot_owner):
+                    token_column[sample], mask_column[sample] = rows[sample].advance(sampled[slot])
+                yield token_column, mask_column
+                if step == budget - 1:
+                    break
+                # Close the gaps of the rows that just finished, from the highest slot down, so that the
+                # row moved into a gap is always one that goes on.
+                for slot in reversed(range(len(slot_owner))):
+                    if rows[slot_owner[slot]].finished:
+                        last = len(slot_owner) - 1
+                        cache.move_row(last, slot)
+                        slot_owner[slot] = slot_owner[last]
+                        slot_owner.pop()
+                if not slot_owner:
+                    break
+                next_ids = torch.tensor([[rows[sample].last_token] for sample in slot_owner],
+                                        dtype=torch.long, device=device)
+                live = cache if len(slot_owner) == num_samples else cache.rows(0, len(slot_owner))
+                logits = model(next_ids, kv_cache=live)[:, -1]
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:

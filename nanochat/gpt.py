@@ -51,7 +51,7 @@ NANOCHAT_WINDOW_MULTIPLE = 128  # nanochat rounds short windows up to its attent
 # Fields that checkpoints written before they existed lack, with the value those models were
 # built with: no smear, no backout, a value-embedding gate over 32 channels, windows unrounded.
 LEGACY_CONFIG = {"smear": False, "backout": False, "ve_gate_channels": 32, "window_multiple": 1}
-# The rows of x for which a linear layer inside GPT.transposed_weights() multiplies by the laid-out
+# The rows of x for which a linear layer inside GPT.transposed_weights multiplies by the laid-out
 # transpose: MKL (2-CPU Xeon, torch 2.13) ran every layer of a depth-4 and a depth-6 model faster
 # that way at 3 to 8 rows (a 384 -> 32768 head at 8 rows: 6.4 ms against 5.2), but not at 2 rows or
 # at 16 (that head: 6.6 ms against 9.6), and a prefill's many rows gain nothing.
@@ -150,13 +150,13 @@ def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class Linear(nn.Linear):
     """A bias-free linear layer whose fp32 master weight is cast to the activation dtype. With
     `fp8` set (nanochat.fp8.enable_fp8) its matmuls run in fp8 while the model trains. Inside
-    GPT.transposed_weights() it multiplies by a transposed copy of its weight, when no gradient
+    GPT.transposed_weights it multiplies by a transposed copy of its weight, when no gradient
     is wanted."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.fp8 = False
-        self.weight_t: torch.Tensor | None = None  # (in, out), contiguous: set by GPT.transposed_weights()
+        self.weight_t: torch.Tensor | None = None  # (in, out), contiguous: set by GPT.transposed_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight_t = self.weight_t
@@ -426,22 +426,26 @@ class GPT(nn.Module):
         return (DistMuonAdamW if distributed else MuonAdamW)(groups)
 
     @contextlib.contextmanager
-    def transposed_weights(self) -> Iterator[None]:
+    def transposed_weights(self, max_rows: int) -> Iterator[None]:
         """While inside, every linear layer multiplies by a contiguous copy of its weight's transpose
         (in the compute dtype), taken on entry, in passes without gradients over TRANSPOSED_ROWS rows.
+        The copies are made only where they can pay: on a CPU, for passes of up to `max_rows` rows
+        that reach TRANSPOSED_ROWS; otherwise this does nothing.
 
-        For decoding several rows on a CPU: MKL multiplies a few rows by a row-major weight's
-        transpose (what F.linear asks of it) at a fraction of its speed with the transpose laid out
-        in memory (8 rows through a 256 -> 4096 head: 475 us against 202). The copies cost one more
-        copy of the matmul weights while they last, and they are not refreshed: the weights must not
-        change inside (a generation never changes them, nor does a serving scheduler's loop; the RL
-        weight sync's broadcasts, which would not even move the parameters' version counters, run
-        between generations). Nested use keeps the outer copies."""
+        For decoding a few rows on a CPU: MKL multiplies them by a row-major weight's transpose
+        (what F.linear asks of it) at a fraction of its speed with the transpose laid out in memory
+        (8 rows through a 256 -> 4096 head: 475 us against 202). The copies cost one more copy of
+        the matmul weights while they last, and they are not refreshed: the weights must not change
+        inside (a generation never changes them; the RL weight sync's broadcasts, which would not
+        even move the parameters' version counters, run between generations). Nested use keeps the
+        outer copies."""
+        pays = self.get_device().type == "cpu" and max_rows >= TRANSPOSED_ROWS[0]
         linears = [module for module in self.modules() if isinstance(module, Linear) and module.weight_t is None]
         try:
-            with torch.no_grad():
-                for linear in linears:
-                    linear.weight_t = cast(linear.weight, COMPUTE_DTYPE).t().contiguous()
+            if pays:
+                with torch.no_grad():
+                    for linear in linears:
+                        linear.weight_t = cast(linear.weight, COMPUTE_DTYPE).t().contiguous()
             yield
         finally:
             for linear in linears:

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, Linear, config_from_depth, has_value_embedding
+from nanochat.gpt import TRANSPOSED_ROWS, GPT, GPTConfig, Linear, config_from_depth, has_value_embedding
 from nanochat.kv_cache import KVCache
 
 TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
@@ -300,7 +300,7 @@ def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
     plain_grads = [linear.weight.grad.clone() for linear in linears]
     model.zero_grad()
 
-    with model.transposed_weights():
+    with model.transposed_weights(max_rows=6):
         assert all(linear.weight_t is not None and linear.weight_t.is_contiguous()
                    and torch.equal(linear.weight_t, linear.weight.t()) for linear in linears)
         with torch.no_grad():
@@ -320,7 +320,9 @@ def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
         for linear, expected in zip(linears, plain_grads):
             torch.testing.assert_close(linear.weight.grad, expected, atol=1e-6, rtol=1e-5)
         outer_copies = [linear.weight_t for linear in linears]
-        with model.transposed_weights():
+        with model.transposed_weights(max_rows=6):
             pass
         assert all(linear.weight_t is copy for linear, copy in zip(linears, outer_copies))  # nested use keeps them
     assert all(linear.weight_t is None for linear in linears)
+    with model.transposed_weights(max_rows=TRANSPOSED_ROWS[0] - 1):  # passes this small gain nothing: no copies
+        assert all(linear.weight_t is None for linear in linears)
