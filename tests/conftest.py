@@ -1,6 +1,6 @@
 """Shared pytest fixtures: an isolated NANOCHAT_BASE_DIR per test session, one local Ray cluster
-for the whole session (starting Ray costs seconds, so tests share it), for the tests that submit
-real Ray jobs one Ray head with its job server, and a headless Chromium for the web UI's tests."""
+for the whole session (starting Ray costs seconds, so tests share it), for each module whose tests
+submit real Ray jobs a Ray head with its job server, and a headless Chromium for the web UI's tests."""
 
 import os
 import shutil
@@ -54,11 +54,13 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dashboard():
     """The job server (dashboard) address of a Ray head that the demo's own `start_local_head`
     starts on free ports, beside `ray_local`, with token authentication on; in a temp dir of its
-    own (Ray's socket paths live there, so it is short)."""
+    own (Ray's socket paths live there, so it is short). One per module: the modules that use it
+    are far apart in the suite, and an idle head with its dashboard takes about a fifth of a core
+    (measured), more than starting one costs."""
     from ray_jobs import demo
 
     ray_port, dashboard_port = demo.free_port(), demo.free_port()

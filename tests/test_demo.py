@@ -1,4 +1,4 @@
-"""`make demo`'s own logic (ray_jobs/demo.py), on a Ray head of its own beside the session's
+"""`make demo`'s own logic (ray_jobs/demo.py), on a Ray head of its own beside the module's
 `dashboard` head. The pipeline is the real speedrun submitted as a Ray job, with two stand-in stages
 in place of the tiny preset's (tests.stand_in_speedrun: the stages have tests of their own), so the
 demo runs in seconds:

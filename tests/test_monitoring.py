@@ -222,6 +222,17 @@ def prometheus_api(url: str, endpoint: str, **params) -> dict | list:
     return answer["data"]
 
 
+def every_listed_target_up(url: str, discovery: str) -> bool:
+    """Whether Prometheus at `url` scrapes, healthy, every target in Ray's discovery file."""
+    try:
+        with open(discovery) as f:
+            listed = {target for group in json.load(f) for target in group["targets"]}
+    except FileNotFoundError:
+        return False
+    active = prometheus_api(url, "targets")["activeTargets"]
+    return bool(listed) and {t["labels"]["instance"] for t in active if t["health"] == "up"} == listed
+
+
 def _log(path: str) -> str:
     with open(path) as f:
         return f.read()
@@ -294,6 +305,12 @@ def prometheus_cluster(tmp_path_factory):
                 if attempt == 3 or "address already in use" not in _log(prometheus_log):
                     raise
 
+        # Only once Prometheus scrapes every node: a trainer's gauges are on a node's export
+        # endpoint only while its run lasts (and a little after), so no run may finish before
+        # the first scrape.
+        wait_until(lambda: every_listed_target_up(f"http://127.0.0.1:{prometheus_port}",
+                                                  os.path.join(session, "prom_metrics_service_discovery.json")),
+                   timeout=60, interval=1, what="Prometheus scraping every target Ray lists")
         # The chat service and the three trainers start at once: they spend most of their time
         # starting processes.
         env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}"}
@@ -328,13 +345,8 @@ def test_prometheus_on_rays_generated_config_has_the_training_runs_and_the_chat_
     discovery = os.path.join(cluster["session"], "prom_metrics_service_discovery.json")
     assert cluster["ray_config"]["scrape_configs"] == [{"job_name": "ray", "file_sd_configs": [{"files": [discovery]}]}]
 
-    def every_listed_target_up():
-        with open(discovery) as f:
-            listed = {target for group in json.load(f) for target in group["targets"]}
-        active = prometheus_api(url, "targets")["activeTargets"]
-        return listed and {t["labels"]["instance"] for t in active if t["health"] == "up"} == listed
-
-    wait_until(every_listed_target_up, timeout=30, interval=1, what="Prometheus scraping every target Ray lists")
+    wait_until(lambda: every_listed_target_up(url, discovery), timeout=30, interval=1,
+               what="Prometheus scraping every target Ray lists")
 
     # Three chat requests, each once Prometheus holds what the one before did: a rate needs a
     # counter's increase. The same message each time: the second request is the first to find it

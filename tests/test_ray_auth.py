@@ -1,4 +1,4 @@
-"""Ray's token authentication, on one real head that has it on: the session's `dashboard`
+"""Ray's token authentication, on one real head that has it on: the module's `dashboard`
 (tests/conftest.py), which the demo's own `start_local_head` started beside `ray_local`.
 
 - The README's commands, typed in a shell as a user would: the two lines of its "Ray's token"

@@ -236,7 +236,7 @@ def test_gpu_presets_ask_for_gpus(preset):
 
 def test_stages_run_as_real_jobs_stop_at_the_first_failure_and_resume_with_from_and_fresh(dashboard, monkeypatch,
                                                                                          tmp_path, capsys):
-    """Not --inline: each stage is a job of the session's head, which runs it from this checkout."""
+    """Not --inline: each stage is a job of the module's head, which runs it from this checkout."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     stages = [stand_in_stage("first"), stand_in_stage("second", fail_unless="fixed")]
     monkeypatch.setattr(speedrun, "preset_stages", lambda preset, with_rl: stages)
