@@ -117,7 +117,8 @@ def head_processes(ray_port: int) -> list[psutil.Process]:
     """The processes of the Ray cluster whose GCS listens on ray_port: the GCS server (found by
     its port), every process that names its session folder or its GCS address on the command
     line (raylet, dashboard, agents, monitors, client server), and their children (the workers,
-    which rename themselves ray::IDLE, ray::ChatModel, ...)."""
+    which rename themselves ray::IDLE, ray::ChatModel, ...). A zombie, a process that has exited
+    and waits for its parent (or init, once the parent is gone) to reap it, is not one of them."""
     processes = [p for p in psutil.process_iter(["cmdline"]) if p.pid != os.getpid()]
     marks = [f":{ray_port} ", f":{ray_port}'"]
     for process in processes:
@@ -137,7 +138,7 @@ def head_processes(ray_port: int) -> list[psutil.Process]:
                     found[member.pid] = member
             except psutil.NoSuchProcess:
                 pass
-    return list(found.values())
+    return [process for process in found.values() if _still_running(process)]
 
 
 def _still_running(process: psutil.Process) -> bool:

@@ -15,9 +15,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 from dataclasses import dataclass
 
+import psutil
 import pytest
 
 from ray_jobs import demo
@@ -128,3 +130,22 @@ def test_stop_takes_down_the_demos_head_and_leaves_another_one_running(first_run
     with pytest.raises(OSError):  # refused, or reset by a process that was dying
         head.chat_health()
     assert demo.cluster_is_up(dashboard)
+
+
+def test_a_heads_exited_child_that_nobody_reaped_yet_is_not_one_of_its_processes(tmp_path):
+    # A stand-in GCS server (its flags on the command line) whose child has exited and is never
+    # waited for: a zombie, which `--stop` must not count as a process of the head still running.
+    port = demo.free_port()
+    code = "import subprocess, sys, time; child = subprocess.Popen(['true']); print(child.pid, flush=True); time.sleep(60)"
+    gcs = subprocess.Popen([sys.executable, "-c", code, f"--gcs_server_port={port}", f"--log_dir={tmp_path}/logs"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(gcs.stdout.readline())
+        deadline = time.monotonic() + 10
+        while psutil.Process(child).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        assert [process.pid for process in demo.head_processes(port)] == [gcs.pid]
+    finally:
+        gcs.kill()
+        gcs.wait()
