@@ -16,6 +16,10 @@ One run measures, on the same model config and the same data (the `sample` sourc
   the Ray Data stream, the reports, gauges and the progress line included. Its step time is the
   wall time between the stamps of consecutive steps in the run's history, so everything between
   two steps counts;
+- (b') the plain loop (compiled, or eager with --compile off) as a task of the same local Ray
+  cluster once the Ray Train runs are over: the cluster's own processes (each Ray worker process
+  wakes every 10 ms, measured with strace on Ray 2.60) cost the loop this much, and Ray Train
+  and Ray Data the rest;
 - (c) with --reference, the reference's scripts.base_train on the same shards, tokenizer and
   settings (its own venv through --reference-python), run as a subprocess between the two plain
   passes; its step time is the median of the `dt` it prints.
@@ -184,6 +188,22 @@ def ray_loop(args, storage: str, compile_mode: str) -> dict:
             "outside_step_share": 1 - inside / median}
 
 
+def plain_loop_on_ray(args, threads: int, variant: str) -> dict:
+    """The plain loop run as a Ray task (a worker process of the local cluster, at Ray's worker
+    niceness like a Ray Train worker, with as many torch threads as the driver), while the cluster
+    runs nothing else: what the cluster's own processes cost the loop, apart from what Ray Train
+    and Ray Data add."""
+
+    @ray.remote(num_cpus=1)
+    def run() -> dict:
+        torch.set_num_threads(threads)
+        tokenizer = Tokenizer.from_directory(get_tokenizer_dir())
+        return plain_loop(args, tokenizer, resolve_source(args.source, args.data_dir).train_files, (variant,))[variant]
+
+    env = {"NANOCHAT_BASE_DIR": os.environ["NANOCHAT_BASE_DIR"]} if "NANOCHAT_BASE_DIR" in os.environ else {}
+    return ray.get(run.options(runtime_env={"env_vars": env}).remote())
+
+
 def reference_base_dir(folder: str, tokenizer: Tokenizer, train_files: list[str], val_files: list[str]) -> str:
     """A NANOCHAT_BASE_DIR for the reference holding our shards (linked, same order, the last one
     validation) under the name its current loader reads, and our tokenizer in its format (a pickled
@@ -310,6 +330,8 @@ def main(argv=None) -> dict:
         for variant in variants:
             print(f"base_train on Ray Train, 1 worker, {variant} ({_load()})", flush=True)
             on_ray[variant] = ray_loop(args, storage, "on" if variant == "compiled" else "off")
+    print(f"plain loop, {variants[0]}, as a task of the otherwise idle Ray cluster ({_load()})", flush=True)
+    in_ray_task = plain_loop_on_ray(args, threads, variants[0])
     if started_ray and not os.environ.get("RAY_ADDRESS"):
         # The plain loop runs without Ray, as before the Ray runs: the local cluster's idle
         # processes alone took 6% of a d4 step on 2 CPUs (measured), which belongs to the Ray path.
@@ -324,6 +346,7 @@ def main(argv=None) -> dict:
     for variant in variants:
         rows += [(f"plain {variant} (before)", before[variant], variant), (f"plain {variant} (after)", after[variant], variant),
                  (f"ray train {variant}", on_ray[variant], variant)]
+    rows.append((f"plain {variants[0]} in a Ray task", in_ray_task, variants[0]))
     if reference is not None:
         rows.append(("reference base_train", reference, variants[0]))
     print(f"\nmatmul measured here: {matmul_flops / 1e9:.1f} GFLOP/s (fp32, {threads} threads; mean of before and after)")
@@ -336,6 +359,11 @@ def main(argv=None) -> dict:
     main_variant = variants[0]
     print(f"\nbetween steps on Ray (reports, gauges, logging): "
           f"{100 * on_ray[main_variant]['outside_step_share']:.2f}% of a step's wall time")
+    print(f"the plain loop as a task of the idle Ray cluster ran at "
+          f"{in_ray_task['tokens_per_second'] / plain[main_variant]:.3f}x of its speed without Ray (the cluster's "
+          f"own processes), base_train on Ray Train at "
+          f"{on_ray[main_variant]['tokens_per_second'] / in_ray_task['tokens_per_second']:.3f}x of that task's "
+          f"(what Ray Train and Ray Data add)")
     ratios = {f"ray_vs_plain_{variant}": on_ray[variant]["tokens_per_second"] / plain[variant] for variant in variants}
     print(result_line(f"ray_vs_plain_{main_variant}", ratios[f"ray_vs_plain_{main_variant}"], ">=", 0.95))
     print(result_line("ray_data_wait_percent", 100 * on_ray[main_variant]["data_wait_share"], "<=", 2))
@@ -345,7 +373,7 @@ def main(argv=None) -> dict:
         ratios["ray_vs_reference"] = on_ray[main_variant]["tokens_per_second"] / reference["tokens_per_second"]
         print(result_line(f"ray_{main_variant}_vs_reference", ratios["ray_vs_reference"], ">=", 1.0))
     return {"matmul_flops": matmul_flops, "flops_per_token": flops_per_token, "plain_tokens_per_second": plain,
-            "ray": on_ray, "reference": reference, "ratios": ratios}
+            "ray": on_ray, "plain_in_ray_task": in_ray_task, "reference": reference, "ratios": ratios}
 
 
 if __name__ == "__main__":
