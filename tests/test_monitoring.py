@@ -311,16 +311,29 @@ def prometheus_cluster(tmp_path_factory):
         wait_until(lambda: every_listed_target_up(f"http://127.0.0.1:{prometheus_port}",
                                                   os.path.join(session, "prom_metrics_service_discovery.json")),
                    timeout=60, interval=1, what="Prometheus scraping every target Ray lists")
-        # The chat service and the three trainers start at once: they spend most of their time
-        # starting processes.
         env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}"}
         started = time.time()
+
+        def start_trainer(phase: str) -> tuple[subprocess.Popen, str]:
+            return start([sys.executable, "-m", *trainers[phase], "--storage-path", runs, "--run-name", RUNS[phase]],
+                         f"{phase}.log", cwd=REPO_ROOT, env=env)
+
+        # chat_sft first, alone until its worker has evaluated step 0. A Ray process drops its
+        # metrics until its exporter has reached the node's metrics agent (Ray retries that once
+        # a second, for up to 30 s), and chat_sft's 8 steps last seconds: started at once with the
+        # other trainers and the chat service on a slow machine, twice no sft series reached
+        # Prometheus, though it scraped throughout and the other trainers' series arrived. The
+        # other trainers run longer.
+        running = {"sft": start_trainer("sft")}
+        wait_until(lambda: running["sft"][0].poll() is not None or "| val loss" in _log(running["sft"][1]),
+                   timeout=240, interval=0.5, what="chat_sft's first evaluation")
+        # Then the chat service and the other trainers at once: they spend most of their time
+        # starting processes.
         chat_port = demo.free_port()
         chat, chat_log = start([sys.executable, "-m", "serve", "--model-tag", CHAT_TAG, "--port", str(chat_port),
                                 "--replica-cpus", "0.25", "--max-batch-size", "2", "--ingress-min-replicas", "1"],
                                "serve.log", cwd=REPO_ROOT, env=env)
-        running = {phase: start([sys.executable, "-m", *command, "--storage-path", runs, "--run-name", RUNS[phase]],
-                                f"{phase}.log", cwd=REPO_ROOT, env=env) for phase, command in trainers.items()}
+        running.update({phase: start_trainer(phase) for phase in trainers if phase != "sft"})
         for phase, (process, log_path) in running.items():
             assert process.wait(timeout=300) == 0, f"{trainers[phase][0]} failed:\n{_log_tail(log_path)}"
         _wait_for_output(chat, chat_log, "is up: http://", 180, "python -m serve")
