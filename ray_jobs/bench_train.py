@@ -188,7 +188,7 @@ def ray_loop(args, storage: str, compile_mode: str) -> dict:
             "outside_step_share": 1 - inside / median}
 
 
-def plain_loop_on_ray(args, threads: int, variant: str) -> dict:
+def plain_loop_on_ray(args, tokenizer: Tokenizer, train_files: list[str], threads: int, variant: str) -> dict:
     """The plain loop run as a Ray task (a worker process of the local cluster, at Ray's worker
     niceness like a Ray Train worker, with as many torch threads as the driver), while the cluster
     runs nothing else: what the cluster's own processes cost the loop, apart from what Ray Train
@@ -197,11 +197,9 @@ def plain_loop_on_ray(args, threads: int, variant: str) -> dict:
     @ray.remote(num_cpus=1)
     def run() -> dict:
         torch.set_num_threads(threads)
-        tokenizer = Tokenizer.from_directory(get_tokenizer_dir())
-        return plain_loop(args, tokenizer, resolve_source(args.source, args.data_dir).train_files, (variant,))[variant]
+        return plain_loop(args, tokenizer, train_files, (variant,))[variant]
 
-    env = {"NANOCHAT_BASE_DIR": os.environ["NANOCHAT_BASE_DIR"]} if "NANOCHAT_BASE_DIR" in os.environ else {}
-    return ray.get(run.options(runtime_env={"env_vars": env}).remote())
+    return ray.get(run.remote())
 
 
 def reference_base_dir(folder: str, tokenizer: Tokenizer, train_files: list[str], val_files: list[str]) -> str:
@@ -331,7 +329,7 @@ def main(argv=None) -> dict:
             print(f"base_train on Ray Train, 1 worker, {variant} ({_load()})", flush=True)
             on_ray[variant] = ray_loop(args, storage, "on" if variant == "compiled" else "off")
     print(f"plain loop, {variants[0]}, as a task of the otherwise idle Ray cluster ({_load()})", flush=True)
-    in_ray_task = plain_loop_on_ray(args, threads, variants[0])
+    in_ray_task = plain_loop_on_ray(args, tokenizer, shards.train_files, threads, variants[0])
     if started_ray and not os.environ.get("RAY_ADDRESS"):
         # The plain loop runs without Ray, as before the Ray runs: the local cluster's idle
         # processes alone took 6% of a d4 step on 2 CPUs (measured), which belongs to the Ray path.

@@ -308,8 +308,8 @@ def prometheus_cluster(tmp_path_factory):
         # Only once Prometheus scrapes every node: a trainer's gauges are on a node's export
         # endpoint only while its run lasts (and a little after), so no run may finish before
         # the first scrape.
-        wait_until(lambda: every_listed_target_up(f"http://127.0.0.1:{prometheus_port}",
-                                                  os.path.join(session, "prom_metrics_service_discovery.json")),
+        discovery = os.path.join(session, "prom_metrics_service_discovery.json")
+        wait_until(lambda: every_listed_target_up(f"http://127.0.0.1:{prometheus_port}", discovery),
                    timeout=60, interval=1, what="Prometheus scraping every target Ray lists")
         env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ray_port}"}
         started = time.time()
@@ -338,7 +338,7 @@ def prometheus_cluster(tmp_path_factory):
             assert process.wait(timeout=300) == 0, f"{trainers[phase][0]} failed:\n{_log_tail(log_path)}"
         _wait_for_output(chat, chat_log, "is up: http://", 180, "python -m serve")
         yield {"prometheus": f"http://127.0.0.1:{prometheus_port}", "chat_port": chat_port, "started": started,
-               "ray_config": ray_config, "session": session, "runs": runs}
+               "ray_config": ray_config, "discovery": discovery, "runs": runs}
     finally:
         for process in processes:
             process.terminate()
@@ -355,7 +355,7 @@ def test_prometheus_on_rays_generated_config_has_the_training_runs_and_the_chat_
     # Ray's config: one job, whose targets Ray keeps listing in the session's discovery file (every
     # live node's metrics export port, and the autoscaler's and the dashboard's own). Prometheus
     # scrapes each of them.
-    discovery = os.path.join(cluster["session"], "prom_metrics_service_discovery.json")
+    discovery = cluster["discovery"]
     assert cluster["ray_config"]["scrape_configs"] == [{"job_name": "ray", "file_sd_configs": [{"files": [discovery]}]}]
 
     wait_until(lambda: every_listed_target_up(url, discovery), timeout=30, interval=1,
