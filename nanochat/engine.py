@@ -15,8 +15,8 @@ per-row logic (`RowState`) and the sampling (`sample_next_token`) are shared wit
 continuous-batching scheduler in nanochat.scheduler, so a request decodes the same way in both.
 
 Rows that finish early leave the batch: live rows are kept packed into the first rows of the
-cache, and the model runs on that prefix only. A few samples on a CPU decode through transposed
-copies of the weights (GPT.transposed_weights), taken for the length of one generation.
+cache, and the model runs on that prefix only. On a CPU the decoding steps multiply by transposed
+copies of the weights where that pays (GPT.transposed_weights), taken for the length of one generation.
 """
 
 import contextlib
@@ -205,7 +205,7 @@ class Engine:
 
         rows = [RowState(self.tool_use) for _ in range(num_samples)]
         slot_owner = list(range(num_samples))  # slot_owner[s] = the sample whose sequence is in cache row s
-        # A few rows on a CPU multiply much faster by transposed weights laid out in memory
+        # Few rows on a CPU multiply much faster by transposed weights laid out in memory
         # (GPT.transposed_weights decides whether they pay); a stand-in model without them decodes as it is.
         transposed = getattr(model, "transposed_weights", None)
         with transposed(num_samples) if transposed is not None else contextlib.nullcontext():

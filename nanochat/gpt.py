@@ -52,10 +52,14 @@ NANOCHAT_WINDOW_MULTIPLE = 128  # nanochat rounds short windows up to its attent
 # built with: no smear, no backout, a value-embedding gate over 32 channels, windows unrounded.
 LEGACY_CONFIG = {"smear": False, "backout": False, "ve_gate_channels": 32, "window_multiple": 1}
 # The rows of x for which a linear layer inside GPT.transposed_weights multiplies by the laid-out
-# transpose: MKL (2-CPU Xeon, torch 2.13) ran every layer of a depth-4 and a depth-6 model faster
-# that way at 3 to 8 rows (a 384 -> 32768 head at 8 rows: 6.4 ms against 5.2), but not at 2 rows or
-# at 16 (that head: 6.6 ms against 9.6), and a prefill's many rows gain nothing.
-TRANSPOSED_ROWS = (3, 8)
+# transpose of its weight, by the layer's shape (MKL, torch 2.13, one thread). On a 2-CPU Xeon every
+# layer of a depth-4 and a depth-6 model ran faster that way at 3 to 8 rows (a 384 -> 32768 head at
+# 8 rows: 5.2 ms against 6.4), not at 16 (9.6 against 6.6), and a prefill's many rows gain nothing.
+# On a 2-CPU AMD EPYC a layer that widens or keeps the width gains from a single row (with weights
+# that do not stay in cache: a 256 -> 4096 head at 1 row 144 us against 494, 256 -> 1024 22 against
+# 33), while one that narrows loses at 1 and 2 rows (1024 -> 256 at 1 row: 28 us against 22).
+TRANSPOSED_ROWS_WIDENING = (1, 8)   # out_features >= in_features
+TRANSPOSED_ROWS_NARROWING = (3, 8)  # out_features < in_features
 ROTARY_HEADROOM = 10  # rotary tables cover 10x the training context, for long generations
 # The dtypes the embedding tables may be stored and updated in (base_train --embedding-dtype).
 EMBEDDING_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -157,10 +161,12 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.fp8 = False
         self.weight_t: torch.Tensor | None = None  # (in, out), contiguous: set by GPT.transposed_weights
+        # The rows of a pass that multiply by weight_t (see TRANSPOSED_ROWS_WIDENING).
+        self.transposed_rows = TRANSPOSED_ROWS_WIDENING if out_features >= in_features else TRANSPOSED_ROWS_NARROWING
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight_t = self.weight_t
-        if (weight_t is not None and TRANSPOSED_ROWS[0] <= x.numel() // x.size(-1) <= TRANSPOSED_ROWS[1]
+        if (weight_t is not None and self.transposed_rows[0] <= x.numel() // x.size(-1) <= self.transposed_rows[1]
                 and weight_t.dtype == x.dtype and not torch.is_grad_enabled()):
             return x @ weight_t
         weight = self.weight
@@ -427,25 +433,26 @@ class GPT(nn.Module):
 
     @contextlib.contextmanager
     def transposed_weights(self, max_rows: int) -> Iterator[None]:
-        """While inside, every linear layer multiplies by a contiguous copy of its weight's transpose
-        (in the compute dtype), taken on entry, in passes without gradients over TRANSPOSED_ROWS rows.
-        The copies are made only where they can pay: on a CPU, for passes of up to `max_rows` rows
-        that reach TRANSPOSED_ROWS; otherwise this does nothing.
+        """While inside, the linear layers multiply by a contiguous copy of their weight's transpose
+        (in the compute dtype), taken on entry, in passes without gradients over the rows that
+        their `transposed_rows` name (TRANSPOSED_ROWS_WIDENING). The copies are made only where they
+        can pay: on a CPU, for the layers whose range starts at or below `max_rows`, the most rows
+        a pass will have; otherwise this does nothing.
 
         For decoding a few rows on a CPU: MKL multiplies them by a row-major weight's transpose
         (what F.linear asks of it) at a fraction of its speed with the transpose laid out in memory
         (8 rows through a 256 -> 4096 head: 475 us against 202). The copies cost one more copy of
-        the matmul weights while they last, and they are not refreshed: the weights must not change
+        those matmul weights while they last, and they are not refreshed: the weights must not change
         inside (a generation never changes them; the RL weight sync's broadcasts, which would not
         even move the parameters' version counters, run between generations). Nested use keeps the
         outer copies."""
-        pays = self.get_device().type == "cpu" and max_rows >= TRANSPOSED_ROWS[0]
-        linears = [module for module in self.modules() if isinstance(module, Linear) and module.weight_t is None]
+        on_cpu = self.get_device().type == "cpu"
+        linears = [module for module in self.modules() if on_cpu and isinstance(module, Linear)
+                   and module.weight_t is None and module.transposed_rows[0] <= max_rows]
         try:
-            if pays:
-                with torch.no_grad():
-                    for linear in linears:
-                        linear.weight_t = cast(linear.weight, COMPUTE_DTYPE).t().contiguous()
+            with torch.no_grad():
+                for linear in linears:
+                    linear.weight_t = cast(linear.weight, COMPUTE_DTYPE).t().contiguous()
             yield
         finally:
             for linear in linears:

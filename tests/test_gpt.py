@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import TRANSPOSED_ROWS, GPT, GPTConfig, Linear, config_from_depth, has_value_embedding
+from nanochat.gpt import TRANSPOSED_ROWS_NARROWING, TRANSPOSED_ROWS_WIDENING, GPT, GPTConfig, Linear, config_from_depth, has_value_embedding
 from nanochat.kv_cache import KVCache
 
 TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
@@ -289,7 +289,7 @@ def test_chunked_training_loss_matches_the_logits_path_in_float64(monkeypatch, r
 def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
     model = build()
     linears = [module for module in model.modules() if isinstance(module, Linear)]
-    # 6 rows: inside TRANSPOSED_ROWS, where the copies are used.
+    # 6 rows: inside every layer's transposed_rows, where the copies are used.
     idx = torch.randint(0, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, TINY.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -309,7 +309,7 @@ def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
             model.lm_head.weight_t.mul_(2.0)
             assert not torch.allclose(model(idx), plain_logits, atol=1e-3)
             model.lm_head.weight_t.div_(2.0)
-            # Past TRANSPOSED_ROWS (a prefill) the layers use the weights themselves.
+            # Past transposed_rows (a prefill) the layers use the weights themselves.
             many_rows = torch.randint(0, TINY.vocab_size, (3, 7), generator=torch.Generator().manual_seed(3))
             model.lm_head.weight_t.mul_(2.0)
             expected = model(many_rows)
@@ -324,5 +324,34 @@ def test_transposed_weights_give_the_same_outputs_and_leave_gradients_alone():
             pass
         assert all(linear.weight_t is copy for linear, copy in zip(linears, outer_copies))  # nested use keeps them
     assert all(linear.weight_t is None for linear in linears)
-    with model.transposed_weights(max_rows=TRANSPOSED_ROWS[0] - 1):  # passes this small gain nothing: no copies
+    with model.transposed_weights(max_rows=0):
         assert all(linear.weight_t is None for linear in linears)
+
+
+def test_single_row_passes_use_transposed_copies_of_the_layers_that_widen_only():
+    model = build()
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    widening = [linear for linear in linears if linear.out_features >= linear.in_features]
+    narrowing = [linear for linear in linears if linear.out_features < linear.in_features]
+    assert model.lm_head in widening and model.transformer.h[0].mlp.c_proj in narrowing
+    assert all(linear.transposed_rows == TRANSPOSED_ROWS_WIDENING for linear in widening)
+    assert all(linear.transposed_rows == TRANSPOSED_ROWS_NARROWING for linear in narrowing)
+    assert TRANSPOSED_ROWS_WIDENING[0] == 1 < TRANSPOSED_ROWS_NARROWING[0]
+    idx = torch.randint(0, TINY.vocab_size, (1, 1), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.normal_(0.0, 0.1)
+        plain_logits = model(idx)
+        # A generation of one row copies only the layers that use the copies at one row.
+        with model.transposed_weights(max_rows=1):
+            assert all(linear.weight_t is not None for linear in widening)
+            assert all(linear.weight_t is None for linear in narrowing)
+            torch.testing.assert_close(model(idx), plain_logits, atol=1e-5, rtol=1e-5)
+            model.lm_head.weight_t.mul_(2.0)  # the head multiplies by its copy at one row
+            assert not torch.allclose(model(idx), plain_logits, atol=1e-3)
+        with model.transposed_weights(max_rows=TRANSPOSED_ROWS_NARROWING[0]):
+            assert all(linear.weight_t is not None for linear in linears)
+            # One row through a narrowing layer multiplies by its weight, not by the copy.
+            mlp_out = model.transformer.h[0].mlp.c_proj
+            mlp_out.weight_t.mul_(2.0)
+            torch.testing.assert_close(model(idx), plain_logits, atol=1e-5, rtol=1e-5)
