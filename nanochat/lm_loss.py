@@ -31,8 +31,12 @@ def chunk_rows(vocab_size: int, device: torch.device) -> int:
 
 
 def soft_cap(logits: Tensor, cap: float) -> Tensor:
-    """Logits squashed smoothly into (-cap, cap)."""
-    return cap * torch.tanh(logits / cap)
+    """Logits squashed smoothly into (-cap, cap): cap * tanh(logits / cap), computed as
+    2 cap * sigmoid(2 logits / cap) - cap, the same function. PyTorch's CPU tanh is several times
+    slower than its sigmoid (2-CPU AMD EPYC, one thread: 2.0 ms against 0.43 ms for a 128 x 4096
+    chunk of the training loss, 78 us against 27 us for a 32 x 512 decoding step; compiled, 1.1 ms
+    against 0.55 ms). fp32 rounding moves a capped logit by at most about 4e-6."""
+    return torch.sigmoid(logits * (2.0 / cap)) * (2.0 * cap) - cap
 
 
 def _row_chunks(num_rows: int, rows_per_chunk: int):
