@@ -264,19 +264,21 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     start = cache_seqlens.to(q.device, torch.long)
     if k is not None:
         _write_at_rows(k_cache, v_cache, k, v, start)
-    key_lens = start + new_keys if new_keys else start
 
     # Only the first `longest` positions can be visible to anyone: reading the rest of a long
     # cache would cost time on every decoded token for keys that are masked out anyway.
     key_positions = torch.arange(longest, device=q.device)
     if query_len == 1:
-        # A decoding step: each row's one query is its newest key, so it sees the row's filled keys
-        # that its left window reaches (nothing lies ahead of it).
-        mask = key_positions < key_lens[:, None]
+        # A decoding step: each row's one query is its newest key (at `start` when it was just
+        # written, else the last filled one), so it sees the row's keys up to that one that its left
+        # window reaches (nothing lies ahead of it).
+        newest = (start if new_keys else start - 1)[:, None]
+        mask = key_positions <= newest
         if window_size[0] >= 0:
-            mask &= key_positions >= (key_lens - 1 - window_size[0])[:, None]
-        mask = mask[:, None, None, :]
+            mask &= key_positions >= newest - window_size[0]
+        mask = mask.view(batch, 1, 1, longest)
     else:
+        key_lens = start + new_keys if new_keys else start
         offsets = torch.arange(query_len, device=q.device)
         query_positions = key_lens[:, None] - query_len + offsets[None, :]  # (B, Tq)
         mask = _visible(query_positions[:, :, None] - key_positions[None, None, :], causal, window_size)
@@ -292,12 +294,16 @@ def _write_at_rows(k_cache, v_cache, k, v, start: torch.Tensor) -> None:
     start[b] + Tq - 1 of the caches (B, Tmax, Hkv, D). A contiguous cache takes them with one
     index_copy_ into its flattened (B * Tmax) positions, cheaper than indexing rows and positions."""
     batch, query_len = k.shape[:2]
-    slots = start[:, None] + torch.arange(query_len, device=start.device)[None, :]  # (B, Tq)
     if k_cache.is_contiguous() and v_cache.is_contiguous():
-        flat = (slots + torch.arange(batch, device=start.device)[:, None] * k_cache.size(1)).view(-1)
+        # Row b's positions start at b * Tmax in the flattened cache.
+        cache_len = k_cache.size(1)
+        flat = start + torch.arange(0, batch * cache_len, cache_len, device=start.device)
+        if query_len > 1:
+            flat = (flat[:, None] + torch.arange(query_len, device=start.device)).view(-1)
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, flat, k.reshape(-1, *k.shape[2:]))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, flat, v.reshape(-1, *v.shape[2:]))
     else:
+        slots = start[:, None] + torch.arange(query_len, device=start.device)  # (B, Tq)
         rows = torch.arange(batch, device=start.device)[:, None]
         k_cache[rows, slots] = k
         v_cache[rows, slots] = v

@@ -91,6 +91,7 @@ class GenerationRequest:
         self._tokens: list[int] = []
         self._masks: list[int] = []
         self._changed = threading.Condition()
+        self._thread_waiters = 0  # threads blocked in result() or a for loop, under _changed
         self._async_waiters: set[_AsyncWaiter] = set()
         self._cancel_requested = False
         # Decoding state, touched by the scheduler's thread only.
@@ -121,7 +122,7 @@ class GenerationRequest:
         """Block until the request finishes and return its tokens; raises TimeoutError after
         `timeout` seconds, or the decode error if the request failed."""
         with self._changed:
-            if not self._changed.wait_for(lambda: self.finish_reason is not None, timeout):
+            if not self._wait_for(lambda: self.finish_reason is not None, timeout):
                 raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s")
             if self.error is not None:
                 raise RuntimeError(f"request {self.request_id} failed: {self.error!r}") from self.error
@@ -131,7 +132,7 @@ class GenerationRequest:
         position = 0
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: position < len(self._tokens) or self.finish_reason is not None)
+                self._wait_for(lambda: position < len(self._tokens) or self.finish_reason is not None)
                 new_tokens = self._tokens[position:]
                 finished = self.finish_reason is not None
             yield from new_tokens
@@ -187,20 +188,43 @@ class GenerationRequest:
         if self.error is not None:
             raise RuntimeError(f"request {self.request_id} failed: {self.error!r}") from self.error
 
+    def _wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Condition.wait_for on _changed (held by the caller), counted, so that publishing a token
+        notifies only when some thread waits."""
+        self._thread_waiters += 1
+        try:
+            return self._changed.wait_for(predicate, timeout)
+        finally:
+            self._thread_waiters -= 1
+
     # ---------------------------------------------------------------- called by the scheduler
 
-    def _publish(self, token: int | None = None, mask: int = 1, finish_reason: str | None = None,
-                 error: BaseException | None = None) -> None:
+    def _publish_token(self, token: int, mask: int) -> None:
+        """Append a generated token and wake the consumers that wait for it. Called for every
+        request at every step, so it does no more than that: no notify without a waiting thread,
+        no scan without an asyncio consumer."""
         with self._changed:
-            if token is not None:
-                self._tokens.append(token)
-                self._masks.append(mask)
-            if finish_reason is not None:
-                self.error = error
-                self.finish_reason = finish_reason
+            self._tokens.append(token)
+            self._masks.append(mask)
+            if self._thread_waiters:
+                self._changed.notify_all()
+            if not self._async_waiters:
+                return
+            count = len(self._tokens)
+            waiters = [waiter for waiter in self._async_waiters if count >= waiter.wake_at]
+        self._wake(waiters)
+
+    def _finish(self, finish_reason: str, error: BaseException | None = None) -> None:
+        """Mark the request finished and wake every consumer."""
+        with self._changed:
+            self.error = error
+            self.finish_reason = finish_reason
             self._changed.notify_all()
-            waiters = [waiter for waiter in self._async_waiters
-                       if self.finish_reason is not None or len(self._tokens) >= waiter.wake_at]
+            waiters = list(self._async_waiters)
+        self._wake(waiters)
+
+    @staticmethod
+    def _wake(waiters: list[_AsyncWaiter]) -> None:
         for waiter in waiters:
             try:
                 waiter.loop.call_soon_threadsafe(waiter.wake_up.set)
@@ -249,6 +273,7 @@ class Scheduler:
         self._reserved_tokens = 0
         self._request_ids = itertools.count()
         self._stopping = False
+        self._cancel_pending = False  # cancel() marked a running request since the last step looked
         self._thread: threading.Thread | None = None
         self._loop_running = False
         self._loop_exited = threading.Event()
@@ -298,10 +323,11 @@ class Scheduler:
         with self._lock:
             if request in self._waiting:
                 self._waiting.remove(request)
-                request._publish(finish_reason=FINISH_CANCELLED)
+                request._finish(FINISH_CANCELLED)
                 self._requests_finished += 1
             else:
                 request._cancel_requested = True
+                self._cancel_pending = True
             self._lock.notify_all()
 
     @property
@@ -385,10 +411,12 @@ class Scheduler:
         """One decoding step for every running request, after admitting what fits from the queue;
         returns the number of tokens generated. Call from one thread only."""
         started = time.perf_counter()
-        with self._lock:
-            cancelled = [slot for slot, request in enumerate(self._active) if request._cancel_requested]
-        for slot in reversed(cancelled):
-            self._release(slot, FINISH_CANCELLED)
+        if self._cancel_pending:
+            with self._lock:
+                self._cancel_pending = False
+                cancelled = [slot for slot, request in enumerate(self._active) if request._cancel_requested]
+            for slot in reversed(cancelled):
+                self._release(slot, FINISH_CANCELLED)
         admitted = self._admit()
         if not self._active and not admitted:
             return 0
@@ -470,34 +498,47 @@ class Scheduler:
     def _sample_and_publish(self, logits: torch.Tensor) -> int:
         """Choose every row's next token, stream it, and retire the rows that are done; returns
         the number of tokens generated (a final <|assistant_end|> counts, though it is not streamed)."""
-        # One argmax for all rows, and one draw per top_k in use for the rows that sample at a
-        # temperature, each row with its own numbers and temperature.
-        sampling = [slot for slot, request in enumerate(self._active) if request.temperature != 0]
-        greedy = logits.argmax(dim=-1).tolist() if len(sampling) < len(self._active) else None
-        drawn = {}
-        for top_k in {self._active[slot].top_k for slot in sampling}:
-            slots = [slot for slot in sampling if self._active[slot].top_k == top_k]
-            requests = [self._active[slot] for slot in slots]
-            rows = logits if len(slots) == len(self._active) else logits[slots]
-            temperatures = {request.temperature for request in requests}
-            # One temperature for all (the usual case) divides by a number: no tensor to build.
-            temperature = temperatures.pop() if len(temperatures) == 1 else torch.tensor(
-                [[request.temperature] for request in requests], dtype=torch.float64, device=logits.device)
-            uniforms = uniform_numbers([request._rng for request in requests], logits.device)
-            drawn.update(zip(slots, draw_tokens(rows, uniforms, temperature, top_k).tolist()))
+        active = self._active
+        chosen = self._choose_tokens(logits, active)
         finished = []
-        for slot, request in enumerate(self._active):
-            token, mask = request._row.advance(drawn[slot] if slot in drawn else greedy[slot])
+        for slot, (request, sampled) in enumerate(zip(active, chosen)):
+            token, mask = request._row.advance(sampled)
             if request._row.finished:
                 finished.append((slot, FINISH_STOP))
                 continue
-            request._publish(token, mask)
+            request._publish_token(token, mask)
             if len(request._tokens) >= request.max_tokens:
                 finished.append((slot, FINISH_LENGTH))
-        generated = len(self._active)
+        generated = len(active)
         for slot, reason in reversed(finished):
             self._release(slot, reason)
         return generated
+
+    @staticmethod
+    def _choose_tokens(logits: torch.Tensor, active: list[GenerationRequest]) -> list[int]:
+        """Every row's sampled (or, at temperature 0, argmax) token: one argmax for all the greedy
+        rows, and one draw per top_k in use for the rows that sample, each row with its own
+        numbers and temperature. The usual batch, where every row samples with the same settings,
+        takes one draw and no bookkeeping."""
+        first = active[0]
+        if first.temperature != 0 and all(request.temperature == first.temperature and request.top_k == first.top_k
+                                          for request in active):
+            uniforms = uniform_numbers([request._rng for request in active], logits.device)
+            return draw_tokens(logits, uniforms, first.temperature, first.top_k).tolist()
+        sampling = [slot for slot, request in enumerate(active) if request.temperature != 0]
+        chosen = logits.argmax(dim=-1).tolist() if len(sampling) < len(active) else [0] * len(active)
+        for top_k in {active[slot].top_k for slot in sampling}:
+            slots = [slot for slot in sampling if active[slot].top_k == top_k]
+            requests = [active[slot] for slot in slots]
+            rows = logits if len(slots) == len(active) else logits[slots]
+            temperatures = {request.temperature for request in requests}
+            # One temperature for all divides by a number: no tensor to build.
+            temperature = temperatures.pop() if len(temperatures) == 1 else torch.tensor(
+                [[request.temperature] for request in requests], dtype=torch.float64, device=logits.device)
+            uniforms = uniform_numbers([request._rng for request in requests], logits.device)
+            for slot, token in zip(slots, draw_tokens(rows, uniforms, temperature, top_k).tolist()):
+                chosen[slot] = token
+        return chosen
 
     def _release(self, slot: int, reason: str) -> None:
         """Finish the request in `slot` (caching the blocks of what its row holds) and fill the gap
@@ -518,7 +559,7 @@ class Scheduler:
         with self._lock:
             self._reserved_tokens -= request.reserved_tokens
             self._requests_finished += 1
-        request._publish(finish_reason=reason)
+        request._finish(reason)
 
     def _fail(self, requests: list[GenerationRequest], error: BaseException) -> None:
         """After a failed forward pass no row of the cache can be trusted: fail its requests, empty it."""
@@ -528,7 +569,7 @@ class Scheduler:
                 self._reserved_tokens -= request.reserved_tokens
                 self._requests_finished += 1
         for request in requests:
-            request._publish(finish_reason=FINISH_ERROR, error=error)
+            request._finish(FINISH_ERROR, error)
             if self.prefix_cache is not None:
                 self.prefix_cache.release(request._prefix_blocks)
                 request._prefix_blocks = []
@@ -545,4 +586,4 @@ class Scheduler:
         for slot in reversed(range(len(self._active))):
             self._release(slot, FINISH_CANCELLED)
         for request in waiting:
-            request._publish(finish_reason=FINISH_CANCELLED)
+            request._finish(FINISH_CANCELLED)

@@ -176,6 +176,24 @@ def test_each_request_samples_with_its_own_seed(model, tokenizer):
     assert greedy.tokens == engine.generate_batch(prompt, max_tokens=15, temperature=0.0)[0][0][len(prompt):]
 
 
+@pytest.mark.parametrize("settings", [
+    # (temperature, top_k) per request: every row alike (one draw for the batch), and a mix of
+    # greedy rows, temperatures and top_k values (a draw per top_k, a tensor of temperatures).
+    [(1.0, 40)] * 3,
+    [(1.0, 40), (0.7, 40), (1.0, None), (1.3, 10), (0.0, None)],
+])
+def test_rows_with_any_mix_of_sampling_settings_draw_what_they_draw_alone(model, tokenizer, settings):
+    prompts = make_prompts(tokenizer, len(settings))
+    scheduler = Scheduler(model, tokenizer, max_batch_size=len(settings), max_seq_len=64)
+    requests = [scheduler.submit(prompt, max_tokens=12, temperature=temperature, top_k=top_k, seed=seed)
+                for seed, (prompt, (temperature, top_k)) in enumerate(zip(prompts, settings))]
+    run_until_idle(scheduler)
+    engine = Engine(model, tokenizer)
+    for seed, (prompt, request, (temperature, top_k)) in enumerate(zip(prompts, requests, settings)):
+        alone, _ = engine.generate_batch(prompt, max_tokens=12, temperature=temperature, top_k=top_k, seed=seed)
+        assert request.tokens == alone[0][len(prompt):], f"request {seed} ({temperature}, {top_k}) differs"
+
+
 def test_tool_use_and_stop_tokens_per_row(tokenizer):
     special = tokenizer.encode_special
     called = [special("<|python_start|>")] + tokenizer.encode("12+30") + [special("<|python_end|>")]
