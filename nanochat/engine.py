@@ -205,7 +205,7 @@ class Engine:
 
         rows = [RowState(self.tool_use) for _ in range(num_samples)]
         slot_owner = list(range(num_samples))  # slot_owner[s] = the sample whose sequence is in cache row s
-        # Few rows on a CPU multiply much faster by transposed weights laid out in memory
+        # A few rows on a CPU multiply much faster by transposed weights laid out in memory
         # (GPT.transposed_weights decides whether they pay); a stand-in model without them decodes as it is.
         transposed = getattr(model, "transposed_weights", None)
         with transposed(num_samples) if transposed is not None else contextlib.nullcontext():
