@@ -447,8 +447,8 @@ class GPT(nn.Module):
         even move the parameters' version counters, run between generations). Nested use keeps the
         outer copies."""
         on_cpu = self.get_device().type == "cpu"
-        linears = [module for module in self.modules() if on_cpu and isinstance(module, Linear)
-                   and module.weight_t is None and module.transposed_rows[0] <= max_rows]
+        linears = [module for module in self.modules() if isinstance(module, Linear) and module.weight_t is None
+                   and module.transposed_rows[0] <= max_rows] if on_cpu else []
         try:
             with torch.no_grad():
                 for linear in linears:

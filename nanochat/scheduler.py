@@ -518,25 +518,16 @@ class Scheduler:
     def _choose_tokens(logits: torch.Tensor, active: list[GenerationRequest]) -> list[int]:
         """Every row's sampled (or, at temperature 0, argmax) token: one argmax for all the greedy
         rows, and one draw per top_k in use for the rows that sample, each row with its own
-        numbers and temperature. The usual batch, where every row samples with the same settings,
-        takes one draw and no bookkeeping."""
-        first = active[0]
-        if first.temperature != 0 and all(request.temperature == first.temperature and request.top_k == first.top_k
-                                          for request in active):
-            uniforms = uniform_numbers([request._rng for request in active], logits.device)
-            return draw_tokens(logits, uniforms, first.temperature, first.top_k).tolist()
+        numbers and temperature. The usual batch, where every row samples with one top_k, is one
+        draw over all the logits, without sorting rows into groups."""
+        first_top_k = active[0].top_k
+        if all(request.temperature != 0 and request.top_k == first_top_k for request in active):
+            return _draw(logits, active, first_top_k)
         sampling = [slot for slot, request in enumerate(active) if request.temperature != 0]
         chosen = logits.argmax(dim=-1).tolist() if len(sampling) < len(active) else [0] * len(active)
         for top_k in {active[slot].top_k for slot in sampling}:
             slots = [slot for slot in sampling if active[slot].top_k == top_k]
-            requests = [active[slot] for slot in slots]
-            rows = logits if len(slots) == len(active) else logits[slots]
-            temperatures = {request.temperature for request in requests}
-            # One temperature for all divides by a number: no tensor to build.
-            temperature = temperatures.pop() if len(temperatures) == 1 else torch.tensor(
-                [[request.temperature] for request in requests], dtype=torch.float64, device=logits.device)
-            uniforms = uniform_numbers([request._rng for request in requests], logits.device)
-            for slot, token in zip(slots, draw_tokens(rows, uniforms, temperature, top_k).tolist()):
+            for slot, token in zip(slots, _draw(logits[slots], [active[slot] for slot in slots], top_k)):
                 chosen[slot] = token
         return chosen
 
@@ -587,3 +578,14 @@ class Scheduler:
             self._release(slot, FINISH_CANCELLED)
         for request in waiting:
             request._finish(FINISH_CANCELLED)
+
+
+def _draw(logits: torch.Tensor, requests: list[GenerationRequest], top_k: int | None) -> list[int]:
+    """One sampled token per row of `logits` (rows, vocab), row i drawn for requests[i] with its
+    own numbers and temperature."""
+    temperatures = {request.temperature for request in requests}
+    # One temperature for all (the usual case) divides by a number: no tensor to build.
+    temperature = temperatures.pop() if len(temperatures) == 1 else torch.tensor(
+        [[request.temperature] for request in requests], dtype=torch.float64, device=logits.device)
+    uniforms = uniform_numbers([request._rng for request in requests], logits.device)
+    return draw_tokens(logits, uniforms, temperature, top_k).tolist()

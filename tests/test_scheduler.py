@@ -177,9 +177,11 @@ def test_each_request_samples_with_its_own_seed(model, tokenizer):
 
 
 @pytest.mark.parametrize("settings", [
-    # (temperature, top_k) per request: every row alike (one draw for the batch), and a mix of
-    # greedy rows, temperatures and top_k values (a draw per top_k, a tensor of temperatures).
+    # (temperature, top_k) per request: every row alike (one draw for the batch), one top_k at
+    # several temperatures (one draw, a tensor of temperatures), and a mix of greedy rows,
+    # temperatures and top_k values (a draw per top_k).
     [(1.0, 40)] * 3,
+    [(1.0, 40), (0.7, 40), (1.3, 40)],
     [(1.0, 40), (0.7, 40), (1.0, None), (1.3, 10), (0.0, None)],
 ])
 def test_rows_with_any_mix_of_sampling_settings_draw_what_they_draw_alone(model, tokenizer, settings):
