@@ -20,6 +20,12 @@ One run measures, on the same model config and the same data (the `sample` sourc
   cluster once the Ray Train runs are over: the cluster's own processes (each Ray worker process
   wakes every 10 ms, measured with strace on Ray 2.60) cost the loop this much, and Ray Train
   and Ray Data the rest;
+- during (b), compiled, a census of this machine's CPU (ray_jobs/process_cpu.py, a snapshot of
+  every process's CPU time every 2 s) over the timed steps: the train worker, the other Ray
+  worker processes (Ray Train's and Ray Data's actors, the stream's tasks, the idle pooled
+  workers) and Ray's daemons by name, the driver, and the processes that are not Ray's; the share
+  of the machine that Ray's processes took besides the train worker is what a Ray loop loses
+  before anything of its own runs slower;
 - (c) with --reference, the reference's scripts.base_train on the same shards, tokenizer and
   settings (its own venv through --reference-python), run as a subprocess between the two plain
   passes; its step time is the median of the `dt` it prints.
@@ -59,7 +65,7 @@ from nanochat.dataset import resolve_source
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import Tokenizer, compute_token_bytes, get_tokenizer_dir
 from nanochat.training import REFERENCE_BATCH_TOKENS, lr_multiplier, muon_momentum, weight_decay_at
-from ray_jobs import base_train
+from ray_jobs import base_train, process_cpu
 from ray_jobs.base_eval import packed_batches
 from ray_jobs.bench_results import result_line
 from ray_jobs.train_common import maybe_compile, measure_matmul_flops
@@ -104,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.reference and not os.path.isfile(os.path.join(args.reference, "scripts", "base_train.py")):
         p.error(f"--reference {args.reference} is not a nanochat checkout (no scripts/base_train.py in it)")
     return args
+
+
+CPU_CENSUS_MIN_PERCENT = 0.3  # processes below this share of a core are counted in their group only
 
 
 def _load() -> str:
@@ -178,14 +187,47 @@ def ray_loop(args, storage: str, compile_mode: str) -> dict:
              "--run-name", f"bench_{compile_mode}", "--model-tag", "bench"]
     if args.data_dir:
         flags += ["--data-dir", args.data_dir]
-    result = base_train.main(flags)
+    sampler = process_cpu.CPUSampler()
+    sampler.start()
+    try:
+        result = base_train.main(flags)
+    finally:
+        sampler.stop()
     steps = [r for r in result["history"] if "loss" in r][args.skip_steps:]
     walls = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     median = statistics.median(walls)
     inside = statistics.median(r["step_seconds"] for r in steps[1:])
     return {"tokens_per_second": args.total_batch_size / median, "median_step_ms": 1000 * median,
             "data_wait_share": sum(r["data_wait_seconds"] for r in steps[1:]) / sum(r["step_seconds"] for r in steps[1:]),
-            "outside_step_share": 1 - inside / median}
+            "outside_step_share": 1 - inside / median, "cpu": cpu_census(sampler, steps[0]["time"], steps[-1]["time"])}
+
+
+def cpu_census(sampler: process_cpu.CPUSampler, start: float, end: float) -> process_cpu.Census | None:
+    """The sampler's census of [start, end], or None when it has too few snapshots there."""
+    try:
+        return sampler.usage(start, end)
+    except ValueError as error:
+        print(f"no CPU census of this run: {error}", flush=True)
+        return None
+
+
+def print_cpu_census(variant: str, census: process_cpu.Census) -> None:
+    """Where this machine's CPU went during the timed steps of a Ray Train run, in % of one core:
+    by group, then each process (by name) that took at least CPU_CENSUS_MIN_PERCENT; then the
+    machine's idle time and the hypervisor's steal."""
+    groups, names = process_cpu.summarize(census)
+    cores = os.cpu_count()
+    print(f"\nCPU during the timed steps of base_train on Ray Train ({variant}), % of one core ({cores} cores):")
+    for group, percent in groups.items():
+        print(f"  {group:<20}{percent:>8.1f}%")
+        for (name_group, name), name_percent in sorted(names.items(), key=lambda item: -item[1]):
+            if name_group == group and name_percent >= CPU_CENSUS_MIN_PERCENT and group != process_cpu.TRAIN_WORKER:
+                print(f"      {name:<40}{name_percent:>6.2f}%")
+    print(f"  {'idle':<20}{100 * census.idle_seconds / census.seconds:>8.1f}%")
+    print(f"  {'stolen (hypervisor)':<20}{100 * census.steal_seconds / census.seconds:>8.1f}%")
+    ray_share = (groups[process_cpu.RAY_WORKERS] + groups[process_cpu.RAY_DAEMONS]) / (100 * cores)
+    print(f"Ray's processes besides the train worker took {100 * ray_share:.1f}% of the machine's CPU: a loop "
+          f"that lost exactly that share would run at {1 - ray_share:.3f}x of its speed without Ray")
 
 
 def plain_loop_on_ray(args, tokenizer: Tokenizer, train_files: list[str], threads: int, variant: str) -> dict:
@@ -355,6 +397,8 @@ def main(argv=None) -> dict:
               f"{r['median_step_ms']:>9.0f}{100 * r['data_wait_share']:>10.2f}%{achieved / 1e9:>9.2f}"
               f"{100 * achieved / matmul_flops:>10.1f}%")
     main_variant = variants[0]
+    if on_ray[main_variant]["cpu"] is not None:
+        print_cpu_census(main_variant, on_ray[main_variant]["cpu"])
     print(f"\nbetween steps on Ray (reports, gauges, logging): "
           f"{100 * on_ray[main_variant]['outside_step_share']:.2f}% of a step's wall time")
     print(f"the plain loop as a task of the idle Ray cluster ran at "
