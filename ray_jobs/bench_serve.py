@@ -21,6 +21,9 @@ temporary NANOCHAT_BASE_DIR, so the replicas load it the normal way. Its special
 rows are zeroed, so no answer stops early: every request does its full --max-tokens of work.
 The model runs on --threads torch threads in this process and on --replica-cpus CPUs (one torch
 thread per CPU) in a replica, the same by default, so the three rows compare like with like.
+While the continuous-batching app serves the 16 clients, ray_jobs/process_cpu.py takes a census
+of the machine's CPU (every process by name: the model replica, the ingress, the proxy, Serve's
+controller, Ray's daemons, this driver with the clients; idle time; the hypervisor's steal).
 Machines are noisy: compare the ratios of one run, printed at the end, each as one
 `RESULT <name> <value> target <op> <number> PASS|FAIL` line (ray_jobs.bench_results).
 
@@ -52,6 +55,7 @@ from nanochat.common import autodetect_device_type
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.scheduler import Scheduler
 from nanochat.tokenizer import Tokenizer
+from ray_jobs import process_cpu
 from ray_jobs.bench_results import result_line
 from serve.app import ChatAppArgs, build_app
 
@@ -113,10 +117,11 @@ def save_benchmark_checkpoint(args) -> tuple[GPT, Tokenizer]:
     return model.eval(), tokenizer
 
 
-def summarize(ttfts: list[float], tokens: int, wall_s: float) -> dict:
+def summarize(ttfts: list[float], tokens: int, wall_s: float, window: tuple[float, float]) -> dict:
+    """The figures of one run of clients; `window` is its (start, end) in time.time() stamps."""
     p99 = statistics.quantiles(ttfts, n=100, method="inclusive")[98] if len(ttfts) > 1 else ttfts[0]
     return {"ttft_p50_ms": 1000 * statistics.median(ttfts), "ttft_p99_ms": 1000 * p99,
-            "tokens_per_s": tokens / wall_s, "requests": len(ttfts)}
+            "tokens_per_s": tokens / wall_s, "requests": len(ttfts), "window": window}
 
 
 async def run_clients(clients: int, requests_per_client: int, one_request) -> dict:
@@ -130,9 +135,9 @@ async def run_clients(clients: int, requests_per_client: int, one_request) -> di
             ttfts.append(ttft)
             tokens += count
 
-    started = time.perf_counter()
+    started, stamp = time.perf_counter(), time.time()
     await asyncio.gather(*(client() for _ in range(clients)))
-    return summarize(ttfts, tokens, time.perf_counter() - started)
+    return summarize(ttfts, tokens, time.perf_counter() - started, (stamp, time.time()))
 
 
 def in_process_request(scheduler: Scheduler, prompt: list[int], max_tokens: int):
@@ -239,6 +244,8 @@ def main(argv=None) -> dict:
                                                                 max_ongoing_requests=max(args.clients), **common)),
         "serve, one at a time": ("/one-at-a-time", ChatAppArgs(max_batch_size=1, max_ongoing_requests=1, **common)),
     }
+    sampler = process_cpu.CPUSampler(main=process_cpu.MODEL_REPLICA_MAIN)
+    sampler.start()
     try:
         for name, (route, app_args) in setups.items():
             # One app at a time: the other's idle replica would hold CPUs that this one may want.
@@ -246,6 +253,7 @@ def main(argv=None) -> dict:
             results[name], _ = asyncio.run(bench_http(port, route, args))
             serve.delete(route.strip("/"))
     finally:
+        sampler.stop()
         serve.shutdown()
         ray.shutdown()
 
@@ -262,6 +270,12 @@ def main(argv=None) -> dict:
         ratio = batching / one_at_a_time
         print(f"\nat {clients} clients: continuous batching {ratio:.2f}x the one-at-a-time replica; "
               f"{batching / in_process:.2f}x the in-process scheduler (the cost of HTTP, SSE and Ray)")
+        try:
+            census = sampler.usage(*results["serve, continuous batching"][clients]["window"])
+            print("\n".join(process_cpu.report_lines(census, f"CPU while {clients} clients streamed from the "
+                                                               f"continuous-batching app")))
+        except ValueError as error:  # a run shorter than two snapshots (--smoke)
+            print(f"no CPU census of the {clients}-client run: {error}")
         target = SMOKE_RATIO if args.smoke else TARGET_RATIO
         print(result_line(f"batching_vs_one_at_a_time_{clients}", ratio, ">=", target))
         if not args.smoke:  # at smoke sizes the model's work is too small to weigh the serving against

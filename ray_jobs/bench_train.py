@@ -187,7 +187,7 @@ def ray_loop(args, storage: str, compile_mode: str) -> dict:
              "--run-name", f"bench_{compile_mode}", "--model-tag", "bench"]
     if args.data_dir:
         flags += ["--data-dir", args.data_dir]
-    sampler = process_cpu.CPUSampler()
+    sampler = process_cpu.CPUSampler(main=process_cpu.TRAIN_WORKER_MAIN)
     sampler.start()
     try:
         result = base_train.main(flags)
@@ -212,22 +212,12 @@ def cpu_census(sampler: process_cpu.CPUSampler, start: float, end: float) -> pro
 
 
 def print_cpu_census(variant: str, census: process_cpu.Census) -> None:
-    """Where this machine's CPU went during the timed steps of a Ray Train run, in % of one core:
-    by group, then each process (by name) that took at least CPU_CENSUS_MIN_PERCENT; then the
-    machine's idle time and the hypervisor's steal."""
-    groups, names = process_cpu.summarize(census)
-    cores = os.cpu_count()
-    print(f"\nCPU during the timed steps of base_train on Ray Train ({variant}), % of one core ({cores} cores):")
-    for group, percent in groups.items():
-        print(f"  {group:<20}{percent:>8.1f}%")
-        for (name_group, name), name_percent in sorted(names.items(), key=lambda item: -item[1]):
-            if name_group == group and name_percent >= CPU_CENSUS_MIN_PERCENT and group != process_cpu.TRAIN_WORKER:
-                print(f"      {name:<40}{name_percent:>6.2f}%")
-    print(f"  {'idle':<20}{100 * census.idle_seconds / census.seconds:>8.1f}%")
-    print(f"  {'stolen (hypervisor)':<20}{100 * census.steal_seconds / census.seconds:>8.1f}%")
-    ray_share = (groups[process_cpu.RAY_WORKERS] + groups[process_cpu.RAY_DAEMONS]) / (100 * cores)
-    print(f"Ray's processes besides the train worker took {100 * ray_share:.1f}% of the machine's CPU: a loop "
-          f"that lost exactly that share would run at {1 - ray_share:.3f}x of its speed without Ray")
+    """Where this machine's CPU went during the timed steps of a Ray Train run (process_cpu.report_lines)."""
+    print()
+    print("\n".join(process_cpu.report_lines(census, f"CPU during the timed steps of base_train on Ray Train ({variant})",
+                                            CPU_CENSUS_MIN_PERCENT)))
+    print(f"a loop that lost exactly that share would run at {1 - process_cpu.ray_share(census):.3f}x of its "
+          f"speed without Ray")
 
 
 def plain_loop_on_ray(args, tokenizer: Tokenizer, train_files: list[str], threads: int, variant: str) -> dict:

@@ -36,7 +36,8 @@ def test_a_busy_process_counts_about_one_core_and_a_sleeping_one_nothing():
     assert percent.get(sleeping.pid, 0.0) < 5
     assert (usages[busy.pid].name, usages[busy.pid].group) == (os.path.basename(sys.executable), process_cpu.NOT_RAY)
     groups, names = summarize(census)
-    assert set(groups) == set(process_cpu.GROUPS)
+    assert list(groups) == ["train worker", process_cpu.RAY_WORKERS, process_cpu.RAY_DAEMONS, process_cpu.DRIVER,
+                            process_cpu.NOT_RAY]
     assert groups[process_cpu.NOT_RAY] >= percent[busy.pid]
     # the machine's time adds up: what processes used, what was idle, what the hypervisor took
     # (kernel threads and the exited interpreters' start-up are in neither, hence the margin)
@@ -54,7 +55,7 @@ def test_a_window_with_fewer_than_two_snapshots_is_refused():
 
 
 @pytest.mark.parametrize("command, expected", [
-    ("ray::RayTrainWorker._RayTrainWorker__execute.get_next", ("ray::RayTrainWorker", process_cpu.TRAIN_WORKER)),
+    ("ray::RayTrainWorker._RayTrainWorker__execute.get_next", ("ray::RayTrainWorker", "train worker")),
     ("ray::TrainController.run", ("ray::TrainController", process_cpu.RAY_WORKERS)),
     ("ray::IDLE", ("ray::IDLE", process_cpu.RAY_WORKERS)),
     ("ray::DashboardAgent", ("ray::DashboardAgent", process_cpu.RAY_DAEMONS)),
@@ -72,6 +73,29 @@ def test_a_window_with_fewer_than_two_snapshots_is_refused():
 ])
 def test_command_lines_are_named_and_grouped(command, expected):
     assert classify(command, pid=2, driver_pid=1) == expected
+
+
+def test_the_measured_worker_is_the_one_asked_for():
+    replica = "ray::ServeReplica:batching:ChatModel"
+    assert classify(replica, pid=2, driver_pid=1, main=process_cpu.MODEL_REPLICA_MAIN) == (replica, "model replica")
+    assert classify("ray::ServeReplica:batching:ChatAPI", pid=2, driver_pid=1, main=process_cpu.MODEL_REPLICA_MAIN)[1] \
+        == process_cpu.RAY_WORKERS
+    assert classify("ray::RayTrainWorker", pid=2, driver_pid=1, main=process_cpu.MODEL_REPLICA_MAIN)[1] \
+        == process_cpu.RAY_WORKERS
+
+
+def test_the_report_lists_groups_processes_idle_steal_and_rays_share():
+    census = process_cpu.Census("train worker", 10.0, {
+        3: process_cpu.ProcessUsage("ray::RayTrainWorker", "train worker", 18.0),
+        4: process_cpu.ProcessUsage("ray::TrainController", process_cpu.RAY_WORKERS, 0.15),
+        5: process_cpu.ProcessUsage("gcs_server", process_cpu.RAY_DAEMONS, 0.1),
+        6: process_cpu.ProcessUsage("raylet", process_cpu.RAY_DAEMONS, 0.01)}, idle_seconds=1.0, steal_seconds=0.5)
+    text = "\n".join(process_cpu.report_lines(census, "CPU during the test"))
+    assert "train worker" in text and "180.0%" in text
+    assert "ray::TrainController" in text and "1.50%" in text
+    assert "gcs_server" in text and "raylet" not in text  # 0.1% of a core is below the 0.3% shown
+    assert "idle" in text and "10.0%" in text and "stolen (hypervisor)" in text and "5.0%" in text
+    assert process_cpu.ray_share(census) == pytest.approx(0.026 / os.cpu_count())
 
 
 def test_the_driver_is_its_own_group():
