@@ -270,12 +270,11 @@ def main(argv=None) -> dict:
         ratio = batching / one_at_a_time
         print(f"\nat {clients} clients: continuous batching {ratio:.2f}x the one-at-a-time replica; "
               f"{batching / in_process:.2f}x the in-process scheduler (the cost of HTTP, SSE and Ray)")
-        try:
-            census = sampler.usage(*results["serve, continuous batching"][clients]["window"])
+        census = process_cpu.census_or_none(sampler, *results["serve, continuous batching"][clients]["window"],
+                                            f"the {clients}-client run")
+        if census is not None:
             print("\n".join(process_cpu.report_lines(census, f"CPU while {clients} clients streamed from the "
                                                                f"continuous-batching app")))
-        except ValueError as error:  # a run shorter than two snapshots (--smoke)
-            print(f"no CPU census of the {clients}-client run: {error}")
         target = SMOKE_RATIO if args.smoke else TARGET_RATIO
         print(result_line(f"batching_vs_one_at_a_time_{clients}", ratio, ">=", target))
         if not args.smoke:  # at smoke sizes the model's work is too small to weigh the serving against

@@ -47,6 +47,7 @@ line per target.
 """
 
 import argparse
+import contextlib
 import itertools
 import math
 import os
@@ -112,9 +113,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-CPU_CENSUS_MIN_PERCENT = 0.3  # processes below this share of a core are counted in their group only
-
-
 def _load() -> str:
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
 
@@ -175,9 +173,10 @@ def plain_loop(args, tokenizer: Tokenizer, train_files: list[str], variants: tup
     return results
 
 
-def ray_loop(args, storage: str, compile_mode: str) -> dict:
+def ray_loop(args, storage: str, compile_mode: str, census: bool) -> dict:
     """base_train with 1 worker on the same config; a step's time is the wall time between the
-    stamps of its record and the previous step's in the run's history."""
+    stamps of its record and the previous step's in the run's history. With `census`, also the
+    CPU census of its timed steps ("cpu", None without)."""
     flags = ["--depth", str(args.depth), "--aspect-ratio", str(args.aspect_ratio), "--head-dim", str(args.head_dim),
              "--max-seq-len", str(args.max_seq_len), "--window-pattern", args.window_pattern,
              "--device-batch-size", str(args.device_batch_size), "--total-batch-size", str(args.total_batch_size),
@@ -187,35 +186,23 @@ def ray_loop(args, storage: str, compile_mode: str) -> dict:
              "--run-name", f"bench_{compile_mode}", "--model-tag", "bench"]
     if args.data_dir:
         flags += ["--data-dir", args.data_dir]
-    sampler = process_cpu.CPUSampler(main=process_cpu.TRAIN_WORKER_MAIN)
-    sampler.start()
-    try:
+    sampler = process_cpu.CPUSampler(main=process_cpu.TRAIN_WORKER_MAIN) if census else None
+    with sampler or contextlib.nullcontext():
         result = base_train.main(flags)
-    finally:
-        sampler.stop()
     steps = [r for r in result["history"] if "loss" in r][args.skip_steps:]
     walls = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
     median = statistics.median(walls)
     inside = statistics.median(r["step_seconds"] for r in steps[1:])
     return {"tokens_per_second": args.total_batch_size / median, "median_step_ms": 1000 * median,
             "data_wait_share": sum(r["data_wait_seconds"] for r in steps[1:]) / sum(r["step_seconds"] for r in steps[1:]),
-            "outside_step_share": 1 - inside / median, "cpu": cpu_census(sampler, steps[0]["time"], steps[-1]["time"])}
-
-
-def cpu_census(sampler: process_cpu.CPUSampler, start: float, end: float) -> process_cpu.Census | None:
-    """The sampler's census of [start, end], or None when it has too few snapshots there."""
-    try:
-        return sampler.usage(start, end)
-    except ValueError as error:
-        print(f"no CPU census of this run: {error}", flush=True)
-        return None
+            "outside_step_share": 1 - inside / median,
+            "cpu": process_cpu.census_or_none(sampler, steps[0]["time"], steps[-1]["time"], "this run") if census else None}
 
 
 def print_cpu_census(variant: str, census: process_cpu.Census) -> None:
     """Where this machine's CPU went during the timed steps of a Ray Train run (process_cpu.report_lines)."""
     print()
-    print("\n".join(process_cpu.report_lines(census, f"CPU during the timed steps of base_train on Ray Train ({variant})",
-                                            CPU_CENSUS_MIN_PERCENT)))
+    print("\n".join(process_cpu.report_lines(census, f"CPU during the timed steps of base_train on Ray Train ({variant})")))
     print(f"a loop that lost exactly that share would run at {1 - process_cpu.ray_share(census):.3f}x of its "
           f"speed without Ray")
 
@@ -359,7 +346,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as storage:
         for variant in variants:
             print(f"base_train on Ray Train, 1 worker, {variant} ({_load()})", flush=True)
-            on_ray[variant] = ray_loop(args, storage, "on" if variant == "compiled" else "off")
+            on_ray[variant] = ray_loop(args, storage, "on" if variant == "compiled" else "off",
+                                       census=variant == variants[0])
     print(f"plain loop, {variants[0]}, as a task of the otherwise idle Ray cluster ({_load()})", flush=True)
     in_ray_task = plain_loop_on_ray(args, tokenizer, shards.train_files, threads, variants[0])
     if started_ray and not os.environ.get("RAY_ADDRESS"):

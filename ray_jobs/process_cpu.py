@@ -7,10 +7,8 @@ the other Ray worker processes (Ray Train's and Ray Data's actors, Serve's contr
 ingress, pooled workers), Ray's daemons (GCS, raylet, dashboard and its agents, the log monitor),
 the driver, and what is not Ray at all (the machine's own processes).
 
-    sampler = CPUSampler(main=TRAIN_WORKER_MAIN)
-    sampler.start()
-    ...                                   # the run
-    sampler.stop()
+    with CPUSampler(main=TRAIN_WORKER_MAIN) as sampler:   # or start() and stop()
+        ...                                              # the run
     census = sampler.usage(t0, t1)         # a Census of [t0, t1] (time.time() stamps)
     groups, names = summarize(census)      # % of one core by group and by process name
     print("\n".join(report_lines(census, "CPU during the run")))
@@ -104,6 +102,13 @@ class CPUSampler:
         self._thread.join()
         self._snapshots.append(self._snapshot())
 
+    def __enter__(self) -> "CPUSampler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._snapshots.append(self._snapshot())
@@ -158,8 +163,18 @@ def summarize(census: Census) -> tuple[dict[str, float], dict[tuple[str, str], f
 
 def ray_share(census: Census) -> float:
     """The share of the machine's CPU (0-1) that Ray's processes took besides the measured worker."""
-    groups, _ = summarize(census)
-    return (groups[RAY_WORKERS] + groups[RAY_DAEMONS]) / (100 * (os.cpu_count() or 1))
+    seconds = sum(usage.cpu_seconds for usage in census.processes.values() if usage.group in (RAY_WORKERS, RAY_DAEMONS))
+    return seconds / (census.seconds * (os.cpu_count() or 1))
+
+
+def census_or_none(sampler: CPUSampler, start: float, end: float, what: str) -> Census | None:
+    """sampler.usage(start, end), or None after a line saying why `what` has no census (a run
+    shorter than two of the sampler's snapshots)."""
+    try:
+        return sampler.usage(start, end)
+    except ValueError as error:
+        print(f"no CPU census of {what}: {error}", flush=True)
+        return None
 
 
 def report_lines(census: Census, heading: str, min_percent: float = 0.3) -> list[str]:
