@@ -79,7 +79,9 @@ def draw_tokens(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float
     tensor, so rows with different temperatures draw in one go. In float64, so that the last
     cumulative sum is exact enough that no number lands past it."""
     if top_k is not None and top_k < logits.size(-1):
-        values, indices = torch.topk(logits, top_k, dim=-1)
+        # Unsorted: the candidates' order only fixes which stretch of the cumulative distribution
+        # each one takes, and ordering them costs a sort per row (a sixth of topk at 32 x 512).
+        values, indices = torch.topk(logits, top_k, dim=-1, sorted=False)
         return indices.gather(-1, _invert_cdf(values, uniforms, temperature)).squeeze(-1)
     return _invert_cdf(logits, uniforms, temperature).squeeze(-1)
 

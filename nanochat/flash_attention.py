@@ -13,7 +13,8 @@ defines it. The semantics follow Flash Attention so that the fast kernels are dr
 - Flash Attention 3 on Hopper GPUs (sm90), loaded through the `kernels` hub package;
 - Flash Attention 2 (`flash_attn`) on other CUDA GPUs of compute capability 8.0 and newer;
 - PyTorch's scaled_dot_product_attention everywhere else (CPU, MPS, older GPUs, fp32 tensors),
-  with an explicit boolean mask for sliding windows and for KV-cache rows at different positions.
+  with an explicit mask for sliding windows and for KV-cache rows at different positions (built
+  once per forward pass for all layers: see RowPositions).
   When every row of a KV cache is at the same position (cache_seqlens given as an int), the
   fallback slices the cache instead of masking it, and a single decoding query runs unmasked:
   on a CPU the mask's construction, not the attention, was most of a small model's step.
@@ -216,14 +217,86 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return y.transpose(1, 2)
 
 
+class RowPositions:
+    """Where the rows of a KV cache stand during one forward pass: `cache_seqlens` (an int32
+    tensor of the rows' filled lengths) with what attention on the SDPA fallback derives from it,
+    worked out on first use and reused by every later layer of the pass. Without it each layer of a
+    decoding step over rows at different positions would read the lengths back, build the write
+    slots and build the mask again: at depth 1 with 32 rows on a CPU that repetition was a third of
+    the attention call. Flash Attention kernels take `cache_seqlens` itself.
+
+    Valid for one pass only: build a new one after the lengths change."""
+
+    def __init__(self, cache_seqlens: torch.Tensor, lengths: list[int] | None = None):
+        self.cache_seqlens = cache_seqlens
+        # One host read of the lengths serves every check and tells how much of the cache is worth reading.
+        self.lengths = cache_seqlens.tolist() if lengths is None else lengths
+        self.shortest, self.longest = min(self.lengths), max(self.lengths)
+        self._start: torch.Tensor | None = None
+        self._derived: dict = {}  # write slots and masks, by what they depend on
+
+    @property
+    def start(self) -> torch.Tensor:
+        """The lengths as int64 (batch,): the first position each row writes."""
+        if self._start is None:
+            self._start = self.cache_seqlens.to(torch.long)
+        return self._start
+
+    def new_token_positions(self, query_len: int) -> torch.Tensor:
+        """Absolute positions (batch, query_len) of the tokens this pass writes."""
+        start = self.start[:, None]
+        return start if query_len == 1 else start + torch.arange(query_len, device=start.device)
+
+    def flat_slots(self, query_len: int, cache_len: int) -> torch.Tensor:
+        """The positions (batch * query_len,) that new keys take in a contiguous cache of
+        `cache_len` positions per row, flattened to (batch * cache_len) positions: row b's start
+        at b * cache_len."""
+        key = ("slots", query_len, cache_len)
+        if key not in self._derived:
+            start = self.start
+            flat = start + torch.arange(0, start.numel() * cache_len, cache_len, device=start.device)
+            if query_len > 1:
+                flat = (flat[:, None] + torch.arange(query_len, device=start.device)).view(-1)
+            self._derived[key] = flat
+        return self._derived[key]
+
+    def mask(self, query_len: int, new_keys: int, causal: bool, window_size: tuple[int, int]) -> torch.Tensor:
+        """The boolean attention mask (batch, 1, query_len, longest key): may a query see a key?
+        Query t of row b sits at position start[b] + new_keys - query_len + t."""
+        key = ("mask", query_len, new_keys, causal, window_size)
+        if key not in self._derived:
+            start = self.start
+            batch = start.numel()
+            key_positions = torch.arange(self.longest + new_keys, device=start.device)
+            if query_len == 1:
+                # A decoding step: each row's one query is its newest key (at `start` when it was
+                # just written, else the last filled one), so it sees the row's keys up to that one
+                # that its left window reaches (nothing lies ahead of it).
+                newest = (start if new_keys else start - 1)[:, None]
+                visible = key_positions <= newest
+                if window_size[0] >= 0:
+                    visible &= key_positions >= newest - window_size[0]
+                visible = visible.view(batch, 1, 1, -1)
+            else:
+                key_lens = start + new_keys
+                offsets = torch.arange(query_len, device=start.device)
+                query_positions = key_lens[:, None] - query_len + offsets[None, :]  # (B, Tq)
+                visible = _visible(query_positions[:, :, None] - key_positions[None, None, :], causal, window_size)
+                visible &= key_positions[None, None, :] < key_lens[:, None, None]  # unfilled slots never count
+                visible = visible[:, None]
+            self._derived[key] = visible
+        return self._derived[key]
+
+
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k: torch.Tensor | None = None, v: torch.Tensor | None = None,
-                            cache_seqlens: torch.Tensor | int | None = None, causal: bool = True,
+                            cache_seqlens: torch.Tensor | RowPositions | int | None = None, causal: bool = True,
                             window_size=(-1, -1)) -> torch.Tensor:
     """Attention of new queries over a preallocated KV cache, in Flash Attention's semantics.
 
     q: (B, Tq, H, D); k_cache, v_cache: (B, Tmax, Hkv, D); cache_seqlens: int32 (B,) (or an int for
-    all rows), how many positions of each row's cache are already valid. When k and v (B, Tq, Hkv, D)
+    all rows, or a RowPositions that carries the tensor through the layers of one pass), how many
+    positions of each row's cache are already valid. When k and v (B, Tq, Hkv, D)
     are given they are written in place at positions cache_seqlens[b] .. cache_seqlens[b] + Tq - 1
     of row b, and query t of row b sits at position cache_seqlens[b] + t. Without k and v the cache
     must already hold the queries' own keys, and cache_seqlens counts them (query t sits at
@@ -247,66 +320,47 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return _sdpa_at_one_position(q, k_cache, v_cache, k, v, cache_seqlens, causal, window_size)
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    if cache_seqlens.shape != (batch,):
+    rows = cache_seqlens if isinstance(cache_seqlens, RowPositions) else None
+    seqlens = rows.cache_seqlens if rows is not None else cache_seqlens
+    if seqlens.shape != (batch,):
         raise ValueError(f"cache_seqlens must have shape ({batch},), one length per row; got "
-                         f"{tuple(cache_seqlens.shape)}")
+                         f"{tuple(seqlens.shape)}")
 
     if kernel is not None:
         return kernel.flash_attn_with_kvcache(
-            q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens.to(q.device, torch.int32),
+            q, k_cache, v_cache, k=k, v=v, cache_seqlens=seqlens.to(q.device, torch.int32),
             causal=causal, window_size=window_size)
 
-    # One host read of the lengths serves every check and tells how much of the cache is worth reading.
-    lengths = cache_seqlens.tolist()
+    if rows is None or seqlens.device != q.device:
+        rows = RowPositions(seqlens.to(q.device), rows.lengths if rows is not None else None)
     new_keys = query_len if k is not None else 0
-    longest = max(lengths) + new_keys
-    _check_cache_bounds(min(lengths), longest, query_len, k is not None, k_cache.size(1), lengths)
-    start = cache_seqlens.to(q.device, torch.long)
-    if k is not None:
-        _write_at_rows(k_cache, v_cache, k, v, start)
-
     # Only the first `longest` positions can be visible to anyone: reading the rest of a long
     # cache would cost time on every decoded token for keys that are masked out anyway.
-    key_positions = torch.arange(longest, device=q.device)
-    if query_len == 1:
-        # A decoding step: each row's one query is its newest key (at `start` when it was just
-        # written, else the last filled one), so it sees the row's keys up to that one that its left
-        # window reaches (nothing lies ahead of it).
-        newest = (start if new_keys else start - 1)[:, None]
-        mask = key_positions <= newest
-        if window_size[0] >= 0:
-            mask &= key_positions >= newest - window_size[0]
-        mask = mask.view(batch, 1, 1, longest)
-    else:
-        key_lens = start + new_keys if new_keys else start
-        offsets = torch.arange(query_len, device=q.device)
-        query_positions = key_lens[:, None] - query_len + offsets[None, :]  # (B, Tq)
-        mask = _visible(query_positions[:, :, None] - key_positions[None, None, :], causal, window_size)
-        mask &= key_positions[None, None, :] < key_lens[:, None, None]  # unfilled slots never count
-        mask = mask[:, None]
+    longest = rows.longest + new_keys
+    _check_cache_bounds(rows.shortest, longest, query_len, k is not None, k_cache.size(1), rows.lengths)
+    if k is not None:
+        _write_at_rows(k_cache, v_cache, k, v, rows)
+    mask = rows.mask(query_len, new_keys, causal, window_size)
     y = _sdpa(q.transpose(1, 2), k_cache[:, :longest].transpose(1, 2),
               v_cache[:, :longest].transpose(1, 2), attn_mask=mask)
     return y.transpose(1, 2)
 
 
-def _write_at_rows(k_cache, v_cache, k, v, start: torch.Tensor) -> None:
+def _write_at_rows(k_cache, v_cache, k, v, rows: RowPositions) -> None:
     """Write the new keys and values k, v (B, Tq, Hkv, D) of row b at positions start[b] ..
     start[b] + Tq - 1 of the caches (B, Tmax, Hkv, D). A contiguous cache takes them with one
     index_copy_ into its flattened (B * Tmax) positions, cheaper than indexing rows and positions."""
     batch, query_len = k.shape[:2]
     if k_cache.is_contiguous() and v_cache.is_contiguous():
-        # Row b's positions start at b * Tmax in the flattened cache.
-        cache_len = k_cache.size(1)
-        flat = start + torch.arange(0, batch * cache_len, cache_len, device=start.device)
-        if query_len > 1:
-            flat = (flat[:, None] + torch.arange(query_len, device=start.device)).view(-1)
+        flat = rows.flat_slots(query_len, k_cache.size(1))
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, flat, k.reshape(-1, *k.shape[2:]))
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, flat, v.reshape(-1, *v.shape[2:]))
     else:
+        start = rows.start
         slots = start[:, None] + torch.arange(query_len, device=start.device)  # (B, Tq)
-        rows = torch.arange(batch, device=start.device)[:, None]
-        k_cache[rows, slots] = k
-        v_cache[rows, slots] = v
+        row_ids = torch.arange(batch, device=start.device)[:, None]
+        k_cache[row_ids, slots] = k
+        v_cache[row_ids, slots] = v
 
 
 def _check_cache_bounds(shortest_start: int, longest: int, query_len: int, new_keys: bool, cache_positions: int,

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE, get_dist_info, print0
-from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
+from nanochat.flash_attention import RowPositions, attention_backend, flash_attn_func, flash_attn_with_kvcache
 from nanochat.fp8 import fp8_linear
 from nanochat.lm_loss import chunked_softcap_cross_entropy, soft_cap
 
@@ -519,8 +519,8 @@ class GPT(nn.Module):
                 cache_seqlens = start
                 cos, sin = self.rotary_cos[:, start:longest], self.rotary_sin[:, start:longest]
             else:
-                cache_seqlens = kv_cache.cache_seqlens
-                positions = kv_cache.positions(T)
+                cache_seqlens = RowPositions(kv_cache.cache_seqlens, lengths)  # shared by every layer
+                positions = cache_seqlens.new_token_positions(T)
                 cos, sin = self.rotary_cos[0, positions], self.rotary_sin[0, positions]
 
         x = self.embed(idx)

@@ -50,13 +50,6 @@ class KVCache:
         """The (keys, values) cache views of one layer, each (batch, time, kv_heads, head_dim)."""
         return self.k[layer_idx], self.v[layer_idx]
 
-    def positions(self, num_new_tokens: int) -> torch.Tensor:
-        """Absolute positions (batch, num_new_tokens) of the tokens about to be written."""
-        starts = self.cache_seqlens.long()[:, None]
-        if num_new_tokens == 1:
-            return starts
-        return starts + torch.arange(num_new_tokens, device=self.cache_seqlens.device, dtype=torch.int64)[None, :]
-
     def advance(self, num_tokens: int) -> None:
         """Move every row forward after a forward pass wrote `num_tokens` tokens into it."""
         self.cache_seqlens += num_tokens

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanochat import flash_attention
-from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
+from nanochat.flash_attention import RowPositions, attention_backend, flash_attn_func, flash_attn_with_kvcache
 
 FP32_TOL = 1e-5
 HEAD_DIM = 8
@@ -180,6 +180,26 @@ def test_rows_at_different_positions_match_their_own_reference(query_len, causal
         expected = naive_attention(q[b], keys, values, [n + t for t in range(query_len)],
                                    causal, window_size)
         torch.testing.assert_close(y[b].double(), expected, atol=FP32_TOL, rtol=FP32_TOL)
+
+
+@pytest.mark.parametrize("query_len", [1, 3])
+def test_one_row_positions_serves_every_layer_of_a_pass(query_len):
+    # A model's layers share one RowPositions per pass (its slots and masks are worked out once);
+    # each layer, with its own cache and window, must get what the lengths tensor alone gives.
+    filled, cache_len = [2, 7, 0], 16
+    lengths = torch.tensor(filled, dtype=torch.int32)
+    rows = RowPositions(lengths)
+    generator = torch.Generator().manual_seed(61)
+    for layer, window_size in enumerate([(3, 0), (-1, 0), (3, 0)]):
+        q, k, v = random_qkv(3, query_len, 4, 2, seed=62 + layer)
+        k_cache = torch.randn(3, cache_len, 2, HEAD_DIM, generator=generator)
+        v_cache = torch.randn(3, cache_len, 2, HEAD_DIM, generator=generator)
+        fresh_k, fresh_v = k_cache.clone(), v_cache.clone()
+        shared = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rows, True, window_size)
+        fresh = flash_attn_with_kvcache(q, fresh_k, fresh_v, k, v, lengths, True, window_size)
+        assert torch.equal(shared, fresh)
+        assert torch.equal(k_cache, fresh_k) and torch.equal(v_cache, fresh_v)
+    assert lengths.tolist() == filled
 
 
 @pytest.mark.parametrize("query_len", [1, 2])
