@@ -468,11 +468,13 @@ class GPT(nn.Module):
         for the smear: the prefix cache recomputes a row's from its last cached token)."""
         return norm(cast(self.transformer.wte(idx), COMPUTE_DTYPE))
 
-    def _smear(self, x: torch.Tensor, kv_cache, lengths: list[int] | None) -> torch.Tensor:
+    def _smear(self, x: torch.Tensor, kv_cache, lengths: list[int] | None,
+               last_real: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, C) with every position's previous-token embedding mixed in through the smear
         gate. Position 0 of a sequence has none. With a KV cache the first new token of a row
         takes the embedding its row's cache carries (when the row already holds tokens), and the
-        cache then carries this pass's last embedding."""
+        cache then carries this pass's last embedding (of each row's last real token: `last_real`,
+        (rows, positions), when the rows are padded to different lengths)."""
         gate = cast(self.smear_lambda, x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate_channels]))
         first = x[:, :1]
         if kv_cache is not None and max(lengths) > 0:
@@ -484,20 +486,34 @@ class GPT(nn.Module):
         # A decoding step (one new token per row) has no position after the first to smear.
         smeared = torch.cat([first, x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1) if x.size(1) > 1 else first
         if kv_cache is not None:
-            kv_cache.prev_embedding.copy_(x[:, -1])
+            kv_cache.prev_embedding.copy_(x[:, -1] if last_real is None else x[last_real])
         return smeared
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
-                loss_reduction: str = "mean", last_only: bool = False):
+                loss_reduction: str = "mean", last_only: bool = False, row_lengths: list[int] | None = None):
         """Logits (B, T, vocab_size) in fp32, or the cross-entropy loss when targets are given
         (target -1 = ignored). With a kv_cache, idx holds the next tokens of every row, each row
         continuing at its own cache position; the cache is advanced by T afterwards.
 
         last_only=True computes the logits of the last position only, (B, 1, vocab_size): all that
-        generation uses after a prefill, and it skips the lm_head for the other T - 1 positions."""
+        generation uses after a prefill, and it skips the lm_head for the other T - 1 positions.
+
+        row_lengths (with a kv_cache): rows of different lengths in one pass, each padded at its
+        end to T. Row b's tokens are idx[b, :row_lengths[b]]; the logits are those of its last one,
+        (B, 1, vocab_size); its cache advances by row_lengths[b] and carries that token's embedding.
+        The padding is computed and written past the row's length, where no later query looks
+        (decoding writes over it), so the cache must have room for every row's T positions."""
         B, T = idx.shape
-        if last_only and targets is not None:
-            raise ValueError("last_only=True returns logits for generation; the loss needs every position")
+        if (last_only or row_lengths is not None) and targets is not None:
+            raise ValueError("last_only=True and row_lengths return logits for generation; the loss needs "
+                             "every position")
+        last_real = None  # (rows, positions) of each row's last token, when rows have their own lengths
+        if row_lengths is not None:
+            if kv_cache is None or len(row_lengths) != B or not all(1 <= length <= T for length in row_lengths):
+                raise ValueError(f"row_lengths={row_lengths} needs a kv_cache and one length in 1..{T} per row "
+                                 f"of the {B} rows")
+            last_real = (torch.arange(B, device=idx.device),
+                         torch.tensor(row_lengths, device=idx.device) - 1)
         cache_seqlens = None
         lengths = None
         if kv_cache is None:
@@ -525,7 +541,7 @@ class GPT(nn.Module):
 
         x = self.embed(idx)
         if self.smear_gate is not None:
-            x = self._smear(x, kv_cache, lengths)
+            x = self._smear(x, kv_cache, lengths, last_real)
         x0 = x
         # Cast and split the per-layer scalars once per pass, not once per layer.
         resid_lambdas = cast(self.resid_lambdas, x.dtype).unbind()
@@ -540,9 +556,11 @@ class GPT(nn.Module):
         if self.backout_lambda is not None:
             x = x - cast(self.backout_lambda, x.dtype) * x_backout
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.advance(T if last_real is None else (last_real[1] + 1).to(kv_cache.cache_seqlens.dtype))
         if last_only:
             x = x[:, -1:]
+        elif last_real is not None:
+            x = x[last_real][:, None]
         x = norm(x)
 
         if targets is not None and loss_reduction != "none" and not (self.lm_head.fp8 and self.training):

@@ -50,8 +50,9 @@ class KVCache:
         """The (keys, values) cache views of one layer, each (batch, time, kv_heads, head_dim)."""
         return self.k[layer_idx], self.v[layer_idx]
 
-    def advance(self, num_tokens: int) -> None:
-        """Move every row forward after a forward pass wrote `num_tokens` tokens into it."""
+    def advance(self, num_tokens: int | torch.Tensor) -> None:
+        """Move every row forward after a forward pass wrote `num_tokens` tokens into it (an int
+        for all rows, or a (batch,) tensor of each row's own count)."""
         self.cache_seqlens += num_tokens
 
     def get_pos(self) -> int:

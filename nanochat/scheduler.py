@@ -4,7 +4,10 @@ The seed's web server gives every request a whole model until it ends, so a GPU 
 sits mostly idle: decoding one token reads all the weights to do a single row of work. Here every
 live request is a row of one shared KV cache and each `step()` advances all of them with one
 forward pass. Requests come and go between steps: a new one is prefilled into a free row and
-joins the batch at once; a finished or cancelled one leaves and its row is reused.
+joins the batch at once; a finished or cancelled one leaves and its row is reused. The requests
+admitted in one step are prefilled together, in one forward pass over their prompts padded to the
+longest (a pass reads every weight once, and for a few short prompts that costs more than their
+tokens): a burst of requests reaches its first tokens in one pass instead of one pass each.
 
 Each request keeps its own sampling settings, its own seeded random numbers and its own token budget,
 and runs the python tool exactly as nanochat.engine does (the per-row logic is shared), so a
@@ -19,9 +22,10 @@ last live one), so the model only ever runs on rows that have work.
 
 A prefix cache (nanochat.prefix_cache) keeps the keys and values of prompts and replies already
 computed, in blocks: a new request copies the longest cached start of its prompt into its row and
-prefills only the rest. Requests admitted in the same step share too: each one's prompt is cached
-as soon as it is prefilled, before the next one's prefill. The cache changes no output: a row's
-keys and values are the same whether computed or copied.
+prefills only the rest. Requests admitted in the same step share too: one that would reuse blocks
+that an earlier one's pass is about to compute waits for that pass, whose prompts are cached as
+soon as it ends. The cache changes no output: a row's keys and values are the same whether
+computed or copied.
 
 Threading: `submit`, `cancel` and `stats` may be called from any thread; `step` belongs to one
 thread, usually the one that `start()` launches (a Ray Serve replica runs it next to its asyncio
@@ -53,6 +57,11 @@ FINISH_CANCELLED = "cancelled"  # cancel() or the scheduler shut down
 FINISH_ERROR = "error"          # the decode step failed; iterating raises the error
 
 THROUGHPUT_WINDOW_S = 10.0  # tokens/s in stats() is measured over the steps of this recent window
+# Requests admitted in one step are prefilled in one forward pass (a pass reads every weight once,
+# which for a few short prompts costs more than their tokens), their prompt tails padded to the
+# longest; a pass's positions, padding included, may add up to this many times its prompts' own
+# before the requests split into more passes.
+PREFILL_PADDING = 2
 
 
 class _AsyncWaiter:
@@ -458,36 +467,90 @@ class Scheduler:
 
     def _forward(self, admitted: list[GenerationRequest]) -> torch.Tensor:
         """Next-token logits (rows, vocab) for the running requests (fed their newest token) followed
-        by the admitted ones (prefilled, each into the next free row)."""
+        by the admitted ones (prefilled, each into the next free row, in as few passes as the padding
+        and the cache allow)."""
         parts = []
         running = len(self._active)
         if running:
             newest = torch.tensor([[request._row.last_token] for request in self._active],
                                   dtype=torch.long, device=self.device)
             parts.append(self.model(newest, kv_cache=self._leading_rows[running])[:, -1])
-        for offset, request in enumerate(admitted):
-            parts.append(self._prefill(request, running + offset))
+        group: list[GenerationRequest] = []  # admitted, their cached prefixes copied, awaiting one pass
+        for row, request in enumerate(admitted, start=running):
+            if group and self._would_reuse(group, request):
+                parts.append(self._prefill(group, row - len(group)))
+                group = []
+            self._copy_cached_prefix(request, row)
+            if group and not self._fits_one_pass(group + [request]):
+                parts.append(self._prefill(group, row - len(group)))
+                group = []
+            group.append(request)
+        if group:
+            parts.append(self._prefill(group, running + len(admitted) - len(group)))
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-    def _prefill(self, request: GenerationRequest, row: int) -> torch.Tensor:
-        """Write `request`'s prompt into `row`: what the prefix cache holds by copy, the rest by a
-        forward pass; the prompt's blocks are then cached. Returns the last position's logits (1, vocab)."""
-        prompt = request.prompt_tokens
+    def _would_reuse(self, group: list[GenerationRequest], request: GenerationRequest) -> bool:
+        """Would `request` find more of its prompt in the prefix cache once `group` is prefilled?
+        True when it shares a full block with a grouped prompt past what that one found cached
+        (the blocks its pass will add): it then waits for that pass instead of computing them too,
+        as requests with one system prompt arriving together do."""
+        if self.prefix_cache is None:
+            return False
+        prompt, block = request.prompt_tokens, self.prefix_cache.block_size
+        for other in group:
+            shared = 0
+            for mine, theirs in zip(prompt[:len(prompt) - 1], other.prompt_tokens):
+                if mine != theirs:
+                    break
+                shared += 1
+            if shared // block * block > other.prefix_hit_tokens:
+                return True
+        return False
+
+    def _fits_one_pass(self, group: list[GenerationRequest]) -> bool:
+        """May `group`'s uncached prompt tails share one forward pass? Each is padded to the
+        longest, so the positions of the pass must stay within PREFILL_PADDING times the real ones,
+        and every row must have room for the padded length."""
+        tails = [len(request.prompt_tokens) - request.prefix_hit_tokens for request in group]
+        padded = max(tails)
+        return (len(group) * padded <= PREFILL_PADDING * sum(tails)
+                and max(request.prefix_hit_tokens for request in group) + padded <= self.max_seq_len)
+
+    def _copy_cached_prefix(self, request: GenerationRequest, row: int) -> None:
+        """Empty `row` for `request` and copy into it what the prefix cache holds of its prompt."""
         self.cache.cache_seqlens[row] = 0
         self._prefix_changed = True
+        if self.prefix_cache is None:
+            return
+        prompt = request.prompt_tokens
+        request._prefix_blocks = self.prefix_cache.acquire_prefix(prompt)
+        hit = self.prefix_cache.copy_into(request._prefix_blocks, self.cache, row)
+        if hit:
+            self.cache.cache_seqlens[row] = hit
+            # The smear of the first computed token reads the embedding of the last copied one.
+            last_cached = torch.tensor([prompt[hit - 1]], dtype=torch.long, device=self.device)
+            self.cache.prev_embedding[row] = self.model.embed(last_cached)[0]
+        request.prefix_hit_tokens = hit
+
+    def _prefill(self, group: list[GenerationRequest], first_row: int) -> torch.Tensor:
+        """Compute the rest of every prompt of `group` (in rows first_row, first_row + 1, ...) in
+        one forward pass, the shorter ones padded at their end; then cache their prompts' blocks.
+        Returns each one's next-token logits (len(group), vocab)."""
+        tails = [request.prompt_tokens[request.prefix_hit_tokens:] for request in group]
+        lengths = [len(tail) for tail in tails]
+        longest = max(lengths)
+        # The padding repeats each tail's last token: any id will do, no real position sees it.
+        ids = torch.tensor([tail + tail[-1:] * (longest - len(tail)) for tail in tails], dtype=torch.long,
+                           device=self.device)
+        rows = self.cache.rows(first_row, first_row + len(group))
+        if min(lengths) == longest:
+            logits = self.model(ids, kv_cache=rows, last_only=True)[:, -1]
+        else:
+            logits = self.model(ids, kv_cache=rows, row_lengths=lengths)[:, -1]
         if self.prefix_cache is not None:
-            request._prefix_blocks = self.prefix_cache.acquire_prefix(prompt)
-            hit = self.prefix_cache.copy_into(request._prefix_blocks, self.cache, row)
-            if hit:
-                self.cache.cache_seqlens[row] = hit
-                # The smear of the first computed token reads the embedding of the last copied one.
-                last_cached = torch.tensor([prompt[hit - 1]], dtype=torch.long, device=self.device)
-                self.cache.prev_embedding[row] = self.model.embed(last_cached)[0]
-            request.prefix_hit_tokens = hit
-        rest = torch.tensor([prompt[request.prefix_hit_tokens:]], dtype=torch.long, device=self.device)
-        logits = self.model(rest, kv_cache=self.cache.rows(row, row + 1), last_only=True)[:, -1]
-        if self.prefix_cache is not None:
-            request._prefix_blocks += self.prefix_cache.add(prompt, self.cache, row, request._prefix_blocks)
+            for row, request in enumerate(group, start=first_row):
+                request._prefix_blocks += self.prefix_cache.add(request.prompt_tokens, self.cache, row,
+                                                                request._prefix_blocks)
         return logits
 
     def _read_prefix_stats(self) -> dict:

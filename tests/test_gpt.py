@@ -155,6 +155,43 @@ def test_rows_at_one_position_match_rows_at_mixed_positions():
     torch.testing.assert_close(same[:, 0], model(prompts[:2])[:, -1], rtol=1e-4, atol=1e-4)
 
 
+def test_rows_of_different_lengths_padded_into_one_pass_equal_their_own_passes():
+    # The scheduler prefills the prompts admitted in one step together, each padded at its end to
+    # the longest; two rows continue a cached prefix (the smear reads its carried embedding), one
+    # starts empty. Each row must get the logits, keys and values, length and carried embedding
+    # that its own unpadded pass gives, with windows, GQA and value embeddings.
+    config = GPTConfig(sequence_len=32, vocab_size=100, n_layer=3, n_head=4, n_kv_head=2, n_embd=64,
+                       window_pattern="SSL")
+    model = _trained_looking(build(config))
+    torch.manual_seed(2)
+    prefixes, tails = [6, 0, 3], [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2], [11]]
+    history = torch.randint(0, 100, (3, 6))
+    together = KVCache.for_model(model, batch_size=3, max_seq_len=16)
+    alone = [KVCache.for_model(model, batch_size=1, max_seq_len=16) for _ in tails]
+    for row, filled in enumerate(prefixes):
+        if filled:
+            model(history[row:row + 1, :filled], kv_cache=alone[row])
+            model(history[row:row + 1, :filled], kv_cache=together.rows(row, row + 1))
+    longest = max(map(len, tails))
+    padded = torch.tensor([tail + [99] * (longest - len(tail)) for tail in tails])
+
+    logits = model(padded, kv_cache=together, row_lengths=[len(tail) for tail in tails])
+
+    assert logits.shape == (3, 1, 100)
+    assert together.cache_seqlens.tolist() == [filled + len(tail) for filled, tail in zip(prefixes, tails)]
+    for row, (filled, tail) in enumerate(zip(prefixes, tails)):
+        expected = model(torch.tensor([tail]), kv_cache=alone[row], last_only=True)
+        torch.testing.assert_close(logits[row], expected[0], rtol=1e-4, atol=1e-4)
+        length = filled + len(tail)
+        torch.testing.assert_close(together.k[:, row, :length], alone[row].k[:, 0, :length], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.v[:, row, :length], alone[row].v[:, 0, :length], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.prev_embedding[row], alone[row].prev_embedding[0])
+    with pytest.raises(ValueError, match="one length in 1..7 per row"):
+        model(padded, kv_cache=together, row_lengths=[1, 8, 2])
+    with pytest.raises(ValueError, match="needs a kv_cache"):
+        model(padded, row_lengths=[3, 7, 1])
+
+
 def test_last_only_gives_the_last_position_of_the_full_logits():
     model = _trained_looking(build())
     idx = torch.randint(0, TINY.vocab_size, (2, 7))

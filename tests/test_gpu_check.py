@@ -54,6 +54,7 @@ def test_cpu_smoke_passes_every_check_with_real_figures_and_never_imports_ray(tm
     assert kv["identical_tokens"] == 32 or kv["margin_at_divergence"] < gpu_check.TIE_TOL
     assert kv["window"] < kv["prompt_tokens"] + kv["tokens"]  # decoding went past the sliding window
     assert kv["distinct_tokens"] > 3  # a model stuck on one token would prove little
+    assert kv["padded_prefill_rel_error"] <= gpu_check.ATTN_REL_TOL
 
     assert figures["compile"]["loss_rel_error"] <= gpu_check.LOSS_REL_TOL
     assert figures["compile"]["grad_rel_error"] <= gpu_check.GRAD_REL_TOL

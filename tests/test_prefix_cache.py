@@ -121,7 +121,7 @@ def test_a_tiny_budget_evicts_all_the_time_and_never_touches_a_block_a_running_r
     scheduler.step = step_and_check
     assert run_conversations(scheduler, conversations, concurrent=6) == without
     stats = scheduler.stats()
-    assert stats["prefix_evictions"] > 20 and stats["prefix_hit_tokens"] > 0 and checks > 100
+    assert stats["prefix_evictions"] > 10 and stats["prefix_hit_tokens"] > 0 and checks > 100
     assert stats["prefix_cached_blocks"] <= 6
 
 

@@ -16,7 +16,8 @@ import torch
 from nanochat.calculator import use_calculator
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig
-from nanochat.scheduler import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Scheduler)
+from nanochat.scheduler import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, PREFILL_PADDING,
+                                Scheduler)
 from nanochat.tokenizer import Tokenizer
 from tests.tiny import CHAT_TEXT, random_gpt
 
@@ -104,6 +105,61 @@ def test_interleaved_requests_equal_their_solo_outputs(model, tokenizer):
     assert stats["active"] == 0 and stats["queued"] == 0 and stats["reserved_cache_tokens"] == 0
     assert stats["tokens_generated"] == sum(budgets) + len(extra.tokens) and stats["requests_finished"] == 9
     assert stats["tokens_per_second"] > 0
+
+
+def _count_passes(model, monkeypatch) -> list[tuple]:
+    """Record every forward pass of `model`: (rows, length, row_lengths)."""
+    passes = []
+    forward = model.forward
+
+    def recording(idx, *args, **kwargs):
+        passes.append((idx.size(0), idx.size(1), kwargs.get("row_lengths")))
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    return passes
+
+
+def test_prompts_admitted_together_share_one_padded_pass_and_equal_their_solo_outputs(model, tokenizer,
+                                                                                       monkeypatch):
+    engine = Engine(model, tokenizer)
+    prompts = [make_prompts(tokenizer, 8)[i] for i in (0, 2, 6)]
+    lengths = [len(prompt) for prompt in prompts]
+    assert len(set(lengths)) == 3 and 3 * max(lengths) <= PREFILL_PADDING * sum(lengths)  # one padded pass
+    solo = [engine.generate_batch(prompt, max_tokens=6, temperature=0.0)[0][0][len(prompt):] for prompt in prompts]
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, max_seq_len=64, prefix_cache_tokens=0)
+    passes = _count_passes(model, monkeypatch)
+    requests = [scheduler.submit(prompt, max_tokens=6, temperature=0.0) for prompt in prompts]
+    scheduler.step()
+    assert passes == [(3, max(lengths), lengths)]
+    run_until_idle(scheduler)
+    assert [request.tokens for request in requests] == solo
+
+
+def test_a_burst_of_one_prompt_computes_it_once_then_prefills_the_rest_together(model, tokenizer, monkeypatch):
+    prompt = make_prompts(tokenizer, 6)[5]  # the longest: several blocks of 4
+    scheduler = Scheduler(model, tokenizer, max_batch_size=5, max_seq_len=64, prefix_block_size=4)
+    passes = _count_passes(model, monkeypatch)
+    requests = [scheduler.submit(prompt, max_tokens=4, temperature=0.0) for _ in range(5)]
+    scheduler.step()
+    # The first computes the whole prompt; the others wait for its blocks and compute the rest together.
+    hit = (len(prompt) - 1) // 4 * 4
+    assert passes == [(1, len(prompt), None), (4, len(prompt) - hit, None)]
+    assert [request.prefix_hit_tokens for request in requests] == [0] + [hit] * 4
+    run_until_idle(scheduler)
+    assert len({tuple(request.tokens) for request in requests}) == 1
+
+
+def test_a_pass_is_split_where_padding_would_outweigh_the_prompts(model, tokenizer, monkeypatch):
+    # A pass's positions, padding included, may be at most PREFILL_PADDING times its prompts' own.
+    short, long = [tokenizer.get_bos_token_id(), 5], make_prompts(tokenizer, 6)[5]
+    assert PREFILL_PADDING == 2 and len(long) > 8  # so the long one pairs with one short one, not two
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, max_seq_len=64, prefix_cache_tokens=0)
+    passes = _count_passes(model, monkeypatch)
+    for prompt in (long, short, short, short):
+        scheduler.submit(prompt, max_tokens=2, temperature=0.0)
+    scheduler.step()
+    assert passes == [(2, len(long), [len(long), 2]), (2, 2, None)]
 
 
 def test_cancel_frees_the_row_for_the_next_request(model, tokenizer):
