@@ -62,6 +62,7 @@ THROUGHPUT_WINDOW_S = 10.0  # tokens/s in stats() is measured over the steps of 
 # longest; a pass's positions, padding included, may add up to this many times its prompts' own
 # before the requests split into more passes.
 PREFILL_PADDING = 2
+DEFAULT_PREFILL_POSITIONS = 8192  # and at most this many positions, padding included (Scheduler's prefill_positions)
 
 
 class _AsyncWaiter:
@@ -246,12 +247,17 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None,
                  max_cache_tokens: int | None = None, prefix_cache_tokens: int | None = None,
-                 prefix_block_size: int = DEFAULT_BLOCK_SIZE):
+                 prefix_block_size: int = DEFAULT_BLOCK_SIZE, prefill_positions: int = DEFAULT_PREFILL_POSITIONS):
         """`prefix_cache_tokens`: the positions the prefix cache may hold (None: as many as the
         decode cache's budget, max_cache_tokens; 0: no prefix cache), in blocks of
-        `prefix_block_size` tokens."""
+        `prefix_block_size` tokens. `prefill_positions`: the most positions (rows x padded length)
+        that one prefill pass over several admitted prompts may hold, which bounds its activations;
+        a longer prompt still takes a pass of its own (1: every prompt its own pass)."""
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int")
+        if isinstance(prefill_positions, bool) or not isinstance(prefill_positions, int) or prefill_positions < 1:
+            raise ValueError(f"prefill_positions={prefill_positions!r} must be a positive int")
+        self.prefill_positions = prefill_positions
         max_seq_len = model.config.sequence_len if max_seq_len is None else max_seq_len
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise ValueError(f"max_seq_len={max_seq_len!r} must be an int >= 2 (prompt plus at least one token)")
@@ -509,11 +515,11 @@ class Scheduler:
 
     def _fits_one_pass(self, group: list[GenerationRequest]) -> bool:
         """May `group`'s uncached prompt tails share one forward pass? Each is padded to the
-        longest, so the positions of the pass must stay within PREFILL_PADDING times the real ones,
-        and every row must have room for the padded length."""
+        longest, so the positions of the pass must stay within PREFILL_PADDING times the real ones
+        and within prefill_positions, and every row must have room for the padded length."""
         tails = [len(request.prompt_tokens) - request.prefix_hit_tokens for request in group]
         padded = max(tails)
-        return (len(group) * padded <= PREFILL_PADDING * sum(tails)
+        return (len(group) * padded <= min(PREFILL_PADDING * sum(tails), self.prefill_positions)
                 and max(request.prefix_hit_tokens for request in group) + padded <= self.max_seq_len)
 
     def _copy_cached_prefix(self, request: GenerationRequest, row: int) -> None:

@@ -12,7 +12,10 @@ What each row measures, all greedy at batch 1 unless said otherwise:
   prompt (nanochat.engine.greedy_decode_without_cache);
 - scheduler: N requests submitted at once, each a --request-prompt-token prompt and
   --request-tokens new tokens; total generated tokens over the wall time until all are done
-  (prefills included).
+  (prefills included);
+- burst: 8 requests arriving together, each a cached 48-token system prompt and a message of its
+  own (8-24 tokens): the scheduler step that admits them, their prompts prefilled in one padded
+  pass against one pass each.
 
 - step overhead: microseconds per decoding step on a tiny model (depth 1, width 64), where compute
   is negligible and what is left is the per-step work that bounds decoding on a GPU: the Engine
@@ -45,7 +48,7 @@ from nanochat.common import autodetect_device_type
 from nanochat.engine import Engine, greedy_decode_without_cache
 from nanochat.gpt import GPT, GPTConfig, config_from_depth
 from nanochat.kv_cache import KVCache
-from nanochat.scheduler import Scheduler
+from nanochat.scheduler import DEFAULT_PREFILL_POSITIONS, Scheduler
 from nanochat.tokenizer import Tokenizer
 from ray_jobs import engine_timing
 from ray_jobs.bench_results import result_line
@@ -53,6 +56,10 @@ from ray_jobs.bench_results import result_line
 KV_CACHE_TARGET = 5.0    # KV-cache decode at least this many times the naive loop
 SCHEDULER_TARGET = 3.0   # 8 concurrent requests at least this many times one request's throughput
 TARGET_CONCURRENCY = 8
+BURST_REQUESTS = 8       # a burst: this many requests arrive together, each a shared system prompt
+BURST_SHARED_TOKENS = 48  # (this long, already in the prefix cache) and a message of its own
+BURST_MESSAGE_TOKENS = (8, 24)  # (lengths spread over this range)
+BURST_TARGET = 1.2       # admitting the burst in one prefill pass at least this many times faster than one each
 REFERENCE_DECODE_TARGET = 1.1  # our Engine's decode rate at least this many times the reference's
 
 
@@ -197,6 +204,35 @@ def bench_scheduler_step_us(batch: int, device: torch.device) -> float:
     return elapsed / steps * 1e6
 
 
+def bench_burst(model, tokenizer, random_prompt, repeats: int, device: torch.device) -> dict:
+    """Milliseconds of the scheduler step that admits a burst of BURST_REQUESTS requests, their
+    prompts prefilled in one pass (the default) and in one pass each (prefill_positions=1), best
+    of `repeats` alternating runs. The system prompt they share is in the prefix cache already,
+    as on a server that has served it, so each computes its own message."""
+    shared = random_prompt(BURST_SHARED_TOKENS)
+    low, high = BURST_MESSAGE_TOKENS
+    messages = [random_prompt(low + (high - low) * i // (BURST_REQUESTS - 1)) for i in range(BURST_REQUESTS)]
+
+    def admit(prefill_positions: int) -> float:
+        scheduler = Scheduler(model, tokenizer, max_batch_size=BURST_REQUESTS, prefill_positions=prefill_positions)
+        scheduler.submit(shared + random_prompt(1), max_tokens=1, temperature=0.0)
+        while scheduler.has_work():
+            scheduler.step()
+        for message in messages:
+            scheduler.submit(shared + message, max_tokens=2, temperature=0.0)
+        synchronize(device)
+        start = time.perf_counter()
+        scheduler.step()
+        synchronize(device)
+        return (time.perf_counter() - start) * 1000
+
+    times = {"together": [], "each": []}
+    for _ in range(repeats + 1):
+        times["together"].append(admit(DEFAULT_PREFILL_POSITIONS))
+        times["each"].append(admit(1))
+    return {f"burst_ms_{way}": min(values[1:]) for way, values in times.items()}
+
+
 def bench_overhead(repeats: int, device: torch.device) -> dict:
     """Our per-step overheads, each the best of `repeats` runs after a warm-up."""
     model = engine_timing.build_model(GPT, GPTConfig, engine_timing.OVERHEAD_SHAPE, device)
@@ -269,6 +305,7 @@ def main(argv=None) -> dict:
         prompts = [random_prompt(args.request_prompt) for _ in range(concurrency)]
         results[f"scheduler_{concurrency}"] = bench_scheduler(model, tokenizer, prompts, args, device)
 
+    results.update(bench_burst(model, tokenizer, random_prompt, args.repeats, device))
     single = results[f"scheduler_{args.concurrency[0]}"]
     rows = [(f"prefill ({args.context}-token prompt)", results["prefill"], ""),
             (f"decode batch 1, naive recompute @{args.context}", results["naive"], "1.00x"),
@@ -281,6 +318,11 @@ def main(argv=None) -> dict:
     print(f"\n{'measurement':<{width}}  {'tokens/s':>10}  ratio")
     for name, rate, ratio in rows:
         print(f"{name:<{width}}  {rate:>10.1f}  {ratio}")
+    burst_speedup = results["burst_ms_each"] / results["burst_ms_together"]
+    print(f"\na burst of {BURST_REQUESTS} requests ({BURST_SHARED_TOKENS}-token system prompt cached, "
+          f"{BURST_MESSAGE_TOKENS[0]}-{BURST_MESSAGE_TOKENS[1]}-token messages) admitted in one step: "
+          f"{results['burst_ms_together']:.1f} ms prefilled in one pass, {results['burst_ms_each']:.1f} ms "
+          f"in one pass each ({burst_speedup:.2f}x)")
 
     # With a reference, the alternating rounds measure our overheads too (the same figures, taken
     # beside the reference's); without one, they are measured here.
@@ -293,7 +335,8 @@ def main(argv=None) -> dict:
         print(f"  batch {batch:>2}: Engine {overhead[f'engine_step_us_{batch}']:8.1f}   "
               f"scheduler {overhead[f'scheduler_step_us_{batch}']:8.1f}")
 
-    verdicts = [result_line("kv_cache_vs_naive", results["kv_cache"] / results["naive"], ">=", KV_CACHE_TARGET)]
+    verdicts = [result_line("kv_cache_vs_naive", results["kv_cache"] / results["naive"], ">=", KV_CACHE_TARGET),
+                result_line("burst_one_prefill_pass_vs_one_each", burst_speedup, ">=", BURST_TARGET)]
     if TARGET_CONCURRENCY in args.concurrency and 1 in args.concurrency:
         verdicts.append(result_line(f"scheduler_{TARGET_CONCURRENCY}_vs_1", results[f"scheduler_{TARGET_CONCURRENCY}"]
                                     / results["scheduler_1"], ">=", SCHEDULER_TARGET))

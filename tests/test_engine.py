@@ -276,14 +276,19 @@ def test_benchmark_prints_every_row_of_its_table_and_caching_and_batching_pay(ca
     results = bench_engine.main(["--depth", "1", "--vocab-size", "512", "--context", "1000", "--decode-tokens", "8",
                                  "--naive-tokens", "3", "--request-prompt", "4", "--request-tokens", "12",
                                  "--concurrency", "1,8", "--repeats", "2"])
-    assert set(results) == {"prefill", "naive", "kv_cache", "scheduler_1", "scheduler_8", "engine_step_us_1",
-                            "engine_step_us_32", "scheduler_step_us_1", "scheduler_step_us_32"}
+    assert set(results) == {"prefill", "naive", "kv_cache", "scheduler_1", "scheduler_8", "burst_ms_together",
+                            "burst_ms_each", "engine_step_us_1", "engine_step_us_32", "scheduler_step_us_1",
+                            "scheduler_step_us_32"}
     assert all(rate > 0 for rate in results.values())
     assert results["kv_cache"] > bench_engine.KV_CACHE_TARGET * results["naive"], results
     assert results["scheduler_8"] > 2 * results["scheduler_1"], results
     out = capsys.readouterr().out
     assert "decode batch 1, KV cache @1000" in out and "scheduler, 8 concurrent" in out
-    assert "batch 32: Engine" in out
-    verdicts = out.splitlines()[-2:]
+    assert "batch 32: Engine" in out and "a burst of 8 requests" in out
+    # A burst's one prefill pass beats a pass per request even at depth 1, where a pass costs little.
+    assert results["burst_ms_together"] < results["burst_ms_each"], results
+    verdicts = out.splitlines()[-3:]
     assert re.fullmatch(r"RESULT kv_cache_vs_naive [0-9.]+ target >= 5 PASS", verdicts[0]), verdicts
-    assert re.fullmatch(r"RESULT scheduler_8_vs_1 [0-9.]+ target >= 3 (PASS|FAIL)", verdicts[1]), verdicts
+    assert re.fullmatch(r"RESULT burst_one_prefill_pass_vs_one_each [0-9.]+ target >= 1.2 (PASS|FAIL)",
+                        verdicts[1]), verdicts
+    assert re.fullmatch(r"RESULT scheduler_8_vs_1 [0-9.]+ target >= 3 (PASS|FAIL)", verdicts[2]), verdicts

@@ -160,6 +160,17 @@ def test_a_pass_is_split_where_padding_would_outweigh_the_prompts(model, tokeniz
         scheduler.submit(prompt, max_tokens=2, temperature=0.0)
     scheduler.step()
     assert passes == [(2, len(long), [len(long), 2]), (2, 2, None)]
+    # prefill_positions bounds a pass's size: at 4 the short prompts pair up; at 1 each takes its own.
+    for limit, expected in [(4, [(2, 2, None), (1, 2, None)]), (1, [(1, 2, None)] * 3)]:
+        passes.clear()
+        scheduler = Scheduler(model, tokenizer, max_batch_size=4, max_seq_len=64, prefix_cache_tokens=0,
+                              prefill_positions=limit)
+        for _ in range(3):
+            scheduler.submit(short, max_tokens=2, temperature=0.0)
+        scheduler.step()
+        assert passes == expected
+    with pytest.raises(ValueError, match="prefill_positions"):
+        Scheduler(model, tokenizer, prefill_positions=0)
 
 
 def test_cancel_frees_the_row_for_the_next_request(model, tokenizer):
