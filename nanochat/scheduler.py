@@ -504,12 +504,10 @@ class Scheduler:
             return False
         prompt, block = request.prompt_tokens, self.prefix_cache.block_size
         for other in group:
-            shared = 0
-            for mine, theirs in zip(prompt[:len(prompt) - 1], other.prompt_tokens):
-                if mine != theirs:
-                    break
-                shared += 1
-            if shared // block * block > other.prefix_hit_tokens:
+            # The first block past other's hit, if both prompts hold it (a prefill always computes
+            # at least a prompt's last token, so it can come from the cache only before that).
+            reach = other.prefix_hit_tokens + block
+            if reach < len(prompt) and prompt[:reach] == other.prompt_tokens[:reach]:
                 return True
         return False
 
