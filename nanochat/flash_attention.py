@@ -232,15 +232,8 @@ class RowPositions:
         # One host read of the lengths serves every check and tells how much of the cache is worth reading.
         self.lengths = cache_seqlens.tolist() if lengths is None else lengths
         self.shortest, self.longest = min(self.lengths), max(self.lengths)
-        self._start: torch.Tensor | None = None
+        self.start = cache_seqlens.to(torch.long)  # (batch,): the first position each row writes
         self._derived: dict = {}  # write slots and masks, by what they depend on
-
-    @property
-    def start(self) -> torch.Tensor:
-        """The lengths as int64 (batch,): the first position each row writes."""
-        if self._start is None:
-            self._start = self.cache_seqlens.to(torch.long)
-        return self._start
 
     def new_token_positions(self, query_len: int) -> torch.Tensor:
         """Absolute positions (batch, query_len) of the tokens this pass writes."""

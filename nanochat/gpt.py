@@ -127,6 +127,15 @@ def config_from_depth(depth: int, aspect_ratio: int = 64, head_dim: int = 128, s
                      window_multiple=NANOCHAT_WINDOW_MULTIPLE)
 
 
+def padded_rows(sequences: list[list[int]], device: torch.device | str = "cpu") -> torch.Tensor:
+    """Token sequences of different lengths as one (rows, longest) tensor, each padded at its end
+    by repeating its last token: the input of GPT.forward's row_lengths, where the padding is never
+    seen by a real position, so any id would do."""
+    longest = max(len(sequence) for sequence in sequences)
+    return torch.tensor([sequence + sequence[-1:] * (longest - len(sequence)) for sequence in sequences],
+                        dtype=torch.long, device=device)
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without learnable parameters."""
     return F.rms_norm(x, (x.size(-1),))
@@ -507,13 +516,13 @@ class GPT(nn.Module):
         if (last_only or row_lengths is not None) and targets is not None:
             raise ValueError("last_only=True and row_lengths return logits for generation; the loss needs "
                              "every position")
-        last_real = None  # (rows, positions) of each row's last token, when rows have their own lengths
+        advance, last_real = T, None  # last_real: (rows, positions) of each row's last token
         if row_lengths is not None:
             if kv_cache is None or len(row_lengths) != B or not all(1 <= length <= T for length in row_lengths):
                 raise ValueError(f"row_lengths={row_lengths} needs a kv_cache and one length in 1..{T} per row "
                                  f"of the {B} rows")
-            last_real = (torch.arange(B, device=idx.device),
-                         torch.tensor(row_lengths, device=idx.device) - 1)
+            advance = torch.tensor(row_lengths, dtype=kv_cache.cache_seqlens.dtype, device=idx.device)
+            last_real = (torch.arange(B, device=idx.device), advance.long() - 1)
         cache_seqlens = None
         lengths = None
         if kv_cache is None:
@@ -556,7 +565,7 @@ class GPT(nn.Module):
         if self.backout_lambda is not None:
             x = x - cast(self.backout_lambda, x.dtype) * x_backout
         if kv_cache is not None:
-            kv_cache.advance(T if last_real is None else (last_real[1] + 1).to(kv_cache.cache_seqlens.dtype))
+            kv_cache.advance(advance)
         if last_only:
             x = x[:, -1:]
         elif last_real is not None:

@@ -45,6 +45,7 @@ from collections.abc import Callable
 import torch
 
 from nanochat.engine import RowState, ToolUse, check_prompt, check_sampling_settings, draw_tokens, uniform_numbers
+from nanochat.gpt import padded_rows
 from nanochat.kv_cache import KVCache
 from nanochat.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 
@@ -542,12 +543,9 @@ class Scheduler:
         Returns each one's next-token logits (len(group), vocab)."""
         tails = [request.prompt_tokens[request.prefix_hit_tokens:] for request in group]
         lengths = [len(tail) for tail in tails]
-        longest = max(lengths)
-        # The padding repeats each tail's last token: any id will do, no real position sees it.
-        ids = torch.tensor([tail + tail[-1:] * (longest - len(tail)) for tail in tails], dtype=torch.long,
-                           device=self.device)
+        ids = padded_rows(tails, self.device)
         rows = self.cache.rows(first_row, first_row + len(group))
-        if min(lengths) == longest:
+        if min(lengths) == ids.size(1):
             logits = self.model(ids, kv_cache=rows, last_only=True)[:, -1]
         else:
             logits = self.model(ids, kv_cache=rows, row_lengths=lengths)[:, -1]

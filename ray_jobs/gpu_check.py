@@ -61,7 +61,7 @@ from nanochat.common import COMPUTE_DTYPE, peak_flops
 from nanochat.engine import Engine, greedy_decode_without_cache
 from nanochat.flash_attention import attention_backend, flash_attn_func, flash_attn_with_kvcache
 from nanochat.fp8 import enable_fp8, fp8_linear, fp8_unavailable_reason
-from nanochat.gpt import GPT, GPTConfig, config_from_depth
+from nanochat.gpt import GPT, GPTConfig, config_from_depth, padded_rows
 from nanochat.lm_loss import chunked_softcap_cross_entropy, soft_cap
 from ray_jobs import engine_timing
 from ray_jobs.bench_results import result_line
@@ -410,7 +410,6 @@ def padded_prefill_error(model: GPT, prompt: list[int], device) -> float:
     each prompt's own pass: relative error of the next-token logits. Two rows continue a cached
     prefix of their own length, one starts empty."""
     prefixes, tails = [5, 0, 2], [prompt[:7], prompt[:4], prompt[:1]]
-    longest = max(map(len, tails))
     together = kv_cache_module.KVCache.for_model(model, batch_size=3, max_seq_len=32)
     theirs = []
     with torch.no_grad():
@@ -421,8 +420,7 @@ def padded_prefill_error(model: GPT, prompt: list[int], device) -> float:
                 model(history, kv_cache=alone)
                 model(history, kv_cache=together.rows(row, row + 1))
             theirs.append(model(torch.tensor([tails[row]], device=device), kv_cache=alone, last_only=True)[0, 0])
-        padded = torch.tensor([tail + tail[-1:] * (longest - len(tail)) for tail in tails], device=device)
-        mine = model(padded, kv_cache=together, row_lengths=[len(tail) for tail in tails])[:, 0]
+        mine = model(padded_rows(tails, device), kv_cache=together, row_lengths=[len(tail) for tail in tails])[:, 0]
     return relative_error(list(mine), theirs)
 
 
