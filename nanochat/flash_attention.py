@@ -253,10 +253,13 @@ class RowPositions:
             self._derived[key] = flat
         return self._derived[key]
 
-    def mask(self, query_len: int, new_keys: int, causal: bool, window_size: tuple[int, int]) -> torch.Tensor:
-        """The boolean attention mask (batch, 1, query_len, longest key): may a query see a key?
-        Query t of row b sits at position start[b] + new_keys - query_len + t."""
-        key = ("mask", query_len, new_keys, causal, window_size)
+    def mask(self, query_len: int, new_keys: int, causal: bool, window_size: tuple[int, int],
+             dtype: torch.dtype) -> torch.Tensor:
+        """The additive attention mask (batch, 1, query_len, longest key) in `dtype`: 0 where a
+        query may see a key, -inf where not. Query t of row b sits at position
+        start[b] + new_keys - query_len + t. Additive, not boolean: SDPA turns a boolean mask into
+        this one on every call, so once per pass saves that conversion in every later layer."""
+        key = ("mask", query_len, new_keys, causal, window_size, dtype)
         if key not in self._derived:
             start = self.start
             batch = start.numel()
@@ -277,7 +280,8 @@ class RowPositions:
                 visible = _visible(query_positions[:, :, None] - key_positions[None, None, :], causal, window_size)
                 visible &= key_positions[None, None, :] < key_lens[:, None, None]  # unfilled slots never count
                 visible = visible[:, None]
-            self._derived[key] = visible
+            self._derived[key] = torch.full(visible.shape, float("-inf"), dtype=dtype,
+                                            device=start.device).masked_fill_(visible, 0.0)
         return self._derived[key]
 
 
@@ -333,7 +337,7 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _check_cache_bounds(rows.shortest, longest, query_len, k is not None, k_cache.size(1), rows.lengths)
     if k is not None:
         _write_at_rows(k_cache, v_cache, k, v, rows)
-    mask = rows.mask(query_len, new_keys, causal, window_size)
+    mask = rows.mask(query_len, new_keys, causal, window_size, q.dtype)
     y = _sdpa(q.transpose(1, 2), k_cache[:, :longest].transpose(1, 2),
               v_cache[:, :longest].transpose(1, 2), attn_mask=mask)
     return y.transpose(1, 2)

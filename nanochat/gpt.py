@@ -545,8 +545,10 @@ class GPT(nn.Module):
                 cos, sin = self.rotary_cos[:, start:longest], self.rotary_sin[:, start:longest]
             else:
                 cache_seqlens = RowPositions(kv_cache.cache_seqlens, lengths)  # shared by every layer
-                positions = cache_seqlens.new_token_positions(T)
-                cos, sin = self.rotary_cos[0, positions], self.rotary_sin[0, positions]
+                # index_select on the flattened positions: cheaper than indexing with a (B, T) tensor.
+                positions = cache_seqlens.new_token_positions(T).view(-1)
+                cos = self.rotary_cos[0].index_select(0, positions).view(B, T, 1, -1)
+                sin = self.rotary_sin[0].index_select(0, positions).view(B, T, 1, -1)
 
         x = self.embed(idx)
         if self.smear_gate is not None:

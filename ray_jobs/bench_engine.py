@@ -20,7 +20,8 @@ What each row measures, all greedy at batch 1 unless said otherwise:
 - step overhead: microseconds per decoding step on a tiny model (depth 1, width 64), where compute
   is negligible and what is left is the per-step work that bounds decoding on a GPU: the Engine
   at batch 1 and 32 (samples of one prompt), the scheduler at 1 and 32 requests (prompts of
-  different lengths, so its rows sit at different positions, as a server's do);
+  4 to 12 tokens, so its rows sit at different positions, as a server's do, averaging the
+  Engine's 8, so that both attend over as many keys);
 - with --reference PATH (a karpathy/nanochat checkout, run by --reference-python): the Engine's
   decode rate on the depth-4 model of issue 13 (width 256, vocab 4096, 200 tokens, top-k 50, at
   batch 1 and with 8 samples) and its step overhead, ours and the reference's, side by side; the
@@ -182,6 +183,16 @@ def bench_scheduler(model, tokenizer, prompts: list[list[int]], args, device: to
     return len(prompts) * args.request_tokens / best_time(serve_all, args.repeats, device)
 
 
+def staggered_prompt(prompt: list[int], request: int) -> list[int]:
+    """Request i's prompt for the scheduler's step overhead: the Engine's prompt lengthened or
+    shortened by 0, +1, -1, +2, -2, ... +4, -4 tokens in turn, so that the rows sit at different
+    positions (as a server's do) yet attend over as many keys on average as the Engine's rows
+    (exactly as many at the benchmark's 1 and 32 requests)."""
+    turn = request % 9
+    offset = (turn + 1) // 2 * (1 if turn % 2 else -1)
+    return (prompt * 2)[:len(prompt) + offset]
+
+
 def bench_scheduler_step_us(batch: int, device: torch.device) -> float:
     """Microseconds per scheduler step on the tiny overhead model with `batch` requests running,
     after the step that admits and prefills them."""
@@ -191,8 +202,8 @@ def bench_scheduler_step_us(batch: int, device: torch.device) -> float:
     steps = engine_timing.OVERHEAD_STEPS
     scheduler = Scheduler(model, tokenizer, max_batch_size=batch, max_seq_len=3 * len(prompt) + steps + 1)
     for i in range(batch):
-        scheduler.submit(prompt * (1 + i % 2) + prompt[:i % len(prompt)], max_tokens=steps + 1,
-                         temperature=1.0, top_k=engine_timing.TOP_K, seed=i)
+        scheduler.submit(staggered_prompt(prompt, i), max_tokens=steps + 1, temperature=1.0,
+                         top_k=engine_timing.TOP_K, seed=i)
     scheduler.step()
     start = time.perf_counter()
     for _ in range(steps):
