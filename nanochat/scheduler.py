@@ -34,11 +34,13 @@ loop). A request's tokens can be consumed with a plain `for` loop from a thread 
 """
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 
@@ -248,12 +250,21 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, max_seq_len: int | None = None,
                  max_cache_tokens: int | None = None, prefix_cache_tokens: int | None = None,
-                 prefix_block_size: int = DEFAULT_BLOCK_SIZE, prefill_positions: int = DEFAULT_PREFILL_POSITIONS):
+                 prefix_block_size: int = DEFAULT_BLOCK_SIZE, prefill_positions: int = DEFAULT_PREFILL_POSITIONS,
+                 transposed_weights: bool = True):
         """`prefix_cache_tokens`: the positions the prefix cache may hold (None: as many as the
         decode cache's budget, max_cache_tokens; 0: no prefix cache), in blocks of
         `prefix_block_size` tokens. `prefill_positions`: the most positions (rows x padded length)
         that one prefill pass over several admitted prompts may hold, which bounds its activations;
-        a longer prompt still takes a pass of its own (1: every prompt its own pass)."""
+        a longer prompt still takes a pass of its own (1: every prompt its own pass).
+
+        `transposed_weights` (on a CPU; nothing elsewhere): decoding passes of a few rows multiply by
+        transposed copies of the matmul weights (GPT.transposed_weights: the rows each layer takes
+        them at, up to 8), as the Engine's generations do. The copies are taken here and held until
+        shutdown() (or until the scheduler is collected): taking them per request would add their
+        copy to every first token. They cost one more copy of those weights in memory (False saves
+        it), and the weights must not change while the scheduler lives, as its KV and prefix
+        caches already require."""
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r} must be a positive int")
         if isinstance(prefill_positions, bool) or not isinstance(prefill_positions, int) or prefill_positions < 1:
@@ -271,6 +282,10 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.max_cache_tokens = max_cache_tokens
         self.device = model.get_device()
+        weight_copies = contextlib.ExitStack()
+        if transposed_weights and hasattr(model, "transposed_weights"):  # a stand-in model has none
+            weight_copies.enter_context(model.transposed_weights(max_batch_size))
+        self._drop_weight_copies = weakref.finalize(self, weight_copies.close)
         self.cache = KVCache.for_model(model, batch_size=max_batch_size, max_seq_len=max_seq_len)
         # The caches over the first n rows that decoding steps run on, made once: a view costs four
         # slicing ops, which a decoding step on a CPU would pay every time.
@@ -411,7 +426,8 @@ class Scheduler:
             self._loop_exited.set()
 
     def shutdown(self, timeout: float | None = 10.0) -> None:
-        """Stop the loop; every queued or running request finishes as cancelled."""
+        """Stop the loop; every queued or running request finishes as cancelled, and the model
+        drops the scheduler's transposed weight copies."""
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
@@ -421,6 +437,7 @@ class Scheduler:
             self._loop_exited.wait(timeout)
         else:
             self._cancel_everything()
+        self._drop_weight_copies()
 
     @torch.inference_mode()
     def step(self) -> int:

@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefix-cache-tokens", type=int,
                         help="positions the prefix cache of a replica keeps (default: as many as its batch's rows "
                              "hold; 0 turns it off)")
+    parser.add_argument("--no-transposed-weights", dest="transposed_weights", action="store_false",
+                        help="on a CPU, decode without the transposed copies of the matmul weights that speed up "
+                             "steps of up to 8 rows (saves one copy of those weights per replica)")
     parser.add_argument("--replica-gpus", type=float,
                         help="GPUs per replica (default: 1 if the cluster has or its autoscaler can add GPUs)")
     parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per replica")
@@ -71,6 +74,7 @@ def main(argv=None) -> int:
     try:
         app_args = ChatAppArgs(source=args.source, model_tag=model_tag, step=step, device=args.device,
                                max_batch_size=args.max_batch_size, prefix_cache_tokens=args.prefix_cache_tokens,
+                               transposed_weights=args.transposed_weights,
                                min_replicas=args.min_replicas,
                                max_replicas=args.max_replicas, replica_gpus=args.replica_gpus,
                                replica_cpus=args.replica_cpus, max_queued_requests=args.max_queued_requests,

@@ -119,7 +119,7 @@ class ChatModel:
     """One model, one continuous-batching scheduler: every ongoing request is a row of its batch."""
 
     def __init__(self, source: str, model_tag: str, step: int, max_batch_size: int = 8, device: str | None = None,
-                 prefix_cache_tokens: int | None = None):
+                 prefix_cache_tokens: int | None = None, transposed_weights: bool = True):
         """`model_tag` and `step` are resolved by build_app, never here: every replica, whenever it
         starts, loads the same checkpoint."""
         # torch and the model are imported here so that the ingress process never loads them.
@@ -135,7 +135,7 @@ class ChatModel:
         self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.special_ids = {name: self.tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
         self.scheduler = Scheduler(model, self.tokenizer, max_batch_size=max_batch_size,
-                                   prefix_cache_tokens=prefix_cache_tokens)
+                                   prefix_cache_tokens=prefix_cache_tokens, transposed_weights=transposed_weights)
         self.scheduler_thread = self.scheduler.start()
         self.info = {"id": f"nanochat-{source}-{self.model_tag}", "source": source, "model_tag": self.model_tag,
                      "step": self.step, "context_length": self.scheduler.max_seq_len,
@@ -654,6 +654,9 @@ class ChatAppArgs(BaseModel):
     # Positions of keys and values a replica's prefix cache keeps (nanochat.prefix_cache); None: as
     # many as its decode rows hold (max_batch_size x the model's context); 0: no prefix cache.
     prefix_cache_tokens: int | None = Field(default=None, ge=0)
+    # On a CPU, decode steps of up to 8 rows multiply by transposed copies of the matmul weights
+    # (nanochat.scheduler): faster, for one more copy of those weights per replica; False saves it.
+    transposed_weights: bool = True
     # How requests pick a ChatModel replica: "prefix" sends a conversation to the replica whose
     # prefix cache holds its history (serve.routing), unless that replica's queue is longer than
     # the shortest by more than routing_imbalance (None: half a batch, max_batch_size // 2, which
@@ -747,4 +750,4 @@ def build_app(args: ChatAppArgs) -> serve.Application:
                               max_queued_requests=args.ingress_max_queued_requests, backpressure_config=backpressure,
                               autoscaling_config=ingress_autoscaling)
     return ingress.bind(model.bind(args.source, model_tag, step, args.max_batch_size, args.device,
-                                   args.prefix_cache_tokens), defaults, args.retry_after_s, digest, args.min_replicas)
+                                   args.prefix_cache_tokens, args.transposed_weights), defaults, args.retry_after_s, digest, args.min_replicas)

@@ -8,6 +8,7 @@ tool use and stop tokens per row, and streaming to a thread and to asyncio from 
 """
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from nanochat.calculator import use_calculator
 from nanochat.engine import Engine
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPTConfig, Linear
 from nanochat.scheduler import (FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, PREFILL_PADDING,
                                 Scheduler)
 from nanochat.tokenizer import Tokenizer
@@ -171,6 +172,33 @@ def test_a_pass_is_split_where_padding_would_outweigh_the_prompts(model, tokeniz
         assert passes == expected
     with pytest.raises(ValueError, match="prefill_positions"):
         Scheduler(model, tokenizer, prefill_positions=0)
+
+
+def test_a_cpu_scheduler_decodes_through_transposed_weights_held_until_shutdown(model, tokenizer):
+    """GPT.transposed_weights' copies are taken when the scheduler is made (only when asked for),
+    decoding passes multiply by them, and shutdown or collection drops them; greedy outputs are
+    those of the plain weights."""
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    prompts = make_prompts(tokenizer, 3)
+    outputs = {}
+    for transposed in (False, True):
+        scheduler = Scheduler(model, tokenizer, max_batch_size=4, transposed_weights=transposed)
+        assert all((linear.weight_t is not None) == transposed for linear in linears)
+        requests = [scheduler.submit(prompt, max_tokens=12, temperature=0.0) for prompt in prompts]
+        run_until_idle(scheduler)
+        outputs[transposed] = [request.tokens for request in requests]
+        scheduler.shutdown()
+        assert all(linear.weight_t is None for linear in linears)
+    assert outputs[True] == outputs[False]
+
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4)
+    model.lm_head.weight_t = -model.lm_head.weight_t  # a copy that differs: decoding through it shows
+    request = scheduler.submit(prompts[0], max_tokens=12, temperature=0.0)
+    run_until_idle(scheduler)
+    assert request.tokens != outputs[False][0]
+    del scheduler
+    gc.collect()
+    assert all(linear.weight_t is None for linear in linears)
 
 
 def test_cancel_frees_the_row_for_the_next_request(model, tokenizer):

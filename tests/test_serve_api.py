@@ -334,6 +334,9 @@ def test_config_file_builds_the_app_with_its_numbers(chat_app):
     ingress = app._bound_deployment
     model = ingress.init_args[0]._bound_deployment
     assert model.init_args[:3] == ("sft", MODEL_TAG, 1)
+    assert model.init_args[-1] is application.args["transposed_weights"] is True
+    without_copies = build_app(ChatAppArgs(model_tag=MODEL_TAG, step=1, transposed_weights=False))
+    assert without_copies._bound_deployment.init_args[0]._bound_deployment.init_args[-1] is False
     autoscaling = model._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 2)
     assert autoscaling.target_ongoing_requests == application.args["max_batch_size"]
