@@ -282,10 +282,6 @@ class Scheduler:
         self.max_seq_len = max_seq_len
         self.max_cache_tokens = max_cache_tokens
         self.device = model.get_device()
-        weight_copies = contextlib.ExitStack()
-        if transposed_weights and hasattr(model, "transposed_weights"):  # a stand-in model has none
-            weight_copies.enter_context(model.transposed_weights(max_batch_size))
-        self._drop_weight_copies = weakref.finalize(self, weight_copies.close)
         self.cache = KVCache.for_model(model, batch_size=max_batch_size, max_seq_len=max_seq_len)
         # The caches over the first n rows that decoding steps run on, made once: a view costs four
         # slicing ops, which a decoding step on a CPU would pay every time.
@@ -316,6 +312,11 @@ class Scheduler:
         # to the loop's thread, and only prefills, releases and failures change it).
         self._prefix_stats = self._read_prefix_stats()
         self._prefix_changed = False
+        # Last, once nothing above can refuse the arguments: the copies live as long as the scheduler.
+        weight_copies = contextlib.ExitStack()
+        if transposed_weights and hasattr(model, "transposed_weights"):  # a stand-in model has none
+            weight_copies.enter_context(model.transposed_weights(max_batch_size))
+        self._drop_weight_copies = weakref.finalize(self, weight_copies.close)
 
     # ---------------------------------------------------------------- any thread
 
