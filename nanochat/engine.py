@@ -63,6 +63,14 @@ def sample_next_token(logits: torch.Tensor, rng: random.Random, temperature: flo
     return draw_tokens(logits, uniform_numbers([rng] * logits.size(0), logits.device), temperature, top_k)
 
 
+def weight_copies_for(model, max_rows: int) -> contextlib.AbstractContextManager:
+    """`model.transposed_weights(max_rows)`: while inside, passes of a few rows on a CPU multiply by
+    transposed copies of the weights laid out in memory (GPT.transposed_weights decides where they
+    pay); nothing for a stand-in model without them."""
+    transposed = getattr(model, "transposed_weights", None)
+    return transposed(max_rows) if transposed is not None else contextlib.nullcontext()
+
+
 def uniform_numbers(rngs: list[random.Random], device: torch.device | str = "cpu") -> torch.Tensor:
     """One number in [0, 1) from each random.Random of `rngs`, in order, as a float64 tensor. A
     stream of draws (an Engine call, a scheduler request) owns its random.Random, seeded once: its
@@ -207,10 +215,8 @@ class Engine:
 
         rows = [RowState(self.tool_use) for _ in range(num_samples)]
         slot_owner = list(range(num_samples))  # slot_owner[s] = the sample whose sequence is in cache row s
-        # A few rows on a CPU multiply much faster by transposed weights laid out in memory
-        # (GPT.transposed_weights decides whether they pay); a stand-in model without them decodes as it is.
-        transposed = getattr(model, "transposed_weights", None)
-        with transposed(num_samples) if transposed is not None else contextlib.nullcontext():
+        # A few rows on a CPU multiply much faster by transposed weights laid out in memory.
+        with weight_copies_for(model, num_samples):
             for step in range(budget):
                 sampled = sample_next_token(logits, rng, temperature, top_k).tolist()
                 # Finished rows keep their last token, with mask 0; the live ones are overwritten.

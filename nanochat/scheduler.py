@@ -46,7 +46,8 @@ from collections.abc import Callable
 
 import torch
 
-from nanochat.engine import RowState, ToolUse, check_prompt, check_sampling_settings, draw_tokens, uniform_numbers
+from nanochat.engine import (RowState, ToolUse, check_prompt, check_sampling_settings, draw_tokens, uniform_numbers,
+                             weight_copies_for)
 from nanochat.gpt import padded_rows
 from nanochat.kv_cache import KVCache
 from nanochat.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
@@ -313,10 +314,9 @@ class Scheduler:
         self._prefix_stats = self._read_prefix_stats()
         self._prefix_changed = False
         # Last, once nothing above can refuse the arguments: the copies live as long as the scheduler.
-        weight_copies = contextlib.ExitStack()
-        if transposed_weights and hasattr(model, "transposed_weights"):  # a stand-in model has none
-            weight_copies.enter_context(model.transposed_weights(max_batch_size))
-        self._drop_weight_copies = weakref.finalize(self, weight_copies.close)
+        weight_copies = weight_copies_for(model, max_batch_size) if transposed_weights else contextlib.nullcontext()
+        weight_copies.__enter__()
+        self._drop_weight_copies = weakref.finalize(self, weight_copies.__exit__, None, None, None)
 
     # ---------------------------------------------------------------- any thread
 

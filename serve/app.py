@@ -750,4 +750,5 @@ def build_app(args: ChatAppArgs) -> serve.Application:
                               max_queued_requests=args.ingress_max_queued_requests, backpressure_config=backpressure,
                               autoscaling_config=ingress_autoscaling)
     return ingress.bind(model.bind(args.source, model_tag, step, args.max_batch_size, args.device,
-                                   args.prefix_cache_tokens, args.transposed_weights), defaults, args.retry_after_s, digest, args.min_replicas)
+                                   args.prefix_cache_tokens, args.transposed_weights),
+                        defaults, args.retry_after_s, digest, args.min_replicas)
