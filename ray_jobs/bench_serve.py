@@ -231,7 +231,8 @@ def main(argv=None) -> dict:
           f"{args.max_tokens} tokens per request, {args.requests_per_client} requests per client, "
           f"torch threads {args.threads} in-process / {args.replica_cpus:g} CPUs per replica", flush=True)
 
-    results = {"in-process scheduler (before)": asyncio.run(bench_in_process(model, tokenizer, args))}
+    in_process_before = asyncio.run(bench_in_process(model, tokenizer, args))
+    results = {"in-process scheduler (before)": in_process_before}
     print("  in-process: done", flush=True)
 
     # A fresh local Ray: this is a one-machine benchmark, and the replicas read the temporary base dir.
@@ -259,7 +260,8 @@ def main(argv=None) -> dict:
         sampler.stop()
         serve.shutdown()
         ray.shutdown()
-    results["in-process scheduler (after)"] = asyncio.run(bench_in_process(model, tokenizer, args))
+    in_process_after = asyncio.run(bench_in_process(model, tokenizer, args))
+    results["in-process scheduler (after)"] = in_process_after
     print("  in-process, again: done", flush=True)
 
     print(f"\n{'serving':<30} {'clients':>7} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tokens/s':>10}")
@@ -271,7 +273,7 @@ def main(argv=None) -> dict:
     if clients in args.clients:
         batching = results["serve, continuous batching"][clients]["tokens_per_s"]
         one_at_a_time = results["serve, one at a time"][clients]["tokens_per_s"]
-        passes = [results[f"in-process scheduler ({when})"][clients]["tokens_per_s"] for when in ("before", "after")]
+        passes = [run[clients]["tokens_per_s"] for run in (in_process_before, in_process_after)]
         in_process = statistics.mean(passes)
         ratio = batching / one_at_a_time
         print(f"\nat {clients} clients: continuous batching {ratio:.2f}x the one-at-a-time replica; "
